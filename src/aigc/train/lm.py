@@ -274,6 +274,8 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 trainable[name].copy_(tensor)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        if not loop.max_seconds:  # the config may have been extended (--train.max_steps) since
+            state["max_steps"] = loop.max_steps
         common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
     elif not resume:
@@ -387,6 +389,12 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "tokens_per_s": (lambda v: round(float(np.median(v))) if v else None)([r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]),
         "stopped": state["stopped"] or "max_steps",
     }
+    if loop.samples:
+        from aigc.generate.text import SamplingParams, TextGenerator
+
+        gen = TextGenerator.from_path(run_dir)
+        outs = gen.generate([""], SamplingParams(max_new_tokens=loop.sample_tokens, temperature=0.8, n=loop.samples, seed=loop.seed))
+        (run_dir / "samples.txt").write_text("\n\n----\n\n".join(o.text for o in outs) + "\n", encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

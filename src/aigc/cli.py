@@ -1,0 +1,311 @@
+"""The ``aigc`` command line: one verb per stage (data, train, generate, eval, export).
+
+User mistakes print one line (``error: ...``) and exit with status 2; ``--json`` gives
+machine-readable output for scripting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from aigc.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="AIGC: train, evaluate and run vertical generative models on your own data.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models.")
+generate_app = typer.Typer(no_args_is_help=True, help="Generate content with a trained run.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained run.")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(generate_app, name="generate")
+app.add_typer(eval_app, name="eval")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- data
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train.jsonl, val.jsonl, manifest.json.")] = Path("data/prepared"),
+    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in corpus: pydoc (English) or tang (Chinese poems).")] = None,
+    field: Annotated[str, typer.Option(help="JSON field or CSV column with the text.")] = "text",
+    normalization: Annotated[str, typer.Option(help="Unicode normalisation: NFC, NFKC or none.")] = "NFC",
+    txt_split: Annotated[str, typer.Option(help=".txt documents: paragraph, line or file.")] = "paragraph",
+    min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this.")] = 1,
+    max_chars: Annotated[int, typer.Option(help="Drop documents longer than this (0: no limit).")] = 0,
+    near_dup_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold for near-duplicates (0 disables).")] = 0.8,
+    no_exact_dedup: Annotated[bool, typer.Option("--no-exact-dedup", help="Keep exact duplicates.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 1337,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+):
+    """Clean, deduplicate and split a text corpus; write it with a manifest."""
+    from aigc.config import from_dict
+    from aigc.data.text import PrepareOptions, prepare
+
+    opts = from_dict(PrepareOptions, {"field": field, "normalization": normalization, "txt_split": txt_split,
+                                      "min_chars": min_chars, "max_chars": max_chars, "near_dedup_threshold": near_dup_threshold,
+                                      "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed})
+    with err.status("preparing corpus"):
+        manifest = prepare(inputs or [], out_dir, opts, builtin=builtin, overwrite=overwrite)
+    if as_json:
+        _emit_json(manifest)
+        return
+    for s in manifest["steps"]:
+        out.print(f"{s['step']:>20}: {s['before']} -> {s['after']}")
+    d, c = manifest["documents"], manifest["characters"]
+    out.print(f"wrote {out_dir}: {d['train']} train / {d['val']} val documents, {c['train'] + c['val']:,} characters")
+
+
+# ---------------------------------------------------------------- train
+
+def _resolve_config(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    for candidate in (BUILTIN_CONFIGS / f"{name}.yaml", BUILTIN_CONFIGS / "text" / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(f"{q.parent.name}/{q.stem}" for q in BUILTIN_CONFIGS.glob("text/*.yaml"))
+    raise UserError(f"config not found: {name} (built-in: {', '.join(names)})")
+
+
+@train_app.command("text", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_text(
+    ctx: typer.Context,
+    config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (char-small, bpe-small, tiny, lora-smollm2).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared corpus folder (from `aigc data prepare`).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Pretrain or fine-tune a decoder LM. Override any config key with --section.key=value."""
+    import time
+
+    from aigc.config import load_config, load_yaml, parse_overrides
+    from aigc.train.lm import TextTrainConfig, prepare_run, train
+
+    extra = list(ctx.args)
+    if config and config.startswith("--"):  # click hands the first unknown option to the optional positional
+        extra.insert(0, config)
+        config = None
+    overrides = parse_overrides(extra)
+    if run is None:
+        if resume:
+            raise UserError("--resume needs --run RUN_DIR")
+        run = Path("runs") / time.strftime("text-%Y%m%d-%H%M%S")
+    if resume:
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run}: nothing to resume (no config.yaml); start it without --resume")
+        if config or data or set(overrides) - {"train"}:
+            raise UserError("--resume continues with the run's saved config; only --train.* settings may change "
+                            "(to extend a run: --train.max_steps=N)")
+        cfg = load_config(TextTrainConfig, base=load_yaml(run / "config.yaml"), overrides=overrides)
+        if overrides:
+            from dataclasses import asdict
+
+            from aigc.config import save_yaml
+
+            save_yaml(asdict(cfg), run / "config.yaml")
+    else:
+        if data is not None:
+            overrides.setdefault("data", {})["path"] = str(data)
+        cfg = load_config(TextTrainConfig, _resolve_config(config) if config else None, overrides)
+        prepare_run(cfg, run, overwrite=overwrite)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err, transient=as_json) as bar:
+        task = bar.add_task("train", total=cfg.train.max_steps, info="")
+        last = {}
+
+        def progress(step: int, total: int, record: dict) -> None:
+            last.update({k: v for k, v in record.items() if k in ("loss", "val_loss")})
+            info = " ".join(f"{k} {v:.4f}" for k, v in last.items())
+            bar.update(task, completed=step, total=total, info=info)
+
+        summary = train(cfg, run, resume=resume, progress=progress)
+    summary["run"] = str(run)
+    if as_json:
+        _emit_json(summary)
+    else:
+        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({summary['stopped']}); "
+                  f"best val loss {summary['best_val_loss']:.4f}; run directory: {run}")
+
+
+# ---------------------------------------------------------------- generate
+
+def _parse_vars(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--var {pair!r}: write NAME=VALUE")
+        k, v = pair.split("=", 1)
+        values[k.strip()] = v
+    return values
+
+
+@generate_app.command("text")
+def generate_text(
+    run: Annotated[Path, typer.Argument(help="Run directory (or a Hugging Face model folder).")],
+    prompt: Annotated[str, typer.Option(help="Prompt text (empty: start a new document).")] = "",
+    template: Annotated[Optional[str], typer.Option(help="Prompt template: built-in name or YAML file.")] = None,
+    var: Annotated[Optional[list[str]], typer.Option("--var", help="Template variable NAME=VALUE (repeatable).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (0: greedy).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1: off).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeats.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same output.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 1,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
+):
+    """Generate text from a trained run, from a prompt or a vertical template."""
+    from aigc.generate import templates
+    from aigc.generate.text import SamplingParams, TextGenerator
+
+    settings: dict = {}
+    if template:
+        tpl = templates.load(template)
+        prompt = tpl.render(_parse_vars(var or []))
+        settings.update(tpl.sampling)
+    elif var:
+        raise UserError("--var needs --template")
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "repetition_penalty": repetition_penalty, "stop": stop or None, "seed": seed}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    settings["n"] = n
+    from aigc.config import from_dict
+
+    params = from_dict(SamplingParams, settings)
+    gen = TextGenerator.from_path(run)
+    if as_json or not stream:
+        outs = gen.generate([prompt], params)
+        if as_json:
+            _emit_json({"prompt": prompt, "completions": [o.__dict__ for o in outs]})
+        else:
+            for o in outs:
+                sys.stdout.write(prompt + o.text + "\n")
+        return
+    for index in range(n):  # one sample at a time, so each streams in order
+        sample = from_dict(SamplingParams, {**settings, "n": 1, "seed": None if seed is None else seed + index})
+        sys.stdout.write(prompt)
+        for _, delta, _ in gen.stream([prompt], sample):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n" if index == n - 1 else "\n\n----\n\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- eval
+
+@eval_app.command("text")
+def eval_text(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    references: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, reference} pairs (default: held-out continuations).")] = None,
+    pairs: Annotated[int, typer.Option(help="Held-out documents used as prompt/reference pairs.")] = 20,
+    samples: Annotated[int, typer.Option(help="Samples for the diversity metrics.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 100,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for perplexity (0: all).")] = 200_000,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """Perplexity, bits/char, BLEU, ROUGE and diversity; writes eval/report.{json,md} in the run."""
+    from aigc.eval.text import evaluate_run
+
+    with err.status("evaluating"):
+        report = evaluate_run(run, str(references) if references else None, n_pairs=pairs, n_samples=samples,
+                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+    if as_json:
+        _emit_json(report)
+        return
+    lik, ref, div = report.get("likelihood"), report.get("reference"), report.get("diversity")
+    if lik:
+        out.print(f"perplexity {lik['perplexity']:.3f}  bits/char {lik['bits_per_char']:.4f}  ({lik['tokens']} tokens)")
+    if ref:
+        out.print(f"BLEU {ref['bleu']:.2f}  ROUGE-1 {ref['rouge1']:.2f}  ROUGE-2 {ref['rouge2']:.2f}  ROUGE-L {ref['rougeL']:.2f}  ({ref['pairs']} pairs)")
+    if div:
+        out.print(f"distinct-1 {div['distinct_1']:.3f}  distinct-2 {div['distinct_2']:.3f}  self-BLEU {div['self_bleu']:.2f}")
+    out.print(f"report: {run / 'eval' / 'report.md'}")
+
+
+# ---------------------------------------------------------------- export
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the standalone Hugging Face model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+):
+    """Write a standalone HF model (LoRA adapters merged into the base weights) with its tokenizer."""
+    from aigc.data.text import atomic_output_dir, commit_output_dir
+    from aigc.generate.text import load_model
+
+    model, tokenizer = load_model(run)
+    tmp = atomic_output_dir(out_dir, overwrite)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        commit_output_dir(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out.print(f"exported {model.num_parameters():,} parameters to {out_dir}")
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("AIGC_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            err.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
