@@ -257,7 +257,7 @@ class MinHashLSH:
 
 # ---------------------------------------------------------------- pipeline
 
-def _in_val(text: str, seed: int, fraction: float) -> float:
+def _split_score(text: str, seed: int) -> float:
     digest = hashlib.sha1(f"{seed}\x00{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -303,7 +303,7 @@ def process(docs: list[Document], opts: PrepareOptions, log: callable = lambda m
         raise UserError(f"no documents left after cleaning, filtering and deduplication ({n0} read); "
                         "check --min-chars/--max-chars and the input")
 
-    scores = [_in_val(d.text, opts.seed, opts.val_fraction) for d in kept]
+    scores = [_split_score(d.text, opts.seed) for d in kept]
     is_val = [s < opts.val_fraction for s in scores]
     if opts.val_fraction > 0 and len(kept) >= 2:
         if not any(is_val):  # tiny corpora: hold out at least one document
