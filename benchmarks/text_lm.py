@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import shutil
 import sys
 import tempfile
@@ -187,7 +185,7 @@ def main() -> None:
                        "model": a_cfg["model"], "parameters": summary["parameters"], "target_val_loss": 1.65}
     if "t" in parts:  # throughput at the anchor's exact shape
         prepared = work / "shakespeare"
-        anchor = train_run(prepared, work / "anchor_shape", {
+        train_run(prepared, work / "anchor_shape", {
             "tokenizer": {"kind": "char"},
             "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
             "train": {"batch_size": 12, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "max_steps": 100000,

@@ -147,7 +147,7 @@ def parse_overrides(args: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override --{key} conflicts with another override")
-        node[parts[-1]] = yaml.safe_load(value) if value not in ("",) else ""
+        node[parts[-1]] = yaml.safe_load(value) if value else ""
         i += 1
     return out
 

@@ -34,7 +34,7 @@ def test_txt_jsonl_csv_are_ingested_cleaned_and_split(tmp_path):
 def test_split_is_by_document_and_deterministic(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"document number {i} " * 5}) for i in range(200)), encoding="utf-8")
     a = prepare([tmp_path / "d.jsonl"], tmp_path / "o1", PrepareOptions(near_dedup_threshold=0))
-    b = prepare([tmp_path / "d.jsonl"], tmp_path / "o2", PrepareOptions(near_dedup_threshold=0))
+    prepare([tmp_path / "d.jsonl"], tmp_path / "o2", PrepareOptions(near_dedup_threshold=0))
     assert (tmp_path / "o1/val.jsonl").read_text() == (tmp_path / "o2/val.jsonl").read_text()
     assert 8 <= a["documents"]["val"] <= 35  # ~10% of 200
     assert not set(read_jsonl(tmp_path / "o1/val.jsonl")) & set(read_jsonl(tmp_path / "o1/train.jsonl"))

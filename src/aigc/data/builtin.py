@@ -34,7 +34,7 @@ def load(name: str):
             poem = json.loads(line)
             if len(poem["text"]) < 10 or not poem["title"]:  # a few entries of the source are empty fragments
                 continue
-            docs.append(Document(f"《{poem['title']}》\n{poem['text']}", f"builtin:tang", i))
+            docs.append(Document(f"《{poem['title']}》\n{poem['text']}", "builtin:tang", i))
     else:
         raise UserError(f"unknown built-in corpus {name!r} (available: {', '.join(NAMES)})")
     source = {"path": f"builtin:{name}", "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "documents": len(docs)}

@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
@@ -322,10 +322,14 @@ def _write_jsonl(path: Path, docs: list[Document]) -> None:
             f.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
 
 
-def atomic_output_dir(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written and return a fresh temp folder beside it to fill first."""
+def check_writable(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def atomic_output_dir(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` may be written and return a fresh temp folder beside it to fill first."""
+    check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -355,8 +359,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     if not inputs and not builtin:
         raise UserError("nothing to prepare: give input files/folders or --builtin NAME")
     files = expand_inputs(inputs)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    check_writable(out, overwrite)  # before the reading work, not only after it
     started = time.time()
     docs: list[Document] = []
     sources: list[dict] = []

@@ -170,7 +170,7 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
         source = str(path)
     elif (run_dir / "dataset").is_dir() and val_bin.is_file():
         # Continuations of held-out documents: the first third of each is the prompt.
-        texts = _val_texts(run_dir)
+        texts = _val_texts(run_dir, gen.tokenizer)
         for t in texts[:n_pairs]:
             cut = max(1, min(len(t) // 3, 200))
             if len(t) - cut >= 10:  # the reference is as long as the model may write: max_new_tokens tokens
@@ -194,11 +194,8 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
     return report
 
 
-def _val_texts(run_dir: Path) -> list[str]:
+def _val_texts(run_dir: Path, tok) -> list[str]:
     """Held-out documents, decoded back from the run's cached validation ids."""
-    from aigc.data import tokenizers
-
-    tok = tokenizers.load(run_dir / "tokenizer")
     meta = json.loads((run_dir / "data" / "val.json").read_text())
     ids = np.fromfile(run_dir / "data" / "val.bin", dtype=meta["dtype"]).tolist()
     eos = tok.eos_token_id

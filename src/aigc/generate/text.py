@@ -17,7 +17,7 @@ sliding-window attention of Mistral-style models rather than an extrapolation).
 from __future__ import annotations
 
 import json
-import math
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -147,11 +147,11 @@ class LlamaDecoder:
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) at positions pos..pos+T-1; pad (B, T) marks left padding. Returns last logits (B, V)."""
         B, T = tokens.shape
+        if T == 1:
+            return self._step(tokens[:, 0])
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
         heads = nh + 2 * nkv
         cos, sin = self.cos[self.pos : self.pos + T], self.sin[self.pos : self.pos + T]  # (T, heads, hd)
-        if T == 1:
-            return self._step(tokens[:, 0])
         # Prefill (no wrap: prompts are cut to the context): causal, plus the diagonal so padded queries stay finite.
         index = slice(self.pos, self.pos + T)
         self.valid[:, index] = True if pad is None else ~pad
@@ -319,11 +319,9 @@ class TextGenerator:
         for b, ids in enumerate(seqs):
             tokens[b, longest - len(ids):] = torch.tensor(ids)
             pad[b, longest - len(ids):] = False
-        gens = []
-        for b in range(B):
-            g = torch.Generator()
-            g.manual_seed((params.seed if params.seed is not None else torch.seed() % 2**31) + b % params.n)
-            gens.append(g)
+        # Without a seed, one fresh seed per request (not torch.seed(), which would reseed the global RNG).
+        base_seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+        gens = [torch.Generator().manual_seed(base_seed + b % params.n) for b in range(B)]
         vocab = self.model.config.vocab_size
         seen = None
         if params.repetition_penalty != 1.0:

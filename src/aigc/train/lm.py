@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -377,7 +376,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     if not (run_dir / "model").is_dir():
         save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
     common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
-    records = common.read_jsonl(metrics_path)
+    rates = [r["tokens_per_s"] for r in common.read_jsonl(metrics_path) if "tokens_per_s" in r][1:]  # step 1 is warm-up
     summary = {
         "steps": step,
         "best_val_loss": state["best_val"],
@@ -386,7 +385,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "block_size": block,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "tokens_per_s": (lambda v: round(float(np.median(v))) if v else None)([r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]),
+        "tokens_per_s": round(float(np.median(rates))) if rates else None,
         "stopped": state["stopped"] or "max_steps",
     }
     if loop.samples:
