@@ -95,3 +95,14 @@ def test_lora_needs_a_pretrained_model():
 
     with pytest.raises(UserError, match="lora.enabled needs a pretrained starting point"):
         load_config(TextTrainConfig, overrides={"lora": {"enabled": True}})
+
+
+def test_failed_overwrite_keeps_the_old_run(tiny_run, tmp_path):
+    from aigc.errors import UserError
+
+    before = (tiny_run / "config.yaml").read_text()
+    cfg = load_config(TextTrainConfig, TINY, {"data": {"path": str(tmp_path / "no-such-corpus")}})
+    with pytest.raises(UserError, match="not a prepared corpus"):
+        prepare_run(cfg, tiny_run, overwrite=True)
+    assert (tiny_run / "config.yaml").read_text() == before and (tiny_run / "model" / "model.safetensors").is_file()
+    assert not [p for p in tiny_run.parent.iterdir() if p.name.startswith(".")]  # no temp folders left

@@ -105,16 +105,29 @@ def resolve_pretrained(path: str) -> tuple[Path, str | None]:
     raise UserError(f"pretrained model not found: {p}")
 
 
+def load_pretrained_tokenizer(path: str):
+    """Only the tokenizer of a pretrained source (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_pretrained(path: str, dtype=None):
     """(model, tokenizer) from a local HF folder, an aigc run directory, a .gguf file or ``smollm2``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_pretrained(path)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load pretrained model from {path}: {str(e).splitlines()[0]}") from None
     # A GGUF import is dequantised to float weights; drop the quantizer so save_pretrained writes a
@@ -122,6 +135,4 @@ def load_pretrained(path: str, dtype=None):
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_pretrained_tokenizer(path)

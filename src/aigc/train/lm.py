@@ -200,38 +200,47 @@ def _make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------- the loop
 
 def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
-    """Create the run directory: config, dataset manifest, tokenizer and the encoded corpus."""
+    """Create the run directory: config, dataset manifest, tokenizer and the encoded corpus.
+
+    Built in a temp folder and renamed into place, so a bad input leaves no half-made run behind and
+    an ``overwrite`` that fails keeps the old run.
+    """
     from aigc.data import tokenizers
-    from aigc.data.text import load_prepared
-    from aigc.models.lm import load_pretrained
+    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir, load_prepared
+    from aigc.models.lm import load_pretrained_tokenizer
 
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over")
-        shutil.rmtree(run_dir)
+    try:
+        check_writable(run_dir, overwrite)
+    except UserError:
+        raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
     train_texts, val_texts, manifest = load_prepared(cfg.data.path)
     if not val_texts:
         raise UserError(f"{cfg.data.path}: the prepared corpus has no validation documents; prepare it with --val-fraction > 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "dataset").mkdir()
-    (run_dir / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     if cfg.init.path:
-        _, tokenizer = load_pretrained(cfg.init.path)
+        tokenizer = load_pretrained_tokenizer(cfg.init.path)
     elif cfg.tokenizer.path:
         tokenizer = tokenizers.load(cfg.tokenizer.path)
     else:
         tokenizer = tokenizers.to_hf(tokenizers.train_tokenizer(train_texts, cfg.tokenizer.kind, cfg.tokenizer.vocab_size),
                                      model_max_length=cfg.model.block_size)
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-    (run_dir / "data").mkdir()
-    for split, texts in (("train", train_texts), ("val", val_texts)):
-        ids = encode_corpus(tokenizer, texts)
-        ids.tofile(run_dir / "data" / f"{split}.bin")
-        (run_dir / "data" / f"{split}.json").write_text(json.dumps(
-            {"dtype": str(ids.dtype), "tokens": int(len(ids)), "documents": len(texts), "characters": sum(len(t) for t in texts)}))
-    save_yaml(asdict(cfg), run_dir / "config.yaml")
+    tmp = atomic_output_dir(run_dir, overwrite)
+    try:
+        (tmp / "dataset").mkdir()
+        (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "data").mkdir()
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            ids = encode_corpus(tokenizer, texts)
+            ids.tofile(tmp / "data" / f"{split}.bin")
+            (tmp / "data" / f"{split}.json").write_text(json.dumps(
+                {"dtype": str(ids.dtype), "tokens": int(len(ids)), "documents": len(texts), "characters": sum(len(t) for t in texts)}))
+        save_yaml(asdict(cfg), tmp / "config.yaml")
+        commit_output_dir(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _load_ids(run_dir: Path, split: str) -> np.ndarray:
@@ -277,7 +286,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             state["max_steps"] = loop.max_steps
         common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
-    elif not resume:
+    else:  # a fresh start, or a resume of a run killed before its first checkpoint
         metrics_path.unlink(missing_ok=True)
 
     from torch.utils.tensorboard import SummaryWriter
