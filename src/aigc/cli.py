@@ -49,9 +49,14 @@ def _emit_json(obj) -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train.jsonl, val.jsonl, manifest.json.")] = Path("data/prepared"),
-    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in corpus: pydoc (English) or tang (Chinese poems).")] = None,
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders (images: class sub-folders).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data files + manifest.json).")] = Path("data/prepared"),
+    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); digits, shapes (image).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="text or image (default: image for --builtin digits/shapes, else text).")] = None,
+    size: Annotated[int, typer.Option(help="Image: side in pixels after resize and centre crop.")] = 32,
+    mode: Annotated[str, typer.Option(help="Image: rgb or gray.")] = "rgb",
+    hflip: Annotated[bool, typer.Option("--hflip", help="Image: random horizontal flips while training.")] = False,
+    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw.")] = 5000,
     field: Annotated[str, typer.Option(help="JSON field or CSV column with the text.")] = "text",
     normalization: Annotated[str, typer.Option(help="Unicode normalisation: NFC, NFKC or none.")] = "NFC",
     txt_split: Annotated[str, typer.Option(help=".txt documents: paragraph, line or file.")] = "paragraph",
@@ -64,8 +69,17 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ):
-    """Clean, deduplicate and split a text corpus; write it with a manifest."""
+    """Clean, deduplicate and split a text corpus, or convert and split an image dataset; write it with a manifest."""
     from aigc.config import from_dict
+
+    if kind is None:
+        kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "text"
+    if kind == "image":
+        _prepare_images(inputs or [], out_dir, builtin, {"size": size, "mode": mode, "hflip": hflip, "count": count,
+                                                         "val_fraction": val_fraction, "seed": seed}, overwrite, as_json)
+        return
+    if kind != "text":
+        raise UserError(f"--kind must be text or image, got {kind!r}")
     from aigc.data.text import PrepareOptions, prepare
 
     opts = from_dict(PrepareOptions, {"field": field, "normalization": normalization, "txt_split": txt_split,
@@ -82,17 +96,88 @@ def data_prepare(
     out.print(f"wrote {out_dir}: {d['train']} train / {d['val']} val documents, {c['train'] + c['val']:,} characters")
 
 
+def _prepare_images(inputs: list[Path], out_dir: Path, builtin: list[str] | None, options: dict, overwrite: bool, as_json: bool) -> None:
+    from aigc.config import from_dict
+    from aigc.data.images import ImagePrepareOptions, prepare
+
+    opts = from_dict(ImagePrepareOptions, options)
+    with err.status("preparing images"):
+        manifest = prepare(inputs, out_dir, opts, builtin=builtin, overwrite=overwrite)
+    if as_json:
+        _emit_json(manifest)
+        return
+    n = manifest["images"]
+    out.print(f"wrote {out_dir}: {n['train']} train / {n['val']} val images of {opts.size}x{opts.size} {opts.mode}"
+              f"; {len(manifest['classes'])} classes{', captions' if manifest['captions'] else ''}")
+    if manifest["skipped"]:
+        out.print(f"skipped {n['skipped']} unusable files (listed in manifest.json):")
+        for item in manifest["skipped"][:10]:
+            out.print(f"  {item['file']}: {item['reason']}", markup=False, highlight=False)
+
+
 # ---------------------------------------------------------------- train
 
-def _resolve_config(name: str) -> Path:
+def _resolve_config(name: str, modality: str = "text") -> Path:
     p = Path(name)
     if p.is_file():
         return p
-    for candidate in (BUILTIN_CONFIGS / f"{name}.yaml", BUILTIN_CONFIGS / "text" / f"{name}.yaml"):
+    for candidate in (BUILTIN_CONFIGS / f"{name}.yaml", BUILTIN_CONFIGS / modality / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
-    names = sorted(f"{q.parent.name}/{q.stem}" for q in BUILTIN_CONFIGS.glob("text/*.yaml"))
-    raise UserError(f"config not found: {name} (built-in: {', '.join(names)})")
+    names = sorted(q.stem for q in BUILTIN_CONFIGS.glob(f"{modality}/*.yaml"))
+    raise UserError(f"config not found: {name} (built-in {modality} configs: {', '.join(names)})")
+
+
+def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None, run: Path | None, resume: bool,
+                overwrite: bool, modality: str, prepare_run) -> tuple[object, Path]:
+    """The resolved config and run directory of a `train` verb: a new run (prepared here) or a resume."""
+    import time
+
+    from aigc.config import load_config, load_yaml, parse_overrides
+
+    extra = list(ctx_args)
+    if config and config.startswith("--"):  # click hands the first unknown option to the optional positional
+        extra.insert(0, config)
+        config = None
+    overrides = parse_overrides(extra)
+    if run is None:
+        if resume:
+            raise UserError("--resume needs --run RUN_DIR")
+        run = Path("runs") / time.strftime(f"{modality}-%Y%m%d-%H%M%S")
+    if resume:
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run}: nothing to resume (no config.yaml); start it without --resume")
+        if config or data or set(overrides) - {"train"}:
+            raise UserError("--resume continues with the run's saved config; only --train.* settings may change "
+                            "(to extend a run: --train.max_steps=N)")
+        cfg = load_config(cls, base=load_yaml(run / "config.yaml"), overrides=overrides)
+        if overrides:
+            from dataclasses import asdict
+
+            from aigc.config import save_yaml
+
+            save_yaml(asdict(cfg), run / "config.yaml")
+    else:
+        if data is not None:
+            overrides.setdefault("data", {})["path"] = str(data)
+        cfg = load_config(cls, _resolve_config(config, modality) if config else None, overrides)
+        prepare_run(cfg, run, overwrite=overwrite)
+    return cfg, run
+
+
+def _training_progress(total: int, transient: bool, keys: tuple[str, ...]):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), console=err, transient=transient)
+    task = bar.add_task("train", total=total, info="")
+    last: dict = {}
+
+    def progress(step: int, total: int, record: dict) -> None:
+        last.update({k: v for k, v in record.items() if k in keys})
+        bar.update(task, completed=step, total=total, info=" ".join(f"{k} {v:.4f}" for k, v in last.items()))
+
+    return bar, progress
 
 
 @train_app.command("text", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -106,50 +191,11 @@ def train_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Pretrain or fine-tune a decoder LM. Override any config key with --section.key=value."""
-    import time
-
-    from aigc.config import load_config, load_yaml, parse_overrides
     from aigc.train.lm import TextTrainConfig, prepare_run, train
 
-    extra = list(ctx.args)
-    if config and config.startswith("--"):  # click hands the first unknown option to the optional positional
-        extra.insert(0, config)
-        config = None
-    overrides = parse_overrides(extra)
-    if run is None:
-        if resume:
-            raise UserError("--resume needs --run RUN_DIR")
-        run = Path("runs") / time.strftime("text-%Y%m%d-%H%M%S")
-    if resume:
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"{run}: nothing to resume (no config.yaml); start it without --resume")
-        if config or data or set(overrides) - {"train"}:
-            raise UserError("--resume continues with the run's saved config; only --train.* settings may change "
-                            "(to extend a run: --train.max_steps=N)")
-        cfg = load_config(TextTrainConfig, base=load_yaml(run / "config.yaml"), overrides=overrides)
-        if overrides:
-            from dataclasses import asdict
-
-            from aigc.config import save_yaml
-
-            save_yaml(asdict(cfg), run / "config.yaml")
-    else:
-        if data is not None:
-            overrides.setdefault("data", {})["path"] = str(data)
-        cfg = load_config(TextTrainConfig, _resolve_config(config) if config else None, overrides)
-        prepare_run(cfg, run, overwrite=overwrite)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=err, transient=as_json) as bar:
-        task = bar.add_task("train", total=cfg.train.max_steps, info="")
-        last = {}
-
-        def progress(step: int, total: int, record: dict) -> None:
-            last.update({k: v for k, v in record.items() if k in ("loss", "val_loss")})
-            info = " ".join(f"{k} {v:.4f}" for k, v in last.items())
-            bar.update(task, completed=step, total=total, info=info)
-
+    cfg, run = _run_config(TextTrainConfig, ctx.args, config, data, run, resume, overwrite, "text", prepare_run)
+    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss"))
+    with bar:
         summary = train(cfg, run, resume=resume, progress=progress)
     summary["run"] = str(run)
     if as_json:
@@ -157,6 +203,32 @@ def train_text(
     else:
         out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({summary['stopped']}); "
                   f"best val loss {summary['best_val_loss']:.4f}; run directory: {run}")
+
+
+@train_app.command("image", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_image(
+    ctx: typer.Context,
+    config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (ddpm-shapes, vae-digits, dcgan-digits, tiny, ...).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared image folder (from `aigc data prepare --kind image`).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Train a DCGAN, VAE or diffusion model on images. Override any config key with --section.key=value."""
+    from aigc.train.image import ImageTrainConfig, prepare_run, train
+
+    cfg, run = _run_config(ImageTrainConfig, ctx.args, config, data, run, resume, overwrite, "image", prepare_run)
+    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss", "loss_d", "loss_g"))
+    with bar:
+        summary = train(cfg, run, resume=resume, progress=progress)
+    summary["run"] = str(run)
+    if as_json:
+        _emit_json(summary)
+    else:
+        val = f"; best val loss {summary['best_val_loss']:.4f}" if "best_val_loss" in summary else ""
+        out.print(f"trained {summary['kind']} for {summary['steps']} steps in {summary['elapsed_s']} s{val}; "
+                  f"samples: {run / 'samples.png'}; run directory: {run}")
 
 
 # ---------------------------------------------------------------- generate
@@ -225,6 +297,59 @@ def generate_text(
     sys.stdout.flush()
 
 
+@generate_app.command("image")
+def generate_image(
+    run: Annotated[Path, typer.Argument(help="Image run directory.")],
+    cls: Annotated[Optional[list[str]], typer.Option("--class", help="Class to draw (repeat: one per image).")] = None,
+    caption: Annotated[Optional[list[str]], typer.Option("--caption", help="Caption to draw (repeat: one per image).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
+    seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps (default: the run's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Diffusion: classifier-free guidance scale (1: none).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="Diffusion: ddim or ddpm.")] = None,
+    size: Annotated[int, typer.Option(help="Delivery size: images are upscaled to size x size (0: model size).")] = 256,
+    upscale_method: Annotated[str, typer.Option("--upscale", help="lanczos, bicubic or nearest.")] = "lanczos",
+    interpolate: Annotated[Optional[tuple[int, int]], typer.Option(help="Morph between two seeds: --interpolate A B.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames of an interpolation.")] = 8,
+    gif: Annotated[bool, typer.Option("--gif", help="Also write the interpolation as an animated GIF.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
+):
+    """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
+    from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
+
+    if size < 0 or size > 4096:
+        raise UserError(f"--size must be between 0 and 4096, got {size}")
+    pipe = ImagePipeline.from_run(run)
+    out_dir = out_dir or run / "generated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deliver = size or pipe.meta.size
+    written = []
+    if interpolate:
+        a, b = interpolate
+        strip = pipe.interpolate(a, b, frames, classes=cls, captions=caption, steps=steps, guidance=guidance)
+        big = [upscale(f, deliver, upscale_method) for f in strip]
+        path = out_dir / f"interpolate-{a}-{b}.png"
+        save_png(grid(__import__("numpy").stack(big), ncol=frames, pad=0), path)
+        written.append({"file": str(path), "seeds": [a, b], "frames": frames})
+        if gif:
+            save_gif(big, out_dir / f"interpolate-{a}-{b}.gif")
+            written.append({"file": str(out_dir / f"interpolate-{a}-{b}.gif")})
+    else:
+        with err.status(f"generating {n} images"):
+            images, labels = pipe.generate(n=n, seed=seed, classes=cls, captions=caption, steps=steps, guidance=guidance, sampler=sampler)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            path = out_dir / f"{seed + i:06d}.png"
+            save_png(upscale(img, deliver, upscale_method), path)
+            written.append({"file": str(path), "seed": seed + i, "condition": label})
+        save_png(grid(images, ncol=min(8, n)), out_dir / "grid.png")
+    if as_json:
+        _emit_json({"run": str(run), "images": written, "grid": str(out_dir / "grid.png") if not interpolate else None})
+        return
+    for w in written:
+        out.print(f"{w['file']}" + (f"  ({w['condition']})" if w.get("condition") else ""), markup=False, highlight=False)
+
+
 # ---------------------------------------------------------------- eval
 
 @eval_app.command("text")
@@ -254,6 +379,36 @@ def eval_text(
         out.print(f"BLEU {ref['bleu']:.2f}  ROUGE-1 {ref['rouge1']:.2f}  ROUGE-2 {ref['rouge2']:.2f}  ROUGE-L {ref['rougeL']:.2f}  ({ref['pairs']} pairs)")
     if div:
         out.print(f"distinct-1 {div['distinct_1']:.3f}  distinct-2 {div['distinct_2']:.3f}  self-BLEU {div['self_bleu']:.2f}")
+    out.print(f"report: {run / 'eval' / 'report.md'}")
+
+
+@eval_app.command("image")
+def eval_image(
+    run: Annotated[Path, typer.Argument(help="Image run directory.")],
+    n: Annotated[int, typer.Option("--n", help="Generated images scored.")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps (default: the run's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Diffusion: guidance scale (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """FID, KID, precision/recall and conditional accuracy; writes eval/report.{json,md} and eval/samples.png."""
+    from aigc.eval.image import evaluate_run
+
+    with err.status("evaluating (the feature network is trained once per dataset and cached)"):
+        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance)
+    if as_json:
+        _emit_json(report)
+        return
+    s, floor = report["scores"], report["real_floor"]
+    out.print(f"FID {s['fid']:.3f}  KID {s['kid']:.4f}  precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+              f"({s['generated_images']} images; held-out real FID {floor['fid']:.3f})" if floor else "")
+    acc = report["feature_net"]["heldout_accuracy"]
+    out.print("feature network held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    if report["conditional_accuracy"]:
+        out.print("conditional accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in report["conditional_accuracy"].items()))
+    if "shapes_checker" in report:
+        c = report["shapes_checker"]
+        out.print(f"shapes checker: shape+colour+position {c['accuracy']:.1%}, all four {c['all_attributes']:.1%}")
     out.print(f"report: {run / 'eval' / 'report.md'}")
 
 

@@ -73,23 +73,25 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    """Training and validation loss against step, written as a PNG."""
+def plot_loss(metrics_path: Path, out_png: Path, title: str = "", ylabel: str = "loss (nats/token)",
+              series: tuple[tuple[str, str], ...] = (("loss", "train"),)) -> None:
+    """Training series and the validation loss against step, written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_jsonl(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=0.8, alpha=0.8)
+    for key, label in series:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=0.8, alpha=0.8)
     if val:
         ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

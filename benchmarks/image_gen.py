@@ -1,0 +1,106 @@
+"""Image generation benchmark; prints ONE JSON object as its last line.
+
+On built-in digits (16x16 grayscale, class-conditional) and shapes (32x32 RGB, caption-conditional):
+train each model kind (dcgan, vae, ddpm, with the built-in configs <kind>-<dataset>.yaml) for
+--seconds of wall time, then generate --n images and report FID, KID, precision, recall (in the
+dataset's project-trained feature space), conditional accuracy (feature-network agreement; on shapes
+the exact checker's shape+colour+position accuracy) and sampling images/s.
+
+The same run trains the reference (benchmarks/dcgan_reference.py: the classic PyTorch DCGAN example,
+unconditional) on digits for the same wall time and scores it the same way. Targets: best model's
+FID <= 0.5x the reference's on digits; >= 90% conditional accuracy on shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+DATASETS = {"digits": {"size": 16, "mode": "gray"}, "shapes": {"size": 32, "mode": "rgb", "count": 5000}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=120.0, help="training wall time per model")
+    ap.add_argument("--datasets", default="digits,shapes")
+    ap.add_argument("--models", default="dcgan,vae,ddpm")
+    ap.add_argument("--n", type=int, default=1000, help="generated images scored per model")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. train.precision=bf16")
+    ap.add_argument("--keep", type=Path, help="keep the run directories here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from aigc.config import load_config, parse_overrides
+    from aigc.data.images import ImagePrepareOptions, load_prepared, prepare
+    from aigc.eval.image import distribution_scores, evaluate_run, get_feature_net
+    from aigc.train.image import ImageTrainConfig, prepare_run, train
+
+    configs = Path(__import__("aigc").__file__).parent / "configs" / "image"
+    work = Path(tempfile.mkdtemp(prefix="image-bench-"))
+    os.environ.setdefault("AIGC_CACHE_DIR", str(work / "cache"))
+    extra = parse_overrides([f"--{s}" for s in args.set])
+    result = {"benchmark": "image_gen", "seconds": args.seconds, "n": args.n, "threads": torch.get_num_threads(), "datasets": {}}
+    try:
+        for ds in args.datasets.split(","):
+            data = work / ds
+            prepare([], data, ImagePrepareOptions(**DATASETS[ds]), builtin=[ds])
+            _, info = get_feature_net(data)
+            entry = {"feature_net_heldout_accuracy": info["heldout_accuracy"], "models": {}}
+            for kind in args.models.split(","):
+                run = (args.keep or work) / f"{kind}-{ds}"
+                overrides = {"data": {"path": str(data)}, "train": {"max_seconds": args.seconds, "max_steps": 10**6}}
+                for section, values in extra.items():
+                    overrides.setdefault(section, {}).update(values)
+                cfg = load_config(ImageTrainConfig, configs / f"{kind}-{ds}.yaml", overrides)
+                prepare_run(cfg, run, overwrite=True)
+                summary = train(cfg, run)
+                report = evaluate_run(run, n=args.n)
+                m = {"steps": summary["steps"], "train_s": summary["elapsed_s"], **report["scores"],
+                     "sampling_images_per_s": report["images_per_s"], "floor_fid": report["real_floor"]["fid"],
+                     "conditional_accuracy": report["conditional_accuracy"]}
+                if "shapes_checker" in report:
+                    m["shapes_checker"] = report["shapes_checker"]
+                entry["models"][kind] = m
+                print(json.dumps({ds: {kind: m}}), flush=True)
+            if ds == "digits" and not args.no_reference:
+                import dcgan_reference
+
+                train_split, _, _ = load_prepared(data)
+                net, _ = get_feature_net(data)
+                gen, counters = dcgan_reference.train(train_split.images, args.seconds)
+                t = time.perf_counter()
+                fake = dcgan_reference.sample(gen, args.n)
+                ref = {**counters, **distribution_scores(net, train_split.images, fake),
+                       "sampling_images_per_s": round(args.n / (time.perf_counter() - t), 1)}
+                entry["reference_dcgan"] = ref
+                best = min(entry["models"].items(), key=lambda kv: kv[1]["fid"])
+                entry["best_model"] = best[0]
+                entry["fid_ratio_best_vs_reference"] = round(best[1]["fid"] / ref["fid"], 4)
+                entry["target_fid_ratio_met"] = entry["fid_ratio_best_vs_reference"] <= 0.5
+                print(json.dumps({ds: {"reference_dcgan": ref}}), flush=True)
+            if ds == "shapes":
+                accs = {k: v["shapes_checker"]["accuracy"] for k, v in entry["models"].items() if "shapes_checker" in v}
+                if accs:
+                    entry["best_model"] = max(accs, key=accs.get)
+                    entry["best_conditional_accuracy"] = accs[entry["best_model"]]
+                    entry["target_accuracy_met"] = accs[entry["best_model"]] >= 0.9
+            result["datasets"][ds] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The diffusion training loop: DDPM noise-prediction loss, conditioning dropout for guidance, EMA.
+
+Each step: images x0 and conditions, timesteps t ~ U{0..T-1}, noise e ~ N(0, I), x_t from the
+scheduler's ``add_noise``; loss = MSE(model(x_t, t, c), e) (or v for v-prediction). With
+probability ``cond_drop`` a sample's condition is replaced by the null condition. AdamW, warmup +
+cosine, gradient clipping; the EMA weights are what is saved, evaluated and sampled. The validation
+loss uses fixed images, timesteps and noise, so evaluations compare across steps.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from aigc.models.diffusion import DiffusionModel, build_scheduler, build_unet
+from aigc.train import common
+from aigc.train.image import (ImageTrainConfig, ema_update, fit_schedule, get_batch, load_run_data, run_meta, sample_grid,
+                              save_model, step_generator)
+
+log = logging.getLogger(__name__)
+
+
+def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Callable | None = None) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from aigc.generate.image import ImagePipeline
+
+    loop, dcfg = cfg.train, cfg.ddpm
+    meta = run_meta(cfg, run_dir, 0)
+    train_data = load_run_data(run_dir, "train", meta.condition, meta.vocab)
+    val_data = load_run_data(run_dir, "val", meta.condition, meta.vocab)
+    precision = common.resolve_precision(loop.precision)
+
+    torch.manual_seed(loop.seed)
+    model = DiffusionModel(build_unet(dcfg, meta.size, meta.channels, meta.condition != "none"),
+                           meta.condition, len(meta.classes), len(meta.vocab))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    scheduler = build_scheduler(dcfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=0.0)
+
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt_path.parent.mkdir(exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "best_val": float("inf")}
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        if not loop.max_seconds:
+            state["max_steps"] = loop.max_steps
+        common.truncate_metrics(metrics_path, state["step"])
+    else:
+        metrics_path.unlink(missing_ok=True)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+
+    def loss_on(net, x0, cond, gen, drop_p):
+        b = x0.shape[0]
+        t = torch.randint(0, dcfg.num_train_timesteps, (b,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        drop = (torch.rand(b, generator=gen) < drop_p) if cond is not None else None
+        xt = scheduler.add_noise(x0, noise, t)
+        target = noise if dcfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pred = net(xt, t, cond, drop)
+        return F.mse_loss(pred.float(), target)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        losses = []
+        for i in range(loop.eval_batches):
+            x0, cond = get_batch(val_data, loop.batch_size, loop.seed + 1, i)
+            losses.append(loss_on(ema, x0, cond, step_generator(loop.seed + 1, i), 0.0).item())
+        return sum(losses) / len(losses)
+
+    def save(step: int) -> None:
+        meta.step = step
+        save_model(run_dir, meta, {"conditioner": ema.cond}, unet=ema.unet, scheduler=scheduler)
+
+    model.train()
+    step = state["step"]
+    t_start = time.perf_counter() - state["elapsed"]
+    t_last, last_step = time.perf_counter(), step
+    while step < state["max_steps"]:
+        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x0, cond = get_batch(train_data, loop.batch_size, loop.seed, step)
+        loss = loss_on(model, x0, cond, step_generator(loop.seed, step), dcfg.cond_drop)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, model, dcfg.ema, step)
+        step += 1
+        now = time.perf_counter()
+        state["step"], state["elapsed"] = step, now - t_start
+        record = {"step": step, "loss": round(loss.item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
+        if step % 10 == 0 or step == 1:
+            record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
+            t_last, last_step = now, step
+        fit_schedule(state, loop, step)
+        finished = step >= state["max_steps"]
+        if step % loop.eval_interval == 0 or finished:
+            record["val_loss"] = round(evaluate(), 6)
+            state["best_val"] = min(state["best_val"], record["val_loss"])
+            writer.add_scalar("val/loss", record["val_loss"], step)
+        common.append_jsonl(metrics_path, record)
+        writer.add_scalar("train/loss", record["loss"], step)
+        writer.add_scalar("train/lr", lr, step)
+        if step % loop.checkpoint_interval == 0 or finished:
+            save(step)
+            common.atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+        if step % loop.sample_interval == 0 or finished:
+            sample_grid(ImagePipeline(ema, meta, dict(scheduler.config)), run_dir, step, loop.samples, loop.seed, writer)
+        if progress:
+            progress(step, state["max_steps"], record)
+    writer.close()
+    rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
+    return {"kind": "ddpm", "steps": step, "elapsed_s": round(state["elapsed"], 2), "best_val_loss": state["best_val"],
+            "precision": precision, "condition": meta.condition, "parameters": sum(p.numel() for p in model.parameters()),
+            "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}
