@@ -24,7 +24,12 @@ demo: $(STAMP)
 	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite
 	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1
 	$(BIN)/aigc eval text $(DEMO)/text
-	@echo "Run directory: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
+	$(BIN)/aigc data prepare --builtin shapes --out $(DEMO)/shapes --overwrite
+	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=120
+	$(BIN)/aigc generate image $(DEMO)/image --caption "a large red circle in the center" --caption "a small blue square at top left" --n 2 --seed 1
+	$(BIN)/aigc eval image $(DEMO)/image --n 500
+	@echo "Run directories: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
+	@echo "                 $(DEMO)/image (model/, samples.png, loss.png, generated/, eval/report.md)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -34,6 +39,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_lm.py
+	$(BIN)/python benchmarks/image_gen.py
 
 clean:
 	rm -rf $(VENV) runs

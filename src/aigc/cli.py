@@ -389,19 +389,21 @@ def eval_image(
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps (default: the run's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Diffusion: guidance scale (default: the run's).")] = None,
+    feature_steps: Annotated[int, typer.Option(help="Training steps of the dataset's feature network (cached per value).")] = 400,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """FID, KID, precision/recall and conditional accuracy; writes eval/report.{json,md} and eval/samples.png."""
     from aigc.eval.image import evaluate_run
 
     with err.status("evaluating (the feature network is trained once per dataset and cached)"):
-        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance)
+        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance, feature_steps=feature_steps)
     if as_json:
         _emit_json(report)
         return
     s, floor = report["scores"], report["real_floor"]
+    floor_text = f"; held-out real FID {floor['fid']:.3f}" if floor else ""
     out.print(f"FID {s['fid']:.3f}  KID {s['kid']:.4f}  precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
-              f"({s['generated_images']} images; held-out real FID {floor['fid']:.3f})" if floor else "")
+              f"({s['generated_images']} images{floor_text})")
     acc = report["feature_net"]["heldout_accuracy"]
     out.print("feature network held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     if report["conditional_accuracy"]:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,9 @@ def distribution_scores(net: FeatureNet, real: np.ndarray, fake: np.ndarray, kid
         raise UserError(f"FID/KID need at least 4 real and 4 generated images (got {len(real)} and {len(fake)})")
     fid = FrechetInceptionDistance(feature=net, normalize=True, input_img_size=(real.shape[3], real.shape[1], real.shape[2]))
     subset = min(1000, len(real), len(fake))
-    kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=True)
+    with warnings.catch_warnings():  # "will save all extracted features": intended, a few thousand 128-d vectors
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=True)
     for imgs, is_real in ((real, True), (fake, False)):
         for start in range(0, len(imgs), 256):
             x = _float(imgs[start:start + 256])
@@ -286,7 +289,10 @@ def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | Non
         "conditional_accuracy": conditional_accuracy(net, info, images, requested) if requested else {},
     }
     if meta.condition == "caption" and manifest.get("attributes") and "builtin:shapes" in {s["path"] for s in manifest["sources"]}:
-        report["shapes_checker"] = shapes_adherence(images, labels)
+        if meta.size >= 32 and meta.channels == 3:
+            report["shapes_checker"] = shapes_adherence(images, labels)
+        else:
+            report["shapes_checker_skipped"] = "the exact checker needs RGB images of at least 32x32"
     out = run / "eval"
     out.mkdir(exist_ok=True)
     save_png(grid(images[:64], ncol=8), out / "samples.png")
