@@ -31,7 +31,7 @@ DATASETS = {"digits": {"size": 16, "mode": "gray"}, "shapes": {"size": 32, "mode
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=120.0, help="training wall time per model")
+    ap.add_argument("--seconds", type=float, default=240.0, help="training wall time per model")
     ap.add_argument("--datasets", default="digits,shapes")
     ap.add_argument("--models", default="dcgan,vae,ddpm")
     ap.add_argument("--n", type=int, default=1000, help="generated images scored per model")

@@ -316,6 +316,8 @@ def generate_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
+    import numpy as np
+
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
 
     if size < 0 or size > 4096:
@@ -330,7 +332,7 @@ def generate_image(
         strip = pipe.interpolate(a, b, frames, classes=cls, captions=caption, steps=steps, guidance=guidance)
         big = [upscale(f, deliver, upscale_method) for f in strip]
         path = out_dir / f"interpolate-{a}-{b}.png"
-        save_png(grid(__import__("numpy").stack(big), ncol=frames, pad=0), path)
+        save_png(grid(np.stack(big), ncol=frames, pad=0), path)
         written.append({"file": str(path), "seeds": [a, b], "frames": frames})
         if gif:
             save_gif(big, out_dir / f"interpolate-{a}-{b}.gif")

@@ -65,7 +65,7 @@ class Item:
 
 # ---------------------------------------------------------------- decoding
 
-def load_image(data: bytes, name: str, opts: ImagePrepareOptions) -> np.ndarray:
+def load_image(data: bytes, opts: ImagePrepareOptions) -> np.ndarray:
     """Decode, convert, resize and centre-crop one file; raises ValueError with the reason if unusable."""
     from PIL import Image
 
@@ -144,7 +144,7 @@ def read_folder(root: Path, opts: ImagePrepareOptions) -> tuple[list[Item], list
         data = f.read_bytes()
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         try:
-            image = load_image(data, rel, opts)
+            image = load_image(data, opts)
         except ValueError as e:
             skipped.append({"file": str(f), "reason": str(e)})
             continue
