@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 import warnings
@@ -34,7 +33,6 @@ from torch import nn
 
 from aigc.errors import UserError
 
-log = logging.getLogger(__name__)
 FEATURE_NET_VERSION = 1
 
 

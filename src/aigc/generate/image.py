@@ -12,7 +12,6 @@ latents; for diffusion, of the initial noise, decoded with the deterministic DDI
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 
 from aigc.errors import UserError
 
-log = logging.getLogger(__name__)
 META = "aigc_image.json"
 
 

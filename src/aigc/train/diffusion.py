@@ -9,7 +9,6 @@ loss uses fixed images, timesteps and noise, so evaluations compare across steps
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,6 @@ from aigc.train import common
 from aigc.train.image import (ImageTrainConfig, ema_update, fit_schedule, get_batch, load_run_data, run_meta, sample_grid,
                               save_model, step_generator)
 
-log = logging.getLogger(__name__)
 
 
 def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Callable | None = None) -> dict:
