@@ -1,4 +1,4 @@
-"""The ``aigc`` command line: one verb per stage (data, train, generate, eval, export).
+"""The ``aigc`` command line: one verb per stage (data, train, generate, eval, export, serve, admin, usage).
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--json`` gives
 machine-readable output for scripting.
@@ -440,6 +440,262 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     out.print(f"exported {model.num_parameters():,} parameters to {out_dir}")
+
+
+# ---------------------------------------------------------------- serve, admin, usage
+
+admin_app = typer.Typer(no_args_is_help=True, help="Manage plans, prices, tenants, users and API keys (acts on the database directly).")
+plan_app = typer.Typer(no_args_is_help=True, help="Billing plans.")
+price_app = typer.Typer(no_args_is_help=True, help="The price book (list prices per model version).")
+org_app = typer.Typer(no_args_is_help=True, help="Organisations (tenants).")
+user_app = typer.Typer(no_args_is_help=True, help="Users of an organisation.")
+key_app = typer.Typer(no_args_is_help=True, help="API keys.")
+usage_app = typer.Typer(no_args_is_help=True, help="Usage, revenue, cost and margin.")
+for _sub, _name in ((plan_app, "plan"), (price_app, "price"), (org_app, "org"), (user_app, "user"), (key_app, "key")):
+    admin_app.add_typer(_sub, name=_name)
+app.add_typer(admin_app, name="admin")
+app.add_typer(usage_app, name="usage")
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="Database URL (default: $AIGC_DATABASE_URL or sqlite:///~/.aigc/aigc.db).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _settings(db: str | None = None, **kw):
+    from aigc.settings import Settings
+
+    extra = {k: v for k, v in kw.items() if v is not None}
+    if db:
+        extra["database_url"] = db
+    return Settings(**extra)
+
+
+def _db_do(db: str | None, fn):
+    """Run fn(session) in one transaction on the configured database."""
+    from aigc.db.session import open_db
+
+    sessions = open_db(_settings(db).resolved_database_url())
+    try:
+        with sessions.begin() as s:
+            return fn(s)
+    finally:
+        sessions.kw["bind"].dispose()
+
+
+def _show(rows, as_json: bool, title: str = "") -> None:
+    if as_json:
+        _emit_json(rows)
+        return
+    from rich.table import Table
+
+    rows = rows if isinstance(rows, list) else [rows]
+    if not rows:
+        out.print(f"(no {title or 'rows'})")
+        return
+    table = Table(title=title or None)
+    for col in rows[0]:
+        table.add_column(str(col))
+    for r in rows:
+        table.add_row(*["" if v is None else str(v) for v in r.values()])
+    out.print(table)
+
+
+@app.command("serve")
+def serve(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Run directories to serve, as PATH or NAME=PATH (id: the folder name).")] = None,
+    models_dir: Annotated[Optional[Path], typer.Option(help="Serve every run directory in this folder.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    db: DbOpt = None,
+    home: Annotated[Optional[Path], typer.Option(help="Data folder (database, generated images); default ~/.aigc.")] = None,
+    echo_model: Annotated[Optional[list[str]], typer.Option(help="Also serve a stub text model under this id (for gateway load tests).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Sequences decoded together per text model.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+):
+    """Serve trained runs through an OpenAI-compatible API (keys, plans, metering, rate limits, /metrics)."""
+    import uvicorn
+
+    from aigc.serve.app import create_app, setup_logging
+    from aigc.serve.registry import Registry
+
+    settings = _settings(db, home=home, max_batch=max_batch)
+    setup_logging(settings.log_json)
+    registry = Registry.from_paths(list(runs or []), models_dir or settings.models_dir, echo_model,
+                                   memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens)
+    application = create_app(settings, registry)
+    err.print(f"serving {', '.join(registry.entries)} on http://{host}:{port}/v1 (database: {settings.resolved_database_url()})")
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+
+
+@plan_app.command("create")
+def plan_create(name: str, kind: Annotated[str, typer.Option(help="subscription, payg or prepaid.")],
+                monthly_fee: Annotated[float, typer.Option(help="USD per month (subscription).")] = 0.0,
+                included: Annotated[float, typer.Option(help="Usage included per month, in USD at list price (subscription).")] = 0.0,
+                overage_rate: Annotated[Optional[float], typer.Option(help="Subscription: x list price past the included usage; unset: hard quota.")] = None,
+                price_multiplier: Annotated[float, typer.Option(help="payg/prepaid: x list price.")] = 1.0,
+                spend_limit: Annotated[Optional[float], typer.Option(help="payg: monthly cap in USD.")] = None,
+                rpm: Annotated[int, typer.Option(help="Default requests per minute per key.")] = 600,
+                tpm: Annotated[int, typer.Option(help="Default tokens per minute per key.")] = 200_000,
+                db: DbOpt = None, as_json: JsonOpt = False):
+    """Create a billing plan."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.plan_out(crud.create_plan(s, name, kind, monthly_fee, included, overage_rate, price_multiplier,
+                                                              spend_limit, rpm, tpm))), as_json, "plan")
+
+
+@plan_app.command("list")
+def plan_list(db: DbOpt = None, as_json: JsonOpt = False):
+    from aigc.db import crud
+    from aigc.db.models import Plan
+
+    _show(_db_do(db, lambda s: [crud.plan_out(p) for p in crud.list_all(s, Plan)]), as_json, "plans")
+
+
+@price_app.command("set")
+def price_set(model: Annotated[str, typer.Argument(help="Model id, or * for the default price.")],
+              version: Annotated[str, typer.Option(help="Model version, or * for any.")] = "*",
+              input_per_1k: Annotated[float, typer.Option(help="USD per 1K input tokens.")] = 0.0,
+              output_per_1k: Annotated[float, typer.Option(help="USD per 1K output tokens.")] = 0.0,
+              per_image: Annotated[float, typer.Option(help="USD per image.")] = 0.0,
+              per_second: Annotated[float, typer.Option(help="USD per second of audio/video.")] = 0.0,
+              db: DbOpt = None, as_json: JsonOpt = False):
+    """Set the list price of a model (version)."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.price_out(crud.set_price(s, model, version, input_per_1k, output_per_1k, per_image, per_second))),
+          as_json, "price")
+
+
+@price_app.command("list")
+def price_list(db: DbOpt = None, as_json: JsonOpt = False):
+    from aigc.db import crud
+    from aigc.db.models import Price
+
+    _show(_db_do(db, lambda s: [crud.price_out(p) for p in crud.list_all(s, Price)]), as_json, "prices")
+
+
+@org_app.command("create")
+def org_create(name: str, plan: Annotated[Optional[str], typer.Option(help="Plan name.")] = None,
+               credits: Annotated[float, typer.Option(help="Initial prepaid credits (USD).")] = 0.0,
+               db: DbOpt = None, as_json: JsonOpt = False):
+    """Create an organisation (tenant)."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.org_out(s, crud.create_org(s, name, plan, credits))), as_json, "organisation")
+
+
+@org_app.command("list")
+def org_list(db: DbOpt = None, as_json: JsonOpt = False):
+    from aigc.db import crud
+    from aigc.db.models import Organization
+
+    _show(_db_do(db, lambda s: [crud.org_out(s, o) for o in crud.list_all(s, Organization)]), as_json, "organisations")
+
+
+@org_app.command("credits")
+def org_credits(org: str, amount: Annotated[float, typer.Argument(help="USD to add (negative to remove).")],
+                db: DbOpt = None, as_json: JsonOpt = False):
+    """Add prepaid credits."""
+    from aigc.db import crud
+
+    def work(s):
+        o = crud.get_org(s, org)
+        crud.add_credits(s, o.id, amount)
+        s.refresh(o)
+        return crud.org_out(s, o)
+    _show(_db_do(db, work), as_json, "organisation")
+
+
+@org_app.command("plan")
+def org_plan(org: str, plan: str, db: DbOpt = None, as_json: JsonOpt = False):
+    """Move an organisation to another plan."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.org_out(s, crud.set_org_plan(s, crud.get_org(s, org).id, plan))), as_json, "organisation")
+
+
+@user_app.command("create")
+def user_create(org: str, email: str, role: Annotated[str, typer.Option(help="admin, developer, viewer or reviewer.")] = "developer",
+                db: DbOpt = None, as_json: JsonOpt = False):
+    """Add a user to an organisation."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.user_out(crud.create_user(s, crud.get_org(s, org).id, email, role))), as_json, "user")
+
+
+@user_app.command("list")
+def user_list(org: str, db: DbOpt = None, as_json: JsonOpt = False):
+    from aigc.db import crud
+    from aigc.db.models import User
+
+    _show(_db_do(db, lambda s: [crud.user_out(u) for u in crud.list_all(s, User, crud.get_org(s, org).id)]), as_json, "users")
+
+
+@key_app.command("create")
+def key_create(org: str, user: Annotated[str, typer.Argument(help="User e-mail or id.")],
+               name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+               model: Annotated[Optional[list[str]], typer.Option("--model", help="Allowed model (repeatable; default: all).")] = None,
+               rpm: Annotated[Optional[int], typer.Option(help="Requests per minute (default: the plan's).")] = None,
+               tpm: Annotated[Optional[int], typer.Option(help="Tokens per minute (default: the plan's).")] = None,
+               expires_days: Annotated[Optional[float], typer.Option(help="Expire after this many days.")] = None,
+               db: DbOpt = None, as_json: JsonOpt = False):
+    """Create an API key. The secret is printed once; only its hash is stored."""
+    import datetime as dt
+
+    from aigc.db import crud
+
+    if expires_days is not None and expires_days <= 0:
+        raise UserError("--expires-days must be > 0")
+    expires = crud.utcnow() + dt.timedelta(days=expires_days) if expires_days else None
+
+    def work(s):
+        o = crud.get_org(s, org)
+        key, secret = crud.create_key(s, crud.get_user(s, o.id, user), name, model, rpm, tpm, expires)
+        return {**crud.key_out(key), "api_key": secret}
+    res = _db_do(db, work)
+    if as_json:
+        _emit_json(res)
+    else:
+        out.print(f"key {res['id']} ({res['prefix']}...) created; it is shown only now:")
+        print(res["api_key"])
+
+
+@key_app.command("list")
+def key_list(org: str, db: DbOpt = None, as_json: JsonOpt = False):
+    from aigc.db import crud
+    from aigc.db.models import ApiKey
+
+    _show(_db_do(db, lambda s: [crud.key_out(k) for k in crud.list_all(s, ApiKey, crud.get_org(s, org).id)]), as_json, "keys")
+
+
+@key_app.command("revoke")
+def key_revoke(org: str, key_id: int, db: DbOpt = None, as_json: JsonOpt = False):
+    """Revoke a key (a running server stops accepting it within a few seconds)."""
+    from aigc.db import crud
+
+    _show(_db_do(db, lambda s: crud.key_out(crud.revoke_key(s, crud.get_org(s, org).id, key_id))), as_json, "key")
+
+
+@usage_app.command("report")
+def usage_report(by: Annotated[str, typer.Option(help="Comma-separated grouping: tenant, key, model, day.")] = "tenant,model",
+                 start: Annotated[Optional[str], typer.Option(help="First day (YYYY-MM-DD).")] = None,
+                 end: Annotated[Optional[str], typer.Option(help="Last day (YYYY-MM-DD).")] = None,
+                 org: Annotated[Optional[str], typer.Option(help="Only this organisation.")] = None,
+                 db: DbOpt = None, as_json: JsonOpt = False):
+    """Requests, units, revenue, compute cost and margin, from the daily rollups."""
+    import datetime as dt
+
+    from aigc.db import crud
+
+    def day(v):
+        try:
+            return dt.date.fromisoformat(v) if v else None
+        except ValueError:
+            raise UserError(f"not a date (YYYY-MM-DD): {v!r}") from None
+
+    groups = [g.strip() for g in by.split(",") if g.strip()]
+    rows = _db_do(db, lambda s: crud.usage_report(s, groups, day(start), day(end), crud.get_org(s, org).id if org else None))
+    _show(rows, as_json, "usage")
 
 
 def main() -> None:

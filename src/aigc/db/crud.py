@@ -1,0 +1,385 @@
+"""Plain functions over the tables. Balance changes are single conditional UPDATEs, so concurrent
+requests can never spend more than a tenant has, on SQLite and on PostgreSQL alike."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Organization, Plan, Price, UsageRecord, UsageRollup, User, utcnow
+from aigc.errors import Conflict, NotFound, UserError
+
+KEY_PREFIX = "sk-aigc-"
+
+
+class PaymentRequired(Exception):
+    """Quota or credit exhausted (HTTP 402)."""
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def micro(usd: float) -> int:
+    return int(round(usd * MICRO))
+
+
+# ---------------------------------------------------------------- plans and prices
+
+def create_plan(s: Session, name: str, kind: str, monthly_fee: float = 0, included: float = 0, overage_rate: float | None = None,
+                price_multiplier: float = 1.0, spend_limit: float | None = None, rpm: int = 600, tpm: int = 200_000) -> Plan:
+    if kind not in PLAN_KINDS:
+        raise UserError(f"unknown plan kind {kind!r} (allowed: {', '.join(PLAN_KINDS)})")
+    if min(monthly_fee, included, price_multiplier) < 0 or (overage_rate is not None and overage_rate < 0) \
+            or (spend_limit is not None and spend_limit < 0):
+        raise UserError("plan prices, quotas and limits must be >= 0")
+    if rpm < 1 or tpm < 1:
+        raise UserError("rpm and tpm must be >= 1")
+    if s.scalar(select(Plan).where(Plan.name == name)):
+        raise Conflict(f"plan {name!r} already exists")
+    plan = Plan(name=name, kind=kind, monthly_fee=micro(monthly_fee), included=micro(included), overage_rate=overage_rate,
+                price_multiplier=price_multiplier, spend_limit=None if spend_limit is None else micro(spend_limit), rpm=rpm, tpm=tpm)
+    s.add(plan)
+    s.flush()
+    return plan
+
+
+def get_plan(s: Session, name: str) -> Plan:
+    plan = s.scalar(select(Plan).where(Plan.name == name))
+    if plan is None:
+        raise NotFound(f"no plan named {name!r}")
+    return plan
+
+
+def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 0, output_per_1k: float = 0,
+              per_image: float = 0, per_second: float = 0) -> Price:
+    if min(input_per_1k, output_per_1k, per_image, per_second) < 0:
+        raise UserError("prices must be >= 0")
+    price = s.scalar(select(Price).where(Price.model == model, Price.version == version))
+    if price is None:
+        price = Price(model=model, version=version)
+        s.add(price)
+    price.input_per_1k, price.output_per_1k = micro(input_per_1k), micro(output_per_1k)
+    price.per_image, price.per_second = micro(per_image), micro(per_second)
+    s.flush()
+    return price
+
+
+def find_price(s: Session, model: str, version: str) -> Price | None:
+    """The exact version's price, else the model's "*" price, else the global "*" default."""
+    rows = s.scalars(select(Price).where(Price.model.in_([model, "*"]))).all()
+    ranked = sorted(rows, key=lambda p: (p.model != model, p.version != version, p.version != "*"))
+    for p in ranked:
+        if p.version in (version, "*"):
+            return p
+    return None
+
+
+# ---------------------------------------------------------------- tenants, users, keys
+
+def create_org(s: Session, name: str, plan: str | None = None, credits: float = 0) -> Organization:
+    if not name.strip():
+        raise UserError("organisation name must not be empty")
+    if s.scalar(select(Organization).where(Organization.name == name)):
+        raise Conflict(f"organisation {name!r} already exists")
+    # The billing month opens at the first request (which also bills a subscription fee), hence the epoch start.
+    org = Organization(name=name, plan_id=get_plan(s, plan).id if plan else None, credits=micro(credits),
+                       period_start=dt.date(1970, 1, 1))
+    s.add(org)
+    s.flush()
+    return org
+
+
+def get_org(s: Session, name_or_id: str | int) -> Organization:
+    org = s.get(Organization, int(name_or_id)) if str(name_or_id).isdigit() else \
+        s.scalar(select(Organization).where(Organization.name == str(name_or_id)))
+    if org is None:
+        raise NotFound(f"no organisation {name_or_id!r}")
+    return org
+
+
+def add_credits(s: Session, org_id: int, usd: float) -> int:
+    """Add (or with a negative amount, remove) prepaid credits atomically; returns the new balance."""
+    amount = micro(usd)
+    new = s.execute(update(Organization).where(Organization.id == org_id, Organization.credits + amount >= 0)
+                    .values(credits=Organization.credits + amount).returning(Organization.credits)).scalar()
+    if new is None:
+        raise UserError("credits cannot go below zero")
+    return new
+
+
+def create_user(s: Session, org_id: int, email: str, role: str) -> User:
+    if role not in ROLES:
+        raise UserError(f"unknown role {role!r} (allowed: {', '.join(ROLES)})")
+    if "@" not in email:
+        raise UserError(f"not an e-mail address: {email!r}")
+    if s.scalar(select(User).where(User.org_id == org_id, User.email == email)):
+        raise Conflict(f"user {email!r} already exists in this organisation")
+    user = User(org_id=org_id, email=email, role=role)
+    s.add(user)
+    s.flush()
+    return user
+
+
+def get_user(s: Session, org_id: int, email_or_id: str | int) -> User:
+    user = s.get(User, int(email_or_id)) if str(email_or_id).isdigit() else \
+        s.scalar(select(User).where(User.org_id == org_id, User.email == str(email_or_id)))
+    if user is None or user.org_id != org_id:
+        raise NotFound(f"no user {email_or_id!r} in this organisation")
+    return user
+
+
+def create_key(s: Session, user: User, name: str = "", allowed_models: list[str] | None = None, rpm: int | None = None,
+               tpm: int | None = None, expires_at: dt.datetime | None = None) -> tuple[ApiKey, str]:
+    """A new key; the secret is returned once and only its hash is stored."""
+    if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
+        raise UserError("rpm and tpm must be >= 1")
+    if expires_at is not None and expires_at <= utcnow():
+        raise UserError("expiry must be in the future")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(org_id=user.org_id, user_id=user.id, name=name, prefix=secret[:16], hash=hash_key(secret),
+                 allowed_models=allowed_models or None, rpm=rpm, tpm=tpm, expires_at=expires_at)
+    s.add(key)
+    s.flush()
+    return key, secret
+
+
+def revoke_key(s: Session, org_id: int, key_id: int) -> ApiKey:
+    key = s.get(ApiKey, key_id)
+    if key is None or key.org_id != org_id:  # another tenant's key looks exactly like a missing one
+        raise NotFound(f"no key {key_id} in this organisation")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a snapshot of the key, its user and its tenant's plan, cached for a few seconds."""
+
+    key_id: int
+    key_prefix: str
+    org_id: int
+    org_name: str
+    user_id: int
+    role: str
+    allowed_models: tuple[str, ...] | None
+    rpm: int
+    tpm: int
+    expires_at: dt.datetime | None
+    revoked: bool
+    plan_kind: str | None
+    operator: bool = False
+
+
+def lookup_key(s: Session, secret: str) -> Principal | None:
+    row = s.execute(select(ApiKey, User, Organization, Plan).join(User, ApiKey.user_id == User.id)
+                    .join(Organization, ApiKey.org_id == Organization.id).outerjoin(Plan, Organization.plan_id == Plan.id)
+                    .where(ApiKey.hash == hash_key(secret))).first()
+    if row is None:
+        return None
+    key, user, org, plan = row
+    return Principal(key.id, key.prefix, org.id, org.name, user.id, user.role,
+                     tuple(key.allowed_models) if key.allowed_models else None,
+                     key.rpm or (plan.rpm if plan else 600), key.tpm or (plan.tpm if plan else 200_000),
+                     key.expires_at, key.revoked_at is not None, plan.kind if plan else None)
+
+
+def set_org_plan(s: Session, org_id: int, plan: str) -> Organization:
+    org = get_org(s, org_id)
+    org.plan_id = get_plan(s, plan).id
+    return org
+
+
+def list_all(s: Session, model, org_id: int | None = None) -> list:
+    q = select(model)
+    if org_id is not None:
+        q = q.where(model.org_id == org_id)
+    return list(s.scalars(q.order_by(model.id)).all())
+
+
+def plan_out(p: Plan) -> dict:
+    return {"id": p.id, "name": p.name, "kind": p.kind, "monthly_fee": p.monthly_fee / MICRO, "included": p.included / MICRO,
+            "overage_rate": p.overage_rate, "price_multiplier": p.price_multiplier,
+            "spend_limit": None if p.spend_limit is None else p.spend_limit / MICRO, "rpm": p.rpm, "tpm": p.tpm}
+
+
+def price_out(p: Price) -> dict:
+    return {"model": p.model, "version": p.version, "input_per_1k": p.input_per_1k / MICRO, "output_per_1k": p.output_per_1k / MICRO,
+            "per_image": p.per_image / MICRO, "per_second": p.per_second / MICRO}
+
+
+def org_out(s: Session, o: Organization) -> dict:
+    plan = s.get(Plan, o.plan_id) if o.plan_id else None
+    return {"id": o.id, "name": o.name, "plan": plan.name if plan else None, "credits": o.credits / MICRO,
+            "reserved": o.reserved / MICRO, "period_start": o.period_start.isoformat(), "period_list_price": o.period_list / MICRO,
+            "period_charged": o.period_charged / MICRO}
+
+
+def user_out(u: User) -> dict:
+    return {"id": u.id, "org_id": u.org_id, "email": u.email, "role": u.role, "created_at": u.created_at.isoformat()}
+
+
+def key_out(k: ApiKey) -> dict:
+    return {"id": k.id, "org_id": k.org_id, "user_id": k.user_id, "name": k.name, "prefix": k.prefix,
+            "allowed_models": k.allowed_models, "rpm": k.rpm, "tpm": k.tpm,
+            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None, "created_at": k.created_at.isoformat()}
+
+
+# ---------------------------------------------------------------- metering
+
+@dataclass
+class Units:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+def list_price(price: Price | None, u: Units) -> int:
+    if price is None:
+        return 0
+    return int(round(u.input_tokens * price.input_per_1k / 1000 + u.output_tokens * price.output_per_1k / 1000
+                     + u.images * price.per_image + u.seconds * price.per_second))
+
+
+def _month_start(today: dt.date) -> dt.date:
+    return today.replace(day=1)
+
+
+def _roll_period(s: Session, org: Organization, plan: Plan) -> None:
+    """Start a new billing month at most once (the conditional UPDATE picks one winner) and bill its fee."""
+    month = _month_start(utcnow().date())
+    won = s.execute(update(Organization).where(Organization.id == org.id, Organization.period_start < month)
+                    .values(period_start=month, period_list=0, period_charged=0)).rowcount
+    if won and plan.kind == "subscription" and plan.monthly_fee:
+        _append_usage(s, f"fee-{org.id}-{month.isoformat()}", org.id, None, "subscription", "", "subscription", "ok",
+                      Units(), 0, plan.monthly_fee, 0.0, 0)
+
+
+def load_billing(s: Session, org_id: int) -> tuple[Organization, Plan]:
+    org = s.get(Organization, org_id)
+    plan = s.get(Plan, org.plan_id) if org and org.plan_id else None
+    if plan is None:
+        raise PaymentRequired("this organisation has no billing plan; ask the operator to assign one")
+    return org, plan
+
+
+def reserve(s: Session, org_id: int, estimate_list: int) -> int:
+    """Hold the most a request can cost before running it. Returns the amount held (for ``settle``).
+
+    Raises PaymentRequired when the quota, credit or spend limit cannot cover it.
+    """
+    org, plan = load_billing(s, org_id)
+    _roll_period(s, org, plan)
+    O = Organization
+    if plan.kind == "subscription" and plan.overage_rate is None:
+        amount, cond, what = estimate_list, O.period_list + O.reserved + estimate_list <= plan.included, "monthly quota"
+    else:
+        amount = int(round(estimate_list * (plan.overage_rate if plan.kind == "subscription" else plan.price_multiplier)))
+        if plan.kind == "prepaid":
+            cond, what = O.credits - O.reserved >= amount, "prepaid credits"
+        elif plan.spend_limit is not None:
+            cond, what = O.period_charged + O.reserved + amount <= plan.spend_limit, "monthly spend limit"
+        else:
+            cond, what = None, ""
+    stmt = update(O).where(O.id == org_id).values(reserved=O.reserved + amount)
+    if cond is not None:
+        stmt = stmt.where(cond)
+    if s.execute(stmt).rowcount != 1:
+        raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")
+    return amount
+
+
+def settle(s: Session, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
+           units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float) -> UsageRecord:
+    """Release the hold, charge what was used and append the usage record + rollup, in one transaction."""
+    org, plan = load_billing(s, principal.org_id)
+    lp = list_price(price, units)
+    O = Organization
+    if plan.kind == "subscription":
+        new = s.execute(update(O).where(O.id == org.id).values(reserved=O.reserved - held, period_list=O.period_list + lp)
+                        .returning(O.period_list)).scalar()
+        over = max(0, new - plan.included) - max(0, new - lp - plan.included)
+        charged = int(round(over * (plan.overage_rate or 0.0)))
+        if charged:
+            s.execute(update(O).where(O.id == org.id).values(period_charged=O.period_charged + charged))
+    else:
+        charged = int(round(lp * plan.price_multiplier))
+        values = {"reserved": O.reserved - held, "period_list": O.period_list + lp, "period_charged": O.period_charged + charged}
+        if plan.kind == "prepaid":
+            values["credits"] = O.credits - charged
+        s.execute(update(O).where(O.id == org.id).values(**values))
+    return _append_usage(s, request_id, org.id, principal.key_id, model, version, endpoint, status, units, lp, charged,
+                         compute_s, int(round(compute_s * cost_per_s * MICRO)))
+
+
+def _append_usage(s: Session, request_id: str, org_id: int, key_id: int | None, model: str, version: str, endpoint: str,
+                  status: str, u: Units, lp: int, charged: int, compute_s: float, cost: int) -> UsageRecord:
+    now = utcnow()
+    rec = UsageRecord(request_id=request_id, created_at=now, day=now.date(), org_id=org_id, key_id=key_id, model=model,
+                      version=version, endpoint=endpoint, status=status, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                      images=u.images, seconds=u.seconds, list_price=lp, charged=charged, compute_s=compute_s, cost=cost)
+    s.add(rec)
+    values = dict(day=now.date(), org_id=org_id, key_id=key_id or 0, model=model, requests=1, input_tokens=u.input_tokens,
+                  output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, list_price=lp, charged=charged,
+                  compute_s=compute_s, cost=cost)
+    s.execute(_upsert(s, values))
+    return rec
+
+
+ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
+
+
+def _upsert(s: Session, values: dict):
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(UsageRollup).values(**values)
+    return stmt.on_conflict_do_update(index_elements=["day", "org_id", "key_id", "model"],
+                                      set_={c: getattr(UsageRollup, c) + getattr(stmt.excluded, c) for c in ROLLUP_SUMS})
+
+
+# ---------------------------------------------------------------- reports
+
+GROUPS = {"tenant": UsageRollup.org_id, "key": UsageRollup.key_id, "model": UsageRollup.model, "day": UsageRollup.day}
+
+
+def usage_report(s: Session, group_by: list[str], start: dt.date | None = None, end: dt.date | None = None,
+                 org_id: int | None = None, key_id: int | None = None) -> list[dict]:
+    """Totals from the daily rollups (so the cost is per rollup row, not per request), in USD."""
+    unknown = [g for g in group_by if g not in GROUPS]
+    if unknown:
+        raise UserError(f"unknown group_by {unknown[0]!r} (allowed: {', '.join(GROUPS)})")
+    if start and end and start > end:
+        raise UserError("start must not be after end")
+    cols = [GROUPS[g].label(g) for g in group_by]
+    sums = [func.sum(getattr(UsageRollup, c)).label(c) for c in ROLLUP_SUMS]
+    q = select(*cols, *sums)
+    if start:
+        q = q.where(UsageRollup.day >= start)
+    if end:
+        q = q.where(UsageRollup.day <= end)
+    if org_id is not None:
+        q = q.where(UsageRollup.org_id == org_id)
+    if key_id is not None:
+        q = q.where(UsageRollup.key_id == key_id)
+    if cols:
+        q = q.group_by(*cols).order_by(*cols)
+    out = []
+    for row in s.execute(q).mappings():
+        if row["requests"] is None:
+            continue
+        r = {g: (row[g].isoformat() if g == "day" else row[g]) for g in group_by}
+        revenue, cost = (row["charged"] or 0) / MICRO, (row["cost"] or 0) / MICRO
+        r.update(requests=int(row["requests"]), input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
+                 images=int(row["images"]), seconds=round(float(row["seconds"]), 3), list_price=row["list_price"] / MICRO,
+                 revenue=revenue, compute_s=round(float(row["compute_s"]), 3), cost=cost, margin=round(revenue - cost, 6))
+        out.append(r)
+    return out

@@ -1,0 +1,146 @@
+"""The FastAPI application: an OpenAI-compatible API over the model registry, with keys, plans,
+metering, rate limits, Prometheus metrics and JSON logs. ``create_app`` builds it; ``aigc serve``
+runs it under uvicorn (which, on SIGTERM, stops accepting and lets in-flight requests finish)."""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aigc.db.session import open_db
+from aigc.serve import errors
+from aigc.serve.billing import Billing
+from aigc.serve.metrics import Metrics
+from aigc.serve.ratelimit import RateLimiter
+from aigc.serve.registry import Registry
+from aigc.settings import Settings
+
+log = logging.getLogger("aigc.serve")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={...}`` fields are kept."""
+
+    SKIP = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self.SKIP})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(json_logs: bool = True, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("aigc")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@dataclass
+class Service:
+    """Everything a request handler needs, built once per app."""
+
+    settings: Settings
+    registry: Registry
+    sessions: object
+    billing: Billing
+    limiter: RateLimiter
+    metrics: Metrics
+    url_secret: bytes
+    key_cache: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    ready: bool = True
+
+
+def _url_secret(settings: Settings) -> bytes:
+    """The HMAC key for signed image URLs, kept in the data folder so URLs survive a restart."""
+    path = settings.home / "url-secret"
+    if not path.is_file():
+        settings.home.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+class RequestContext:
+    """Pure ASGI middleware: a request id on every response, latency metrics and one JSON log line per request.
+
+    (Starlette's BaseHTTPMiddleware would add latency and interfere with streaming disconnects.)
+    """
+
+    def __init__(self, app, service_getter):
+        self.app, self.service = app, service_getter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        rid = None
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:64]
+        rid = rid or "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = rid
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - t0
+            svc: Service = self.service()
+            svc.metrics.requests.labels(route, str(status[0])).inc()
+            svc.metrics.latency.labels(route).observe(elapsed)
+            st = scope.get("state", {})
+            log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status[0],
+                                       "ms": round(elapsed * 1000, 2), "key": st.get("key_prefix"), "org": st.get("org_id")})
+
+
+def create_app(settings: Settings, registry: Registry) -> FastAPI:
+    from aigc.serve.routes import admin, chat, completions, health, images, models, usage
+
+    sessions = open_db(settings.resolved_database_url())
+    service = Service(settings, registry, sessions, Billing(sessions, settings.gpu_second_cost if settings.device != "cpu"
+                                                             else settings.cpu_second_cost),
+                      RateLimiter(), Metrics(registry), _url_secret(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.info("server started", extra={"models": list(registry.entries), "database": sessions.kw["bind"].url.render_as_string(hide_password=True)})
+        yield
+        # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
+        service.ready = False
+        registry.close()
+        sessions.kw["bind"].dispose()
+        log.info("server stopped")
+
+    app = FastAPI(title="AIGC", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for models trained with aigc, with keys, plans, metering and rate limits.")
+    app.state.service = service
+    app.add_exception_handler(errors.ApiError, errors.api_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_handler)
+    app.add_exception_handler(Exception, errors.unhandled_handler)
+    for module in (models, completions, chat, images, usage, admin, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext, service_getter=lambda: service)
+    return app

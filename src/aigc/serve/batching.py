@@ -1,0 +1,354 @@
+"""Continuous (iteration-level) batching for text models.
+
+One engine per loaded text model owns a KV cache of ``max_batch`` slots and a worker thread. Each
+iteration it admits waiting requests into free slots (a prefill per request), then advances every
+active sequence by one token in a single batched decode step: rows sit at different positions, so
+RoPE angles, cache writes and the attention mask are gathered per row. A sequence leaves the batch
+the moment it finishes, is cancelled (client gone) or times out, and its slot is reused at once; so
+aggregate tokens/s grows with the number of concurrent streams while a lone stream pays nothing extra.
+
+Events go back to the caller through ``sink(delta, done)`` from the worker thread; the server wraps
+that in ``loop.call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from aigc.generate.text import LlamaDecoder, SamplingParams, TextGenerator, _Stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finish:
+    reason: str  # stop | length | cancelled | timeout | error
+    prompt_tokens: int
+    completion_tokens: int
+    compute_s: float
+    text: str
+    error: str = ""
+
+
+@dataclass
+class Sequence:
+    """One sampled completion in flight. ``cancel()`` may be called from any thread."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    sink: Callable[[str, Finish | None], None]
+    deadline: float = float("inf")
+    cancelled: bool = False
+    compute_s: float = 0.0
+    slot: int = -1
+    stream: _Stream | None = None
+    generator: torch.Generator | None = None
+    produced: int = 0
+    last: int = 0  # the token fed to the next decode step
+    text: str = ""  # the prompt as text (engines that work on text, not ids)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class TextEngine:
+    """Batched decoding of many independent sequences over one Llama-architecture model."""
+
+    def __init__(self, generator: TextGenerator, max_batch: int = 32, context: int = 1024, name: str = "model"):
+        if not generator.fast:
+            raise ValueError("continuous batching needs a Llama-architecture model")
+        self.name = name
+        self.tokenizer = generator.tokenizer
+        self.eos = self.tokenizer.eos_token_id
+        self.vocab = generator.model.config.vocab_size
+        dec: LlamaDecoder = generator.decoder
+        self.dec = dec
+        self.S, self.L = max_batch, min(context, dec.window)
+        dec.start(1, self.L)  # computes the RoPE tables for L positions (its own 1-row cache is unused)
+        self.cos, self.sin = dec.cos, dec.sin  # (L, heads, hd)
+        nkv, hd = dec.n_kv, dec.head_dim
+        self.kv = [torch.zeros(self.S, 2 * nkv, self.L, hd, dtype=dec.dtype) for _ in dec.layers]
+        self.bias = torch.full((self.S, 1, 1, self.L), float("-inf"), dtype=dec.dtype)
+        self.bias[:, 0, 0, 0] = 0.0  # idle rows attend to slot 0 so they never produce NaN
+        self.pos = torch.zeros(self.S, dtype=torch.long)
+        self.slots: list[Sequence | None] = [None] * self.S
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.running = True
+        self.tokens_out = 0
+        self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ API
+
+    @property
+    def context(self) -> int:
+        return self.L
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids or [self.eos]
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if len(seq.prompt_ids) + seq.max_tokens > self.L:
+            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the context of {self.L}")
+        self.waiting.put(seq)
+        return seq
+
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def close(self) -> None:
+        self.running = False
+        self.waiting.put(None)  # type: ignore[arg-type]
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while self.running:
+            try:
+                self._admit(block=self.active() == 0)
+                if self.active():
+                    self._step()
+            except Exception as exc:  # a bug must not leave clients hanging: fail everything in flight
+                log.exception("text engine %s failed", self.name)
+                for r, seq in enumerate(self.slots):
+                    if seq is not None:
+                        self._finish(r, "error", error=str(exc))
+
+    def _admit(self, block: bool) -> None:
+        while None in self.slots:
+            try:
+                seq = self.waiting.get(timeout=0.5) if block else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if seq is None:  # close()
+                return
+            block = False
+            if seq.cancelled:
+                seq.sink("", Finish("cancelled", len(seq.prompt_ids), 0, 0.0, ""))
+                continue
+            self._prefill(self.slots.index(None), seq)
+
+    @torch.inference_mode()
+    def _prefill(self, r: int, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        dec = self.dec
+        nh, nkv, hd = dec.n_head, dec.n_kv, dec.head_dim
+        heads = nh + 2 * nkv
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)[None]  # (1, T)
+        T = ids.shape[1]
+        cos, sin = self.cos[:T], self.sin[:T]
+        x = dec.embed[ids]  # (1, T, C)
+        for i, (w_qkv, w_o, w_gu, w_down) in enumerate(dec.layers):
+            qkv = (dec._norm(x) @ w_qkv).view(1, T, heads, hd)
+            qkv = (qkv * cos + (qkv @ dec.rot) * sin).transpose(1, 2)  # (1, heads, T, hd)
+            kv = self.kv[i][r : r + 1, :, :T]
+            kv.copy_(qkv[:, nh:])
+            att = torch.nn.functional.scaled_dot_product_attention(
+                qkv[:, :nh], kv[:, :nkv], kv[:, nkv:], is_causal=True, enable_gqa=nh != nkv, scale=1.0)  # (1, nh, T, hd)
+            x = x + att.transpose(1, 2).reshape(1, T, nh * hd) @ w_o
+            gate, up = (dec._norm(x) @ w_gu).chunk(2, dim=-1)
+            x = x + (torch.nn.functional.silu(gate) * up) @ w_down
+        logits = dec._norm(x[:, -1]) @ dec.head  # (1, V)
+        self.bias[r] = float("-inf")
+        self.bias[r, 0, 0, :T] = 0.0
+        self.pos[r] = T
+        seq.slot = r
+        seq.stream = _Stream(self.tokenizer, seq.stop)
+        seed = seq.seed if seq.seed is not None else secrets.randbelow(2**31)
+        seq.generator = torch.Generator().manual_seed(seed)
+        self.slots[r] = seq
+        seq.compute_s += time.perf_counter() - t0
+        self._emit(torch.tensor([r]), self._sample(logits, [seq]))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        rows = [r for r, s in enumerate(self.slots) if s is not None]
+        R = rows[-1] + 1  # rows 0..R-1: slots are filled lowest first, so this is a view, never a copy
+        dec = self.dec
+        nh, nkv, hd = dec.n_head, dec.n_kv, dec.head_dim
+        heads, group = nh + 2 * nkv, nh // nkv
+        pos = self.pos[:R]
+        span = int(pos.max()) + 1  # attend over the used prefix of the cache only
+        toks = torch.zeros(R, dtype=torch.long)
+        for r in rows:
+            toks[r] = self.slots[r].last  # type: ignore[union-attr]
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, heads, 1, hd)
+        ar = torch.arange(R)
+        self.bias[ar, 0, 0, pos] = 0.0
+        bias = self.bias[:R, :, :, :span]
+        x = dec.embed[toks]  # (R, C)
+        for i, (w_qkv, w_o, w_gu, w_down) in enumerate(dec.layers):
+            qkv = (dec._norm(x) @ w_qkv).view(R, heads, 1, hd)
+            qkv = qkv * cos + (qkv @ dec.rot) * sin
+            kv = self.kv[i]
+            kv[ar, :, pos] = qkv[:, nh:, 0]  # each row writes its own position
+            k, v = kv[:R, :nkv, :span], kv[:R, nkv:, :span]
+            q = qkv[:, :nh].view(R, nkv, group, hd)
+            att = (q @ k.transpose(2, 3) + bias).softmax(-1) @ v  # (R, nkv, group, hd)
+            x = torch.addmm(x, att.view(R, nh * hd), w_o)
+            gate, up = (dec._norm(x) @ w_gu).chunk(2, dim=-1)
+            x = torch.addmm(x, torch.nn.functional.silu(gate) * up, w_down)
+        logits = dec._norm(x) @ dec.head  # (R, V)
+        idx = torch.tensor(rows)
+        self.pos[idx] += 1
+        seqs = [self.slots[r] for r in rows]
+        share = (time.perf_counter() - t0) / len(rows)
+        for s in seqs:
+            s.compute_s += share  # type: ignore[union-attr]
+        self._emit(idx, self._sample(logits[idx], seqs))  # type: ignore[arg-type]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator."""
+        logits = logits[:, : self.vocab].float()
+        temp = torch.tensor([s.temperature for s in seqs])
+        greedy = logits.argmax(-1)
+        if bool((temp == 0).all()):
+            return greedy
+        logits = logits / temp.clamp_min(1e-6)[:, None]
+        top_p = torch.tensor([s.top_p for s in seqs])
+        if bool((top_p < 1).any()):
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            p = sorted_logits.softmax(-1)
+            drop = p.cumsum(-1) - p >= top_p[:, None]  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        cdf = logits.softmax(-1).cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs])  # type: ignore[arg-type]
+        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_max(cdf.shape[1] - 1)
+        return torch.where(temp == 0, greedy, drawn)
+
+    def _emit(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        now = time.monotonic()
+        for r, tok in zip(rows.tolist(), tokens.tolist()):
+            seq = self.slots[r]
+            assert seq is not None and seq.stream is not None
+            seq.last = tok
+            if seq.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            if now > seq.deadline:
+                self._finish(r, "timeout")
+                continue
+            if tok == self.eos:
+                self._finish(r, "stop", seq.stream.finish("stop"))
+                continue
+            seq.produced += 1
+            self.tokens_out += 1
+            delta = seq.stream.push(tok)
+            if seq.stream.done:
+                self._finish(r, "stop", delta)
+            elif seq.produced >= seq.max_tokens:
+                self._finish(r, "length", delta + seq.stream.finish("length"))
+            elif delta:
+                seq.sink(delta, None)
+
+    def _finish(self, r: int, reason: str, delta: str = "", error: str = "") -> None:
+        seq = self.slots[r]
+        assert seq is not None
+        self.slots[r] = None
+        self.bias[r] = float("-inf")
+        self.bias[r, 0, 0, 0] = 0.0
+        self.pos[r] = 0
+        text = seq.stream.text if seq.stream else ""
+        seq.sink(delta, Finish(reason, len(seq.prompt_ids), seq.produced, seq.compute_s, text, error))
+
+
+class SerialTextEngine:
+    """Any other causal LM (no lean decoder): one sequence at a time through ``TextGenerator.stream``."""
+
+    def __init__(self, generator: TextGenerator, name: str = "model"):
+        self.gen, self.name = generator, name
+        self.context = generator.context
+        self.waiting: queue.Queue[Sequence | None] = queue.Queue()
+        self.busy = 0
+        self.tokens_out = 0
+        self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self.thread.start()
+
+    def encode(self, text: str) -> list[int]:
+        return self.gen.encode(text)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if len(seq.prompt_ids) + seq.max_tokens > self.context:
+            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the context of {self.context}")
+        self.waiting.put(seq)
+        return seq
+
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def active(self) -> int:
+        return self.busy
+
+    def close(self) -> None:
+        self.waiting.put(None)
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while (seq := self.waiting.get()) is not None:
+            self.busy = 1
+            t0, produced, text, reason = time.perf_counter(), 0, "", "error"
+            try:
+                params = SamplingParams(max_new_tokens=seq.max_tokens, temperature=seq.temperature, top_p=seq.top_p,
+                                        stop=seq.stop, seed=seq.seed)
+                for _, delta, done in self.gen.stream([seq.text], params):
+                    if seq.cancelled or time.monotonic() > seq.deadline:
+                        reason = "cancelled" if seq.cancelled else "timeout"
+                        break
+                    produced += 1  # at least one token per delta; exact once the sequence is done
+                    if delta:
+                        seq.sink(delta, None)
+                    if done is not None:
+                        produced, text, reason = done.completion_tokens, done.text, done.finish_reason
+                self.tokens_out += produced
+                seq.sink("", Finish(reason, len(seq.prompt_ids), produced, time.perf_counter() - t0, text))
+            except Exception as exc:
+                log.exception("text engine %s failed", self.name)
+                seq.sink("", Finish("error", len(seq.prompt_ids), produced, time.perf_counter() - t0, text, str(exc)))
+            self.busy = 0
+
+
+class EchoEngine:
+    """A stub text model that answers instantly with the prompt's words: measures the gateway alone."""
+
+    context = 1_000_000
+
+    def __init__(self):
+        self.tokens_out = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [len(w) for w in text.split()] or [0]
+
+    def submit(self, seq: Sequence) -> Sequence:
+        words = seq.text.split() or ["echo"]
+        out = [words[i % len(words)] for i in range(seq.max_tokens)]
+        self.tokens_out += len(out)
+        seq.sink(" ".join(out), Finish("length", len(seq.prompt_ids), len(out), 0.0, " ".join(out)))
+        return seq
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def active(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

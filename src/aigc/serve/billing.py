@@ -1,0 +1,62 @@
+"""Request metering: hold the most a request can cost, run it, then charge what it used and append
+its usage record (with measured compute seconds and their cost). Database work runs in worker
+threads; the settle step is shielded from cancellation so a dropped client still leaves its record."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+from sqlalchemy.orm import Session, sessionmaker
+
+from aigc.db import crud
+from aigc.db.crud import PaymentRequired, Principal, Units
+from aigc.db.models import Price
+from aigc.serve.errors import ApiError
+
+
+@dataclass
+class Hold:
+    amount: int
+    price: Price | None
+
+
+class Billing:
+    def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0):
+        self.sessions, self.cost_per_s, self.price_ttl_s = sessions, cost_per_s, price_ttl_s
+        self._prices: dict[tuple[str, str], tuple[Price | None, float]] = {}
+        self.revenue_usd = 0.0
+
+    def price(self, model: str, version: str) -> Price | None:
+        hit = self._prices.get((model, version))
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        with self.sessions() as s:
+            p = crud.find_price(s, model, version)
+            if p is not None:
+                s.expunge(p)
+        self._prices[(model, version)] = (p, time.monotonic() + self.price_ttl_s)
+        return p
+
+    def _reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
+        price = self.price(model, version)
+        with self.sessions.begin() as s:
+            return Hold(crud.reserve(s, principal.org_id, crud.list_price(price, estimate)), price)
+
+    async def reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
+        try:
+            return await anyio.to_thread.run_sync(self._reserve, principal, model, version, estimate)
+        except PaymentRequired as exc:
+            raise ApiError(402, str(exc), code="insufficient_quota") from None
+
+    def _settle(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s):
+        with self.sessions.begin() as s:
+            rec = crud.settle(s, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
+                              compute_s, self.cost_per_s)
+            return rec.charged, rec.cost
+
+    async def settle(self, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
+                     units: Units, hold: Hold, compute_s: float) -> tuple[int, int]:
+        with anyio.CancelScope(shield=True):
+            return await anyio.to_thread.run_sync(self._settle, request_id, principal, model, version, endpoint, status,
+                                                  units, hold, compute_s)

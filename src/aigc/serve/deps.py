@@ -1,0 +1,94 @@
+"""Dependencies as ``Annotated`` aliases: the service, the calling principal (from the API key) and role checks."""
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from aigc.db import crud
+from aigc.db.crud import Principal
+from aigc.db.models import utcnow
+from aigc.serve.app import Service
+from aigc.serve.errors import ApiError
+from aigc.serve.registry import ModelEntry
+
+bearer = HTTPBearer(auto_error=False, description="An API key (sk-aigc-...) or, for /v1/admin, the operator token.")
+OPERATOR = Principal(0, "operator", 0, "*", 0, "operator", None, 10**9, 10**12, None, False, None, operator=True)
+KEY_CACHE_MAX = 100_000
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def _lookup(service: Service, secret: str) -> Principal | None:
+    with service.sessions() as s:
+        return crud.lookup_key(s, secret)
+
+
+async def get_principal(request: Request, service: ServiceDep,
+                        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    if cred is None or not cred.credentials:
+        raise ApiError(401, "missing API key: send it as 'Authorization: Bearer sk-aigc-...'", code="missing_api_key")
+    secret = cred.credentials
+    token = service.settings.admin_token
+    if token and hmac.compare_digest(secret.encode(), token.encode()):
+        request.state.key_prefix = "operator"
+        return OPERATOR
+    if not secret.startswith(crud.KEY_PREFIX) or len(secret) > 128:
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+    h = crud.hash_key(secret)
+    now = time.monotonic()
+    hit = service.key_cache.get(h)
+    if hit is None or hit[1] < now:
+        p = await anyio.to_thread.run_sync(_lookup, service, secret)
+        if len(service.key_cache) > KEY_CACHE_MAX:
+            service.key_cache.clear()
+        service.key_cache[h] = hit = (p, now + service.settings.key_cache_s)
+    p = hit[0]
+    if p is None:
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+    if p.revoked:
+        raise ApiError(401, "this API key has been revoked", code="key_revoked")
+    if p.expires_at is not None and p.expires_at <= utcnow():
+        raise ApiError(401, "this API key has expired", code="key_expired")
+    request.state.key_prefix, request.state.org_id = p.key_prefix, p.org_id
+    return p
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+GENERATE = ("admin", "developer")
+READ_USAGE = ("admin", "developer", "viewer")
+
+
+def require(p: Principal, roles: tuple[str, ...], what: str) -> None:
+    if p.operator:
+        raise ApiError(403, "the operator token manages tenants (/v1/admin); use a tenant's API key here", code="wrong_credentials")
+    if p.role not in roles:
+        raise ApiError(403, f"the {p.role} role cannot {what} (needs {' or '.join(roles)})", code="insufficient_role")
+
+
+def require_operator(p: Principal) -> None:
+    if not p.operator:
+        raise ApiError(403, "operator endpoints need the operator token", code="operator_only")
+
+
+def model_for(service: Service, p: Principal, model_id: str, kinds: tuple[str, ...]) -> ModelEntry:
+    try:
+        entry = service.registry.get(model_id)
+    except KeyError:
+        raise ApiError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model") from None
+    if p.allowed_models is not None and model_id not in p.allowed_models:
+        raise ApiError(403, f"this API key may not use the model {model_id!r}", code="model_not_allowed", param="model")
+    if entry.kind not in kinds:
+        raise ApiError(400, f"the model {model_id!r} is a {entry.kind} model; this endpoint needs a {' or '.join(kinds)} model",
+                       code="wrong_model_kind", param="model")
+    return entry

@@ -1,0 +1,61 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error",
+         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_exceeded",
+         500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+        self.type = type or TYPES.get(status, "invalid_request_error")
+
+
+def body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status, headers=exc.headers)
+
+
+async def api_error_handler(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def validation_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        msg, code = "the request body is not valid JSON", "invalid_json"
+    elif not loc and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        msg, code = "the request body must be a JSON object", "invalid_json"
+    elif first.get("type") == "extra_forbidden":
+        msg, code = f"unrecognized request argument supplied: {param}", "unknown_parameter"
+    elif first.get("type") == "missing":
+        msg, code = f"missing required parameter: {param}", "missing_required_parameter"
+    else:
+        msg, code = f"invalid value for {param or 'the request'}: {first.get('msg', 'invalid')}", "invalid_value"
+    return JSONResponse(body(msg, "invalid_request_error", code, param), status_code=400)
+
+
+async def http_handler(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(body(str(exc.detail), TYPES.get(exc.status_code, "invalid_request_error"), code),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def unhandled_handler(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(body("internal server error", "server_error", "internal_error"), status_code=500)

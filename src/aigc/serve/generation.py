@@ -1,0 +1,191 @@
+"""The text request path shared by /v1/completions and /v1/chat/completions:
+
+rate limit -> hold the worst-case price -> submit n sequences to the model's batching engine ->
+return JSON or stream SSE -> charge what was used and append the usage record (always, also when the
+client goes away, the request times out or the model fails)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from aigc.db.crud import Principal, Units
+from aigc.serve.app import Service
+from aigc.serve.batching import Finish, Sequence
+from aigc.serve.errors import ApiError
+from aigc.serve.registry import ModelEntry
+
+
+@dataclass
+class TextJob:
+    prompt: str
+    n: int
+    max_tokens: int | None
+    default_max_tokens: int | None  # None: up to the context
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class Shape:
+    """How an endpoint renders results: a whole response, and stream chunks."""
+
+    prefix: str
+    full: Callable[[str, int, str, list[tuple[str, str]], dict], dict]  # (id, created, model, [(text, finish)], usage)
+    chunk: Callable[[str, int, str, int, str, str | None, bool], dict]  # (id, created, model, index, text, finish, first)
+    usage_chunk: Callable[[str, int, str, dict], dict]
+
+
+async def engine_for(service: Service, entry: ModelEntry):
+    if entry.id in service.registry.loaded:
+        return service.registry.acquire(entry.id)  # resident: no I/O, just the LRU update
+    try:
+        return await anyio.to_thread.run_sync(service.registry.acquire, entry.id)
+    except Exception as exc:
+        raise ApiError(503, f"the model {entry.id!r} could not be loaded: {exc}", code="model_unavailable") from exc
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def run_text(service: Service, request: Request, p: Principal, entry: ModelEntry, job: TextJob, endpoint: str, shape: Shape):
+    settings = service.settings
+    if len(job.prompt) > settings.max_prompt_chars:
+        raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {settings.max_prompt_chars}",
+                       code="prompt_too_long", param="prompt")
+    engine = await engine_for(service, entry)
+    ids = engine.encode(job.prompt)
+    room = engine.context - len(ids)
+    max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
+    if max_tokens < 1 or len(ids) + max_tokens > engine.context:
+        raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and max_tokens asks for "
+                       f"{max_tokens}: shorten the prompt or lower max_tokens", code="context_length_exceeded", param="max_tokens")
+    budget = len(ids) + job.n * max_tokens
+    decision = service.limiter.take(p.key_id, p.rpm, p.tpm, budget)
+    if not decision.allowed:
+        service.metrics.refused.labels("rate_limit").inc()
+        raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
+    try:
+        hold = await service.billing.reserve(p, entry.id, entry.version, Units(len(ids), job.n * max_tokens))
+    except ApiError:
+        service.limiter.refund(p.key_id, budget)
+        service.metrics.refused.labels("payment_required").inc()
+        raise
+
+    rid = request.state.request_id
+    created = int(time.time())
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    deadline = time.monotonic() + settings.request_timeout_s
+    seqs = []
+    for i in range(job.n):
+        def sink(delta: str, done: Finish | None, i=i) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (i, delta, done))
+        seed = None if job.seed is None else job.seed + i
+        seqs.append(Sequence(ids, max_tokens, job.temperature, job.top_p, job.stop, seed, sink, deadline=deadline, text=job.prompt))
+    for s in seqs:
+        engine.submit(s)
+    finished: dict[int, Finish] = {}
+    settled: list = []
+
+    async def settle() -> None:
+        if settled:
+            return
+        settled.append(True)
+        for s in seqs:
+            s.cancel()  # no-op for finished ones; frees the slots of the rest
+        produced = sum(f.completion_tokens for f in finished.values()) + sum(s.produced for i, s in enumerate(seqs) if i not in finished)
+        reasons = {f.reason for f in finished.values()}
+        status = "ok" if len(finished) == job.n and reasons <= {"stop", "length"} else \
+            next((r for r in ("error", "timeout") if r in reasons), "cancelled")
+        compute = sum(f.compute_s for f in finished.values())
+        service.limiter.refund(p.key_id, budget - len(ids) - produced)
+        charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, endpoint, status,
+                                                     Units(len(ids), produced), hold, compute)
+        m = service.metrics
+        m.tokens.labels(entry.id, "input").inc(len(ids))
+        m.tokens.labels(entry.id, "output").inc(produced)
+        m.revenue.labels(entry.id).inc(charged / 1e6)
+        m.cost.labels(entry.id).inc(cost / 1e6)
+
+    def failure() -> ApiError | None:
+        bad = [f for f in finished.values() if f.reason in ("timeout", "error")]
+        if not bad:
+            return None
+        if bad[0].reason == "timeout":
+            return ApiError(504, f"generation took longer than the {settings.request_timeout_s:g} s limit", code="timeout")
+        return ApiError(500, "the model failed while generating", code="model_error")
+
+    headers = decision.headers
+    if not job.stream:
+        texts: dict[int, list[str]] = {i: [] for i in range(job.n)}
+        try:
+            while len(finished) < job.n:
+                try:
+                    i, delta, done = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                texts[i].append(delta)
+                if done is not None:
+                    finished[i] = done
+        finally:
+            await settle()
+        err = failure()
+        if err:
+            raise err
+        results = [("".join(texts[i]), finished[i].reason) for i in range(job.n)]
+        produced = sum(f.completion_tokens for f in finished.values())
+        return JSONResponse(shape.full(shape.prefix + rid, created, entry.id, results, _usage(len(ids), produced)), headers=headers)
+
+    async def sse():
+        try:
+            first = [True] * job.n
+            while len(finished) < job.n:
+                i, delta, done = await events.get()
+                if done is not None:
+                    finished[i] = done
+                    if done.reason in ("timeout", "error"):
+                        err = failure()
+                        yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
+                        return
+                if delta or done is not None:
+                    reason = done.reason if done is not None and done.reason in ("stop", "length") else None
+                    yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, delta, reason, first[i]),
+                                                ensure_ascii=False) + "\n\n"
+                    first[i] = False
+            if job.include_usage:
+                produced = sum(f.completion_tokens for f in finished.values())
+                yield "data: " + json.dumps(shape.usage_chunk(shape.prefix + rid, created, entry.id, _usage(len(ids), produced))) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await settle()
+
+    return MeteredStream(sse(), settle, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+class MeteredStream(StreamingResponse):
+    """A stream whose usage is settled even if the client leaves before the first byte."""
+
+    def __init__(self, content, settle, **kw):
+        super().__init__(content, **kw)
+        self._settle = settle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle()

@@ -1,0 +1,34 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry_models):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("aigc_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("aigc_request_seconds", "Request latency (to the last byte)", ["route"], buckets=BUCKETS, registry=r)
+        self.tokens = Counter("aigc_tokens", "Tokens processed", ["model", "direction"], registry=r)
+        self.images = Counter("aigc_images", "Images generated", ["model"], registry=r)
+        self.revenue = Counter("aigc_revenue_usd", "Charged to tenants", ["model"], registry=r)
+        self.cost = Counter("aigc_compute_cost_usd", "Compute cost of requests", ["model"], registry=r)
+        self.refused = Counter("aigc_refused", "Requests refused before running", ["reason"], registry=r)
+        queue = Gauge("aigc_queue_depth", "Sequences waiting for a batch slot", ["model"], registry=r)
+        active = Gauge("aigc_active_sequences", "Sequences being decoded", ["model"], registry=r)
+        loaded = Gauge("aigc_models_loaded", "Models resident in memory", registry=r)
+        self._gauges = (queue, active, loaded)
+        self._models = registry_models
+
+    def refresh(self) -> None:
+        queue, active, loaded = self._gauges
+        reg = self._models
+        with reg.lock:
+            handles = dict(reg.loaded)
+        loaded.set(len(handles))
+        for name, h in handles.items():
+            if hasattr(h, "queue_depth"):
+                queue.labels(name).set(h.queue_depth())
+                active.labels(name).set(h.active())

@@ -1,0 +1,79 @@
+"""POST /v1/chat/completions. Messages become a prompt through the tokenizer's chat template when it
+has one (SmolLM2 and other instruct models); models trained here have none, so they get a plain
+"role: content" transcript that ends with "assistant:" and stops at the next "\\nuser:"."""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from aigc.serve.deps import GENERATE, PrincipalDep, ServiceDep, model_for, require
+from aigc.serve.errors import ApiError
+from aigc.serve.generation import Shape, TextJob, engine_for, run_text
+from aigc.serve.registry import ECHO, TEXT
+from aigc.serve.routes.completions import SamplingFields
+
+router = APIRouter(tags=["text"])
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1, max_length=512)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+
+
+def render(tokenizer, messages: list[Message]) -> tuple[str, list[str]]:
+    """(prompt, default stop strings)."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), []
+    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:", ["\nuser:"]
+
+
+def _full(id_, created, model, results, usage):
+    return {"id": id_, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+                        for i, (t, f) in enumerate(results)], "usage": usage}
+
+
+def _chunk(id_, created, model, index, text, finish, first):
+    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def _usage_chunk(id_, created, model, usage):
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
+
+
+SHAPE = Shape("chatcmpl-", _full, _chunk, _usage_chunk)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, p: PrincipalDep):
+    require(p, GENERATE, "generate")
+    entry = model_for(service, p, body.model, (TEXT, ECHO))
+    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree: send one", code="invalid_value", param="max_tokens")
+    engine = await engine_for(service, entry)
+    prompt, default_stop = render(getattr(engine, "tokenizer", None), body.messages)
+    stop = body.stops() if body.stop is not None else default_stop
+    job = TextJob(prompt, body.n, body.max_completion_tokens or body.max_tokens, 256, body.temperature, body.top_p, stop,
+                  body.seed, body.stream, bool(body.stream_options and body.stream_options.include_usage))
+    return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)

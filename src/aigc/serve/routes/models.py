@@ -1,0 +1,27 @@
+"""GET /v1/models: the models this key may use."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from aigc.serve.deps import PrincipalDep, ServiceDep
+from aigc.serve.errors import ApiError
+
+router = APIRouter(tags=["models"])
+
+
+def _card(e) -> dict:
+    return {"id": e.id, "object": "model", "created": e.created, "owned_by": e.owned_by, "kind": e.kind, "version": e.version}
+
+
+@router.get("/v1/models")
+async def list_models(service: ServiceDep, p: PrincipalDep) -> dict:
+    entries = [e for e in service.registry.entries.values() if p.allowed_models is None or e.id in p.allowed_models]
+    return {"object": "list", "data": [_card(e) for e in entries]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, service: ServiceDep, p: PrincipalDep) -> dict:
+    e = service.registry.entries.get(model_id)
+    if e is None or (p.allowed_models is not None and model_id not in p.allowed_models):
+        raise ApiError(404, f"the model {model_id!r} does not exist", code="model_not_found")
+    return _card(e)

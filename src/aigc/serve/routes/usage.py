@@ -1,0 +1,37 @@
+"""GET /v1/usage: totals, revenue (charged), compute cost and margin from the daily rollups."""
+from __future__ import annotations
+
+import datetime as dt
+
+import anyio
+from fastapi import APIRouter, Query
+
+from aigc.db import crud
+from aigc.errors import UserError
+from aigc.serve.deps import READ_USAGE, PrincipalDep, ServiceDep, require
+from aigc.serve.errors import ApiError
+
+router = APIRouter(tags=["usage"])
+
+
+@router.get("/v1/usage")
+async def usage(service: ServiceDep, p: PrincipalDep,
+                group_by: str = Query("model", max_length=100, description="Comma-separated: tenant, key, model, day"),
+                start: dt.date | None = None, end: dt.date | None = None) -> dict:
+    """A tenant sees its own usage (a developer only its own key's); the operator token sees every tenant."""
+    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    org_id = key_id = None
+    if not p.operator:
+        require(p, READ_USAGE, "read usage")
+        org_id = p.org_id
+        key_id = p.key_id if p.role == "developer" else None
+
+    def run():
+        with service.sessions() as s:
+            return crud.usage_report(s, groups, start, end, org_id, key_id)
+
+    try:
+        rows = await anyio.to_thread.run_sync(run)
+    except UserError as exc:
+        raise ApiError(400, str(exc), code="invalid_value", param="group_by") from None
+    return {"object": "list", "group_by": groups, "data": rows}

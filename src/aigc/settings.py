@@ -1,0 +1,40 @@
+"""Service settings: the one place that reads environment variables (prefix ``AIGC_``).
+
+Every field can also be passed explicitly (``Settings(database_url=...)``), which is what the CLI
+and the tests do; unknown ``AIGC_*`` variables are ignored, bad values raise a clear error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path.home() / ".aigc"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIGC_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="Data folder: the SQLite database, generated files, secrets.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty: sqlite:///<home>/aigc.db (WAL). PostgreSQL: postgresql+psycopg://...")
+    admin_token: str = Field("", description="Operator token for /v1/admin/* across tenants (empty: operator endpoints are off).")
+    models_dir: Path | None = Field(None, description="Folder of run directories to serve (each sub-folder is a model).")
+    public_url: str = Field("", description="Base URL used in image `url` responses (empty: taken from the request).")
+    # What a second of compute costs the operator, in USD: the basis of per-request cost and margin.
+    cpu_second_cost: float = 0.00002
+    gpu_second_cost: float = 0.0008
+    device: str = "cpu"
+    memory_budget_mb: int = 4096  # loaded models beyond this are evicted, least recently used first
+    request_timeout_s: float = 120.0
+    max_prompt_chars: int = 100_000
+    max_batch: int = 32  # sequences decoded together per text model
+    context_tokens: int = 1024  # KV cache length per sequence (prompt + completion), capped by the model's own
+    key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
+    image_url_ttl_s: int = 3600
+    log_json: bool = True
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'aigc.db'}"
