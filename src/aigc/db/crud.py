@@ -377,9 +377,10 @@ def usage_report(s: Session, group_by: list[str], start: dt.date | None = None, 
         if row["requests"] is None:
             continue
         r = {g: (row[g].isoformat() if g == "day" else row[g]) for g in group_by}
-        revenue, cost = (row["charged"] or 0) / MICRO, (row["cost"] or 0) / MICRO
+        # PostgreSQL sums integers as NUMERIC (Decimal): everything is made int/float here
+        revenue, cost = int(row["charged"] or 0) / MICRO, int(row["cost"] or 0) / MICRO
         r.update(requests=int(row["requests"]), input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
-                 images=int(row["images"]), seconds=round(float(row["seconds"]), 3), list_price=row["list_price"] / MICRO,
+                 images=int(row["images"]), seconds=round(float(row["seconds"]), 3), list_price=int(row["list_price"]) / MICRO,
                  revenue=revenue, compute_s=round(float(row["compute_s"]), 3), cost=cost, margin=round(revenue - cost, 6))
         out.append(r)
     return out

@@ -1,0 +1,157 @@
+"""Plans, holds and charges, usage records and rollups: on SQLite and (in CI) on a real PostgreSQL server."""
+import datetime as dt
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from sqlalchemy import func, inspect, select
+
+from aigc.db import crud
+from aigc.db.crud import PaymentRequired, Units
+from aigc.db.models import MICRO, Organization, UsageRecord, UsageRollup
+from aigc.db.session import open_db
+from tests.serve.conftest import seed_billing
+from tests.serve.helpers import tenant
+
+pytestmark = pytest.mark.postgres
+
+
+def principal(sessions, secret):
+    with sessions() as s:
+        return crud.lookup_key(s, secret)
+
+
+def spend(sessions, p, model="m", units=Units(1000, 1000), estimate=None):
+    """One metered request: hold, then settle. Returns the charge in micro-USD, or None if refused."""
+    with sessions.begin() as s:
+        price = crud.find_price(s, model, "v1")
+        try:
+            held = crud.reserve(s, p.org_id, crud.list_price(price, estimate or units))
+        except PaymentRequired:
+            return None
+    with sessions.begin() as s:
+        return crud.settle(s, "r-" + uuid.uuid4().hex, p, model, "v1", "completions", "ok", units, price, held, 0.5, 0.001).charged
+
+
+def test_migrations_create_schema(database_url):
+    sessions = open_db(database_url)
+    names = set(inspect(sessions.kw["bind"]).get_table_names())
+    assert {"plans", "organizations", "users", "api_keys", "prices", "usage_records", "usage_rollups", "alembic_version"} <= names
+    open_db(database_url)  # upgrading an up-to-date schema is a no-op
+
+
+def test_concurrent_requests_never_overspend_credits(database_url):
+    sessions = open_db(database_url)
+    seed_billing(sessions)
+    # one request = 1K in + 1K out = $0.03; $0.30 of credit covers exactly 10 of 60 concurrent requests
+    org, key = tenant(sessions, "acme", "prepaid", credits=0.30)
+    p = principal(sessions, key)
+    barrier = threading.Barrier(60)
+
+    def one(_):
+        barrier.wait()
+        return spend(sessions, p)
+
+    with ThreadPoolExecutor(60) as pool:
+        results = list(pool.map(one, range(60)))
+    ok = [r for r in results if r is not None]
+    assert len(ok) == 10 and all(r == 30_000 for r in ok)
+    with sessions() as s:
+        o = s.get(Organization, org)
+        assert o.credits == 0 and o.reserved == 0
+        assert s.scalar(select(func.count()).select_from(UsageRecord)) == 10
+        roll = s.scalars(select(UsageRollup)).all()
+        assert [(r.requests, r.charged, r.input_tokens) for r in roll] == [(10, 300_000, 10_000)]
+
+
+def test_subscription_quota_and_overage(database_url):
+    sessions = open_db(database_url)
+    seed_billing(sessions)
+    # starter: $20/month with $0.01 included and no overage -> hard quota
+    _, key = tenant(sessions, "hard", "starter")
+    p = principal(sessions, key)
+    small = Units(100, 100)  # $0.003 at list price
+    assert [spend(sessions, p, units=small) for _ in range(4)] == [0, 0, 0, None]  # 3 x 0.003 fit in 0.01, the 4th not
+    # pro: same included usage, then 2x list price
+    org, key = tenant(sessions, "over", "pro")
+    p = principal(sessions, key)
+    charges = [spend(sessions, p, units=small) for _ in range(5)]
+    # 0.003, 0.006, 0.009 included; the 4th crosses 0.010 by 0.002 -> 2 x 0.002; the 5th is all overage -> 2 x 0.003
+    assert charges == [0, 0, 0, 4000, 6000]
+    with sessions() as s:
+        fees = s.scalars(select(UsageRecord).where(UsageRecord.org_id == org, UsageRecord.endpoint == "subscription")).all()
+        assert [f.charged for f in fees] == [100 * MICRO]  # the month's fee, billed once
+        report = crud.usage_report(s, ["tenant"], org_id=org)
+    assert report[0]["revenue"] == pytest.approx(100 + 0.01) and report[0]["requests"] == 6
+
+
+def test_payg_spend_limit_and_no_plan(database_url):
+    sessions = open_db(database_url)
+    seed_billing(sessions)
+    with sessions.begin() as s:
+        crud.create_plan(s, "capped", "payg", spend_limit=0.07)
+        crud.create_org(s, "noplan")
+    _, key = tenant(sessions, "capped-co", "capped")
+    p = principal(sessions, key)
+    assert [spend(sessions, p) is not None for _ in range(3)] == [True, True, False]  # $0.03 each under a $0.07 cap
+    with sessions.begin() as s:
+        org = crud.get_org(s, "noplan")
+        with pytest.raises(PaymentRequired, match="no billing plan"):
+            crud.reserve(s, org.id, 10)
+
+
+def test_usage_report_groups_and_margin(database_url):
+    sessions = open_db(database_url)
+    seed_billing(sessions)
+    with sessions.begin() as s:
+        crud.set_price(s, "m", "v1", input_per_1k=0.1, output_per_1k=0.2)  # the exact version beats the "*" price
+    a, ka = tenant(sessions, "a", "payg")
+    b, kb = tenant(sessions, "b", "payg")
+    pa, pb = principal(sessions, ka), principal(sessions, kb)
+    spend(sessions, pa, "m")
+    spend(sessions, pa, "other")
+    spend(sessions, pb, "m")
+    with sessions() as s:
+        rows = crud.usage_report(s, ["tenant", "model"])
+        assert [(r["tenant"], r["model"], r["revenue"]) for r in rows] == [(a, "m", 0.3), (a, "other", 0.03), (b, "m", 0.3)]
+        # cost: 0.5 compute-seconds x $0.001; margin = revenue - cost
+        assert all(r["cost"] == pytest.approx(0.0005) and r["margin"] == pytest.approx(r["revenue"] - 0.0005) for r in rows)
+        assert [r["revenue"] for r in crud.usage_report(s, ["model"], org_id=b)] == [0.3]
+        today = crud.utcnow().date()
+        assert crud.usage_report(s, ["day"], start=today + dt.timedelta(days=1)) == []
+        with pytest.raises(Exception, match="unknown group_by"):
+            crud.usage_report(s, ["colour"])
+
+
+def test_rollups_match_records(database_url):
+    sessions = open_db(database_url)
+    seed_billing(sessions)
+    _, key = tenant(sessions, "many", "payg")
+    p = principal(sessions, key)
+    for i in range(30):
+        spend(sessions, p, f"m{i % 3}", Units(i, 2 * i))
+    with sessions() as s:
+        from_records = dict(s.execute(select(UsageRecord.model, func.sum(UsageRecord.charged)).group_by(UsageRecord.model)).all())
+        report = {r["model"]: round(r["revenue"] * MICRO) for r in crud.usage_report(s, ["model"])}
+    assert report == from_records
+
+
+def test_http_concurrency_prepaid_402(server):
+    """60 concurrent API requests against credit for exactly 10: 10 succeed, 50 get 402, nothing overspent."""
+    org, key = tenant(server.sessions, "rush-" + uuid.uuid4().hex[:6], "prepaid", credits=0.0023)  # 10 x $0.00023
+    body = {"model": "echo", "prompt": "a b c", "max_tokens": 10}
+
+    def one(_):
+        return httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    with ThreadPoolExecutor(60) as pool:
+        responses = list(pool.map(one, range(60)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) == 10 and codes.count(402) == 50, codes
+    assert all(r.json()["error"]["type"] == "insufficient_quota" for r in responses if r.status_code == 402)
+    with server.sessions() as s:
+        o = s.get(Organization, org)
+        assert o.credits == 0 and o.reserved == 0
+        assert s.scalar(select(func.count()).select_from(UsageRecord).where(UsageRecord.org_id == org)) == 10
