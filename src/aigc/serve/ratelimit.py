@@ -30,7 +30,7 @@ class Bucket:
         if per_minute != self.capacity:  # the limit changed: keep the used part
             self.level = max(0.0, self.level + per_minute - self.capacity)
             self.capacity, self.rate = float(per_minute), per_minute / 60.0
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.level = min(self.capacity, self.level + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
 
     def wait_for(self, amount: float) -> float:

@@ -6,7 +6,9 @@ import datetime as dt
 from typing import Literal
 
 import anyio
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from aigc.db import crud
@@ -17,6 +19,7 @@ from aigc.serve.deps import PrincipalDep, ServiceDep, require, require_operator
 from aigc.serve.errors import ApiError
 
 router = APIRouter(tags=["admin"])
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Money = Field(0.0, ge=0, le=1e9)
 
 
@@ -143,7 +146,7 @@ async def list_orgs(service: ServiceDep, p: PrincipalDep) -> dict:
 
 
 @router.patch("/v1/admin/organizations/{org_id}")
-async def set_org_plan(org_id: int, body: OrgPatch, service: ServiceDep, p: PrincipalDep) -> dict:
+async def set_org_plan(org_id: Id, body: OrgPatch, service: ServiceDep, p: PrincipalDep) -> dict:
     require_operator(p)
     out = await db(service, lambda s: crud.org_out(s, crud.set_org_plan(s, org_id, body.plan)))
     service.key_cache.clear()
@@ -151,7 +154,7 @@ async def set_org_plan(org_id: int, body: OrgPatch, service: ServiceDep, p: Prin
 
 
 @router.post("/v1/admin/organizations/{org_id}/credits")
-async def add_credits(org_id: int, body: CreditsIn, service: ServiceDep, p: PrincipalDep) -> dict:
+async def add_credits(org_id: Id, body: CreditsIn, service: ServiceDep, p: PrincipalDep) -> dict:
     require_operator(p)
 
     def work(s):
@@ -204,7 +207,7 @@ async def create_key(body: KeyIn, service: ServiceDep, p: PrincipalDep) -> dict:
 
 
 @router.delete("/v1/organization/keys/{key_id}")
-async def revoke_key(key_id: int, service: ServiceDep, p: PrincipalDep) -> dict:
+async def revoke_key(key_id: Id, service: ServiceDep, p: PrincipalDep) -> dict:
     require(p, ("admin",), "manage keys")
     out = await db(service, lambda s: crud.key_out(crud.revoke_key(s, p.org_id, key_id)))
     service.key_cache.clear()  # this process stops accepting it now; others within key_cache_s
