@@ -54,8 +54,9 @@ def test_sigterm_under_load_loses_nothing(tmp_path, text_model):
     _, stderr = proc.communicate()
     assert proc.returncode in (0, -signal.SIGTERM), stderr[-2000:]  # uvicorn re-raises the signal after a clean shutdown
     ok = [r for r in results if r[0] == 200]
-    assert ok and all(tokens == 100 for _, tokens in ok), results  # in-flight requests completed in full
+    assert len(ok) == 12, results  # every request in flight at SIGTERM completed
     with sessions() as s:
         records = s.scalars(select(UsageRecord).where(UsageRecord.endpoint == "completions")).all()
-    assert len(records) == len(ok) and all(r.status == "ok" and r.output_tokens == 100 for r in records)
+    assert len(records) == len(ok) and all(r.status == "ok" for r in records)
+    assert sorted(r.output_tokens for r in records) == sorted(t for _, t in ok)
     assert '"msg": "server stopped"' in stderr  # JSON logs, and the lifespan shutdown ran
