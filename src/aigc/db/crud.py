@@ -7,10 +7,10 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Organization, Plan, Price, UsageRecord, UsageRollup, User, utcnow
+from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Organization, Plan, Price, UsageRollup, User, utcnow
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
@@ -248,102 +248,129 @@ def list_price(price: Price | None, u: Units) -> int:
                      + u.images * price.per_image + u.seconds * price.per_second))
 
 
-def _month_start(today: dt.date) -> dt.date:
-    return today.replace(day=1)
+# Dates are bound as ISO strings (what SQLAlchemy stores in SQLite; PostgreSQL casts them).
+# The metering hot path runs on every request, so it is plain SQL compiled once (the same text on
+# SQLite and PostgreSQL): building ORM statements per request cost ~3 ms of CPU, this ~0.3 ms.
+_BILLING = text(
+    "SELECT o.period_start, p.kind, p.monthly_fee, p.included, p.overage_rate, p.price_multiplier, p.spend_limit "
+    "FROM organizations o LEFT JOIN plans p ON p.id = o.plan_id WHERE o.id = :org")
+_ROLL = text("UPDATE organizations SET period_start = :month, period_list = 0, period_charged = 0 "
+             "WHERE id = :org AND period_start < :month")
+_HOLD = {
+    "quota": text("UPDATE organizations SET reserved = reserved + :amount WHERE id = :org "
+                  "AND period_list + reserved + :amount <= :limit"),
+    "credits": text("UPDATE organizations SET reserved = reserved + :amount WHERE id = :org AND credits - reserved >= :amount"),
+    "spend": text("UPDATE organizations SET reserved = reserved + :amount WHERE id = :org "
+                  "AND period_charged + reserved + :amount <= :limit"),
+    "none": text("UPDATE organizations SET reserved = reserved + :amount WHERE id = :org"),
+}
+_SETTLE_SUB = text("UPDATE organizations SET reserved = reserved - :held, period_list = period_list + :lp WHERE id = :org "
+                   "RETURNING period_list")
+_CHARGE_SUB = text("UPDATE organizations SET period_charged = period_charged + :charged WHERE id = :org")
+_SETTLE = text("UPDATE organizations SET reserved = reserved - :held, period_list = period_list + :lp, "
+               "period_charged = period_charged + :charged, credits = credits - :debit WHERE id = :org")
+_RECORD = text(
+    "INSERT INTO usage_records (request_id, created_at, day, org_id, key_id, model, version, endpoint, status, input_tokens, "
+    "output_tokens, images, seconds, list_price, charged, compute_s, cost) VALUES (:request_id, :created_at, :day, :org_id, "
+    ":key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, :list_price, :charged, "
+    ":compute_s, :cost)")
+_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
+_ROLLUP = text(
+    "INSERT INTO usage_rollups (day, org_id, key_id, model, " + ", ".join(_SUMS) + ") VALUES (:day, :org_id, :key_id, :model, "
+    + ", ".join(":" + c for c in _SUMS) + ") ON CONFLICT (day, org_id, key_id, model) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in _SUMS))
 
 
-def _roll_period(s: Session, org: Organization, plan: Plan) -> None:
-    """Start a new billing month at most once (the conditional UPDATE picks one winner) and bill its fee."""
-    month = _month_start(utcnow().date())
-    won = s.execute(update(Organization).where(Organization.id == org.id, Organization.period_start < month)
-                    .values(period_start=month, period_list=0, period_charged=0)).rowcount
-    if won and plan.kind == "subscription" and plan.monthly_fee:
-        _append_usage(s, f"fee-{org.id}-{month.isoformat()}", org.id, None, "subscription", "", "subscription", "ok",
-                      Units(), 0, plan.monthly_fee, 0.0, 0)
+@dataclass
+class PlanTerms:
+    period_start: dt.date
+    kind: str
+    monthly_fee: int
+    included: int
+    overage_rate: float | None
+    price_multiplier: float
+    spend_limit: int | None
 
 
-def load_billing(s: Session, org_id: int) -> tuple[Organization, Plan]:
-    org = s.get(Organization, org_id)
-    plan = s.get(Plan, org.plan_id) if org and org.plan_id else None
-    if plan is None:
+def load_billing(s, org_id: int) -> PlanTerms:
+    row = s.execute(_BILLING, {"org": org_id}).first()
+    if row is None or row[1] is None:
         raise PaymentRequired("this organisation has no billing plan; ask the operator to assign one")
-    return org, plan
+    start = row[0] if isinstance(row[0], dt.date) else dt.date.fromisoformat(str(row[0])[:10])
+    return PlanTerms(start, *row[1:])
 
 
-def reserve(s: Session, org_id: int, estimate_list: int) -> int:
+def _roll_period(s, org_id: int, b: PlanTerms) -> None:
+    """Start a new billing month at most once (the conditional UPDATE picks one winner) and bill its fee."""
+    month = utcnow().date().replace(day=1)
+    if b.period_start >= month:
+        return
+    if s.execute(_ROLL, {"month": str(month), "org": org_id}).rowcount and b.kind == "subscription" and b.monthly_fee:
+        _append_usage(s, f"fee-{org_id}-{month.isoformat()}", org_id, None, "subscription", "", "subscription", "ok",
+                      Units(), 0, b.monthly_fee, 0.0, 0)
+
+
+def reserve(s, org_id: int, estimate_list: int) -> int:
     """Hold the most a request can cost before running it. Returns the amount held (for ``settle``).
 
     Raises PaymentRequired when the quota, credit or spend limit cannot cover it.
     """
-    org, plan = load_billing(s, org_id)
-    _roll_period(s, org, plan)
-    O = Organization
-    if plan.kind == "subscription" and plan.overage_rate is None:
-        amount, cond, what = estimate_list, O.period_list + O.reserved + estimate_list <= plan.included, "monthly quota"
+    b = load_billing(s, org_id)
+    _roll_period(s, org_id, b)
+    limit = None
+    if b.kind == "subscription" and b.overage_rate is None:
+        amount, which, limit, what = estimate_list, "quota", b.included, "monthly quota"
     else:
-        amount = int(round(estimate_list * (plan.overage_rate if plan.kind == "subscription" else plan.price_multiplier)))
-        if plan.kind == "prepaid":
-            cond, what = O.credits - O.reserved >= amount, "prepaid credits"
-        elif plan.spend_limit is not None:
-            cond, what = O.period_charged + O.reserved + amount <= plan.spend_limit, "monthly spend limit"
+        amount = int(round(estimate_list * (b.overage_rate if b.kind == "subscription" else b.price_multiplier)))
+        if b.kind == "prepaid":
+            which, what = "credits", "prepaid credits"
+        elif b.spend_limit is not None:
+            which, limit, what = "spend", b.spend_limit, "monthly spend limit"
         else:
-            cond, what = None, ""
-    stmt = update(O).where(O.id == org_id).values(reserved=O.reserved + amount)
-    if cond is not None:
-        stmt = stmt.where(cond)
-    if s.execute(stmt).rowcount != 1:
+            which, what = "none", ""
+    if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
         raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")
     return amount
 
 
-def settle(s: Session, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
-           units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float) -> UsageRecord:
+@dataclass
+class Settled:
+    charged: int
+    cost: int
+    list_price: int
+
+
+def settle(s, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
+           units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float) -> Settled:
     """Release the hold, charge what was used and append the usage record + rollup, in one transaction."""
-    org, plan = load_billing(s, principal.org_id)
+    b = load_billing(s, principal.org_id)
     lp = list_price(price, units)
-    O = Organization
-    if plan.kind == "subscription":
-        new = s.execute(update(O).where(O.id == org.id).values(reserved=O.reserved - held, period_list=O.period_list + lp)
-                        .returning(O.period_list)).scalar()
-        over = max(0, new - plan.included) - max(0, new - lp - plan.included)
-        charged = int(round(over * (plan.overage_rate or 0.0)))
+    org = principal.org_id
+    if b.kind == "subscription":
+        new = s.execute(_SETTLE_SUB, {"held": held, "lp": lp, "org": org}).scalar()
+        over = max(0, new - b.included) - max(0, new - lp - b.included)
+        charged = int(round(over * (b.overage_rate or 0.0)))
         if charged:
-            s.execute(update(O).where(O.id == org.id).values(period_charged=O.period_charged + charged))
+            s.execute(_CHARGE_SUB, {"charged": charged, "org": org})
     else:
-        charged = int(round(lp * plan.price_multiplier))
-        values = {"reserved": O.reserved - held, "period_list": O.period_list + lp, "period_charged": O.period_charged + charged}
-        if plan.kind == "prepaid":
-            values["credits"] = O.credits - charged
-        s.execute(update(O).where(O.id == org.id).values(**values))
-    return _append_usage(s, request_id, org.id, principal.key_id, model, version, endpoint, status, units, lp, charged,
-                         compute_s, int(round(compute_s * cost_per_s * MICRO)))
+        charged = int(round(lp * b.price_multiplier))
+        s.execute(_SETTLE, {"held": held, "lp": lp, "charged": charged, "debit": charged if b.kind == "prepaid" else 0, "org": org})
+    cost = int(round(compute_s * cost_per_s * MICRO))
+    _append_usage(s, request_id, org, principal.key_id, model, version, endpoint, status, units, lp, charged, compute_s, cost)
+    return Settled(charged, cost, lp)
 
 
-def _append_usage(s: Session, request_id: str, org_id: int, key_id: int | None, model: str, version: str, endpoint: str,
-                  status: str, u: Units, lp: int, charged: int, compute_s: float, cost: int) -> UsageRecord:
+def _append_usage(s, request_id: str, org_id: int, key_id: int | None, model: str, version: str, endpoint: str,
+                  status: str, u: Units, lp: int, charged: int, compute_s: float, cost: int) -> None:
     now = utcnow()
-    rec = UsageRecord(request_id=request_id, created_at=now, day=now.date(), org_id=org_id, key_id=key_id, model=model,
-                      version=version, endpoint=endpoint, status=status, input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                      images=u.images, seconds=u.seconds, list_price=lp, charged=charged, compute_s=compute_s, cost=cost)
-    s.add(rec)
-    values = dict(day=now.date(), org_id=org_id, key_id=key_id or 0, model=model, requests=1, input_tokens=u.input_tokens,
-                  output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, list_price=lp, charged=charged,
-                  compute_s=compute_s, cost=cost)
-    s.execute(_upsert(s, values))
-    return rec
+    sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, list_price=lp,
+                charged=charged, compute_s=compute_s, cost=cost)
+    s.execute(_RECORD, dict(request_id=request_id, created_at=str(now), day=str(now.date()), org_id=org_id, key_id=key_id, model=model,
+                            version=version, endpoint=endpoint, status=status, **sums))
+    s.execute(_ROLLUP, dict(day=str(now.date()), org_id=org_id, key_id=key_id or 0, model=model, requests=1, **sums))
 
 
 ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
-
-
-def _upsert(s: Session, values: dict):
-    if s.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(UsageRollup).values(**values)
-    return stmt.on_conflict_do_update(index_elements=["day", "org_id", "key_id", "model"],
-                                      set_={c: getattr(UsageRollup, c) + getattr(stmt.excluded, c) for c in ROLLUP_SUMS})
 
 
 # ---------------------------------------------------------------- reports

@@ -24,6 +24,10 @@ class Hold:
 class Billing:
     def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0):
         self.sessions, self.cost_per_s, self.price_ttl_s = sessions, cost_per_s, price_ttl_s
+        self.engine = sessions.kw["bind"]
+        # SQLite in one process: a hold or settle is ~0.1-0.3 ms of local work, cheaper inline than a
+        # thread hop, and the event loop serialises the writers. PostgreSQL waits on the network: threads.
+        self.inline = self.engine.dialect.name == "sqlite"
         self._prices: dict[tuple[str, str], tuple[Price | None, float]] = {}
         self.revenue_usd = 0.0
 
@@ -40,23 +44,27 @@ class Billing:
 
     def _reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         price = self.price(model, version)
-        with self.sessions.begin() as s:
-            return Hold(crud.reserve(s, principal.org_id, crud.list_price(price, estimate)), price)
+        with self.engine.begin() as conn:  # a Core connection: no ORM work on the hot path
+            return Hold(crud.reserve(conn, principal.org_id, crud.list_price(price, estimate)), price)
 
     async def reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         try:
+            if self.inline:
+                return self._reserve(principal, model, version, estimate)
             return await anyio.to_thread.run_sync(self._reserve, principal, model, version, estimate)
         except PaymentRequired as exc:
             raise ApiError(402, str(exc), code="insufficient_quota") from None
 
     def _settle(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s):
-        with self.sessions.begin() as s:
-            rec = crud.settle(s, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
-                              compute_s, self.cost_per_s)
-            return rec.charged, rec.cost
+        with self.engine.begin() as conn:
+            done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
+                               compute_s, self.cost_per_s)
+            return done.charged, done.cost
 
     async def settle(self, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
                      units: Units, hold: Hold, compute_s: float) -> tuple[int, int]:
+        if self.inline:
+            return self._settle(request_id, principal, model, version, endpoint, status, units, hold, compute_s)
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(self._settle, request_id, principal, model, version, endpoint, status,
                                                   units, hold, compute_s)

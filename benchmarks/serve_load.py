@@ -1,0 +1,197 @@
+"""Serving benchmark; prints ONE JSON object as its last line.
+
+(1) Gateway overhead. `aigc serve` (one process) with a stub text model that answers instantly,
+    every request authenticated, rate limited, held, settled and metered into SQLite, against a bare
+    uvicorn app (same process model) that returns the same JSON without any of that. An open-loop
+    load generator sends --rate requests/s for --seconds to each; added latency = gateway - bare
+    at p50 and p99. Target (one process, 2 cores): p50 <= 2 ms and p99 <= 10 ms added at 200 req/s.
+(2) Text generation through the API: aggregate completion tokens/s with 1, 8 and 32 concurrent
+    streaming clients on a char-small model (trained for a few seconds: speed does not depend on
+    quality). Target: 32 streams >= 8x one stream.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BARE = '''
+import json
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+BODY = json.dumps({"id": "cmpl-x", "object": "text_completion", "created": 0, "model": "echo",
+                   "choices": [{"text": "a b c d", "index": 0, "logprobs": None, "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}}).encode()
+async def completions(request):
+    await request.body()
+    return Response(BODY, media_type="application/json")
+app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/healthz", lambda r: Response("ok"))])
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def open_loop(url: str, key: str, rate: float, seconds: float) -> dict:
+    """Send requests at a fixed rate (not waiting for answers), measure each one's latency."""
+    body = {"model": "echo", "prompt": "a b c d", "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {key}"}
+    lat, codes = [], {}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
+        for _ in range(20):  # warm up connections and caches
+            await client.post("/v1/completions", json=body)
+
+        async def one():
+            t = time.perf_counter()
+            r = await client.post("/v1/completions", json=body)
+            lat.append(time.perf_counter() - t)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+        tasks, start = [], time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return {"requests": n, "achieved_rps": round(n / wall, 1), "p50_ms": round(pct(lat, 0.5) * 1000, 3),
+            "p99_ms": round(pct(lat, 0.99) * 1000, 3), "codes": codes}
+
+
+async def streams(url: str, key: str, concurrency: int, per_stream: int, max_tokens: int) -> dict:
+    headers = {"Authorization": f"Bearer {key}"}
+    tokens = [0]
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def worker(w):
+            for j in range(per_stream):
+                body = {"model": "text", "prompt": "The ", "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
+                        "seed": w * 1000 + j, "stream_options": {"include_usage": True}}
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and '"usage"' in line:
+                            tokens[0] += json.loads(line[6:])["usage"]["completion_tokens"]
+
+        await worker(-1)  # warm-up (model load)
+        tokens[0] = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"streams": concurrency, "tokens": tokens[0], "seconds": round(wall, 2), "tokens_per_s": round(tokens[0] / wall, 1)}
+
+
+def aigc(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "aigc.cli", *args], env=env, check=True, capture_output=True, text=True, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=200.0, help="requests/s for the overhead test")
+    ap.add_argument("--seconds", type=float, default=15.0, help="duration of each overhead run")
+    ap.add_argument("--run", type=Path, help="text run directory to serve (default: train char-small briefly)")
+    ap.add_argument("--train-seconds", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=100)
+    ap.add_argument("--parts", default="overhead,streams")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="aigc-serve-bench-"))
+    env = {**os.environ, "AIGC_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    db = f"sqlite:///{work / 'home' / 'aigc.db'}"
+    aigc("admin", "plan", "create", "bench", "--kind", "payg", "--rpm", "1000000", "--tpm", "1000000000", "--db", db, env=env)
+    aigc("admin", "price", "set", "*", "--input-per-1k", "0.001", "--output-per-1k", "0.002", "--db", db, env=env)
+    aigc("admin", "org", "create", "bench", "--plan", "bench", "--db", db, env=env)
+    aigc("admin", "user", "create", "bench", "load@bench.example", "--db", db, env=env)
+    key = json.loads(aigc("admin", "key", "create", "bench", "load@bench.example", "--json", "--db", db, env=env).stdout)["api_key"]
+    result: dict = {"benchmark": "serve_load", "cpus": os.cpu_count()}
+    parts = args.parts.split(",")
+    procs = []
+    try:
+        if "overhead" in parts:
+            port_g, port_b = free_port(), free_port()
+            (work / "bare.py").write_text(BARE)
+            bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare:app", "--port", str(port_b), "--log-level", "warning"],
+                                    cwd=work, stderr=subprocess.PIPE, text=True)
+            gw = subprocess.Popen([sys.executable, "-m", "aigc.cli", "serve", "--echo-model", "echo", "--port", str(port_g), "--db", db],
+                                  env=env, stderr=subprocess.DEVNULL, text=True)
+            procs += [bare, gw]
+            wait_ready(f"http://127.0.0.1:{port_b}", bare)
+            wait_ready(f"http://127.0.0.1:{port_g}", gw)
+            base = asyncio.run(open_loop(f"http://127.0.0.1:{port_b}", key, args.rate, args.seconds))
+            full = asyncio.run(open_loop(f"http://127.0.0.1:{port_g}", key, args.rate, args.seconds))
+            for p in (bare, gw):
+                p.terminate()
+                p.wait(30)
+            result["overhead"] = {
+                "rate": args.rate, "seconds": args.seconds, "bare": base, "gateway": full,
+                "added_p50_ms": round(full["p50_ms"] - base["p50_ms"], 3), "added_p99_ms": round(full["p99_ms"] - base["p99_ms"], 3),
+                "target": {"added_p50_ms": 2.0, "added_p99_ms": 10.0, "rps": 200},
+            }
+            o = result["overhead"]
+            o["target_met"] = o["added_p50_ms"] <= 2 and o["added_p99_ms"] <= 10 and full["achieved_rps"] >= 0.97 * args.rate \
+                and set(full["codes"]) == {200}
+            print(json.dumps({"overhead": o}), flush=True)
+        if "streams" in parts:
+            run = args.run
+            if run is None:
+                aigc("data", "prepare", "--builtin", "pydoc", "--out", str(work / "corpus"), env=env)
+                run = work / "text"
+                aigc("train", "text", "char-small", "--data", str(work / "corpus"), "--run", str(run),
+                     f"--train.max_seconds={args.train_seconds}", env=env)
+            port = free_port()
+            srv = subprocess.Popen([sys.executable, "-m", "aigc.cli", "serve", f"text={run}", "--port", str(port), "--db", db,
+                                    "--max-batch", "32"], env=env, stderr=subprocess.DEVNULL, text=True)
+            procs.append(srv)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, srv)
+            rows = {}
+            for c, per in ((1, 6), (8, 3), (32, 2)):
+                rows[c] = asyncio.run(streams(url, key, c, per, args.max_tokens))
+                print(json.dumps({"streams": rows[c]}), flush=True)
+            srv.terminate()
+            srv.wait(30)
+            result["streams"] = {str(c): r for c, r in rows.items()}
+            result["streams"]["ratio_32_vs_1"] = round(rows[32]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
+            result["streams"]["ratio_8_vs_1"] = round(rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
+            result["streams"]["target_ratio"] = 8.0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
