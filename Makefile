@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
+DEMO_DB := sqlite:///$(DEMO)/home/aigc.db
 
 .PHONY: demo test test-slow bench install clean
 
@@ -30,6 +31,18 @@ demo: $(STAMP)
 	$(BIN)/aigc eval image $(DEMO)/image --n 500
 	@echo "Run directories: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
 	@echo "                 $(DEMO)/image (model/, samples.png, loss.png, generated/, eval/report.md)"
+	# Serving: a fresh SQLite database with a plan, a price book, a tenant, a developer and an API key.
+	rm -rf $(DEMO)/home
+	$(BIN)/aigc admin plan create starter --kind payg --db $(DEMO_DB)
+	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --db $(DEMO_DB)
+	$(BIN)/aigc admin org create demo --plan starter --db $(DEMO_DB)
+	$(BIN)/aigc admin user create demo dev@demo.example --role developer --db $(DEMO_DB)
+	@KEY=$$($(BIN)/aigc admin key create demo dev@demo.example --json --db $(DEMO_DB) | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)['api_key'])"); \
+	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
+	echo "  curl -s localhost:8000/v1/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"text\", \"prompt\": \"The \", \"max_tokens\": 60}'"; \
+	echo "  curl -s localhost:8000/v1/images/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"prompt\": \"a large red circle in the center\"}'"; \
+	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
+	AIGC_HOME=$(DEMO)/home $(BIN)/aigc serve $(DEMO)/text $(DEMO)/image --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -40,6 +53,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_lm.py
 	$(BIN)/python benchmarks/image_gen.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs
