@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from aigc.db.models import UsageRecord
 from tests.serve.conftest import seed_billing

@@ -1,7 +1,6 @@
 """POST /v1/completions (OpenAI's legacy completions: one prompt, n samples, SSE streaming)."""
 from __future__ import annotations
 
-from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
