@@ -85,14 +85,15 @@ def test_client_disconnect_stops_generation_and_is_metered(server, acme):
         got = [next(lines) for _ in range(4)]
         rid = r.headers["x-request-id"]
     assert any(line.startswith("data: ") for line in got)
-    for _ in range(100):
+    engine = server.service.registry.loaded["rand"]
+    rec = None
+    for _ in range(400):  # the server notices the disconnect, frees the slot, then settles (poll: CI is busy)
         with server.sessions() as s:
             rec = s.query(UsageRecord).filter_by(request_id=rid).one_or_none()
-        if rec is not None:
+        if rec is not None and engine.active() == 0:
             break
         time.sleep(0.05)
     assert rec.status == "cancelled" and 0 < rec.output_tokens < 120 and rec.charged > 0
-    engine = server.service.registry.loaded["rand"]
     assert engine.active() == 0
 
 
