@@ -15,8 +15,6 @@ from aigc.db.session import open_db
 from tests.serve.conftest import seed_billing
 from tests.serve.helpers import tenant
 
-pytestmark = pytest.mark.postgres
-
 
 def principal(sessions, secret):
     with sessions() as s:

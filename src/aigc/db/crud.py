@@ -274,11 +274,11 @@ _RECORD = text(
     "output_tokens, images, seconds, list_price, charged, compute_s, cost) VALUES (:request_id, :created_at, :day, :org_id, "
     ":key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, :list_price, :charged, "
     ":compute_s, :cost)")
-_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
+ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
 _ROLLUP = text(
-    "INSERT INTO usage_rollups (day, org_id, key_id, model, " + ", ".join(_SUMS) + ") VALUES (:day, :org_id, :key_id, :model, "
-    + ", ".join(":" + c for c in _SUMS) + ") ON CONFLICT (day, org_id, key_id, model) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in _SUMS))
+    "INSERT INTO usage_rollups (day, org_id, key_id, model, " + ", ".join(ROLLUP_SUMS) + ") VALUES (:day, :org_id, :key_id, :model, "
+    + ", ".join(":" + c for c in ROLLUP_SUMS) + ") ON CONFLICT (day, org_id, key_id, model) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in ROLLUP_SUMS))
 
 
 @dataclass
@@ -368,9 +368,6 @@ def _append_usage(s, request_id: str, org_id: int, key_id: int | None, model: st
     s.execute(_RECORD, dict(request_id=request_id, created_at=str(now), day=str(now.date()), org_id=org_id, key_id=key_id, model=model,
                             version=version, endpoint=endpoint, status=status, **sums))
     s.execute(_ROLLUP, dict(day=str(now.date()), org_id=org_id, key_id=key_id or 0, model=model, requests=1, **sums))
-
-
-ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
 
 
 # ---------------------------------------------------------------- reports

@@ -17,7 +17,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -57,7 +57,6 @@ class Sequence:
     produced: int = 0
     last: int = 0  # the token fed to the next decode step
     text: str = ""  # the prompt as text (engines that work on text, not ids)
-    enqueued: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -29,7 +29,10 @@ class Billing:
         # thread hop, and the event loop serialises the writers. PostgreSQL waits on the network: threads.
         self.inline = self.engine.dialect.name == "sqlite"
         self._prices: dict[tuple[str, str], tuple[Price | None, float]] = {}
-        self.revenue_usd = 0.0
+
+    def forget_prices(self) -> None:
+        """Drop cached prices (after the price book changed)."""
+        self._prices.clear()
 
     def price(self, model: str, version: str) -> Price | None:
         hit = self._prices.get((model, version))

@@ -113,7 +113,7 @@ async def list_plans(service: ServiceDep, p: PrincipalDep) -> dict:
 async def set_price(body: PriceIn, service: ServiceDep, p: PrincipalDep) -> dict:
     require_operator(p)
     out = await db(service, lambda s: crud.price_out(crud.set_price(s, **body.model_dump())))
-    service.billing._prices.clear()
+    service.billing.forget_prices()
     return out
 
 

@@ -25,7 +25,6 @@ from aigc.serve.generation import engine_for
 from aigc.serve.registry import IMAGE
 
 router = APIRouter(tags=["images"])
-SIZES = ("64x64", "128x128", "256x256", "512x512", "1024x1024")
 
 
 class ImageRequest(BaseModel):
