@@ -5,6 +5,10 @@
     uvicorn app (same process model) that returns the same JSON without any of that. An open-loop
     load generator sends --rate requests/s for --seconds to each; added latency = gateway - bare
     at p50 and p99. Target (one process, 2 cores): p50 <= 2 ms and p99 <= 10 ms added at 200 req/s.
+(3) Usage reports at scale (--parts usage): --records usage records (50 tenants, 200 keys, 5 models,
+    90 days) with their daily rollups; time of the tenant x model x day report from the rollups
+    (what `aigc usage report` and /v1/usage read) versus the same totals from the raw records, and the
+    cost of one more metered request (hold + settle) on the full tables.
 (2) Text generation through the API: aggregate completion tokens/s with 1, 8 and 32 concurrent
     streaming clients on a char-small model (trained for a few seconds: speed does not depend on
     quality). Target: 32 streams >= 8x one stream.
@@ -114,6 +118,77 @@ async def streams(url: str, key: str, concurrency: int, per_stream: int, max_tok
     return {"streams": concurrency, "tokens": tokens[0], "seconds": round(wall, 2), "tokens_per_s": round(tokens[0] / wall, 1)}
 
 
+def usage_at_scale(url: str, n: int) -> dict:
+    """Fill the tables with n records (+ rollups) and time the reports and one more metered request."""
+    import datetime as dt
+    import random
+
+    from sqlalchemy import text
+
+    from aigc.db import crud
+    from aigc.db.session import open_db
+
+    sessions = open_db(url)
+    engine = sessions.kw["bind"]
+    rng = random.Random(0)
+    today = dt.date.today()
+    with sessions.begin() as s:
+        org = crud.get_org(s, "bench")
+        principal = crud.lookup_key(s, _KEY[0])
+        user = crud.get_user(s, org.id, "load@bench.example")
+        key_ids = [crud.create_key(s, user, name=f"k{i}")[0].id for i in range(200)]
+    t0 = time.perf_counter()
+    cols = "request_id, created_at, day, org_id, key_id, model, version, endpoint, status, input_tokens, output_tokens, " \
+           "images, seconds, list_price, charged, compute_s, cost"
+    insert = text(f"INSERT INTO usage_records ({cols}) VALUES ({', '.join(':' + c.strip() for c in cols.split(','))})")
+    with engine.begin() as conn:
+        for start in range(0, n, 50_000):
+            rows = []
+            for i in range(start, min(n, start + 50_000)):
+                day = today - dt.timedelta(days=rng.randrange(90))
+                rows.append(dict(request_id=f"bulk-{i}", created_at=f"{day} 12:00:00", day=str(day), org_id=org.id,
+                                 key_id=rng.choice(key_ids), model=f"model-{rng.randrange(5)}", version="v1",
+                                 endpoint="completions", status="ok", input_tokens=rng.randrange(1, 500),
+                                 output_tokens=rng.randrange(1, 500), images=0, seconds=0.0, list_price=100, charged=100,
+                                 compute_s=0.01, cost=1))
+            conn.execute(insert, rows)
+        sums = ", ".join(f"SUM({c})" for c in crud.ROLLUP_SUMS[1:])
+        conn.execute(text(f"INSERT INTO usage_rollups (day, org_id, key_id, model, {', '.join(crud.ROLLUP_SUMS)}) "
+                          f"SELECT day, org_id, COALESCE(key_id, 0), model, COUNT(*), {sums} FROM usage_records "
+                          "GROUP BY day, org_id, COALESCE(key_id, 0), model "
+                          "ON CONFLICT (day, org_id, key_id, model) DO NOTHING"))
+    fill_s = time.perf_counter() - t0
+
+    def timed(fn, repeat=5):
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
+        return best, out
+
+    with sessions() as s:
+        rollup_s, rows = timed(lambda: crud.usage_report(s, ["tenant", "model", "day"]))
+        raw_s, raw = timed(lambda: s.execute(text(
+            "SELECT org_id, model, day, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(charged), SUM(cost) "
+            "FROM usage_records GROUP BY org_id, model, day")).all(), repeat=2)
+        n_rollups = s.execute(text("SELECT COUNT(*) FROM usage_rollups")).scalar()
+    assert sum(r["requests"] for r in rows) == sum(r[3] for r in raw) >= n
+    billing = __import__("aigc.serve.billing", fromlist=["Billing"]).Billing(sessions, 0.00002)
+    units = crud.Units(10, 10)
+    t = time.perf_counter()
+    for i in range(200):
+        hold = billing._reserve(principal, "model-0", "v1", units)
+        billing._settle(f"extra-{i}", principal, "model-0", "v1", "completions", "ok", units, hold, 0.0)
+    metered_ms = (time.perf_counter() - t) / 200 * 1000
+    return {"records": n, "rollup_rows": n_rollups, "fill_s": round(fill_s, 1), "report_groups": len(rows),
+            "report_from_rollups_ms": round(rollup_s * 1000, 1), "same_totals_from_records_ms": round(raw_s * 1000, 1),
+            "speedup": round(raw_s / rollup_s, 1), "hold_plus_settle_ms": round(metered_ms, 3)}
+
+
+_KEY: list[str] = []
+
+
 def aigc(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "aigc.cli", *args], env=env, check=True, capture_output=True, text=True, **kw)
 
@@ -125,7 +200,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="text run directory to serve (default: train char-small briefly)")
     ap.add_argument("--train-seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=100)
-    ap.add_argument("--parts", default="overhead,streams")
+    ap.add_argument("--parts", default="overhead,streams,usage")
+    ap.add_argument("--records", type=int, default=1_000_000, help="usage records for the report test")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aigc-serve-bench-"))
     env = {**os.environ, "AIGC_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -135,6 +211,7 @@ def main() -> None:
     aigc("admin", "org", "create", "bench", "--plan", "bench", "--db", db, env=env)
     aigc("admin", "user", "create", "bench", "load@bench.example", "--db", db, env=env)
     key = json.loads(aigc("admin", "key", "create", "bench", "load@bench.example", "--json", "--db", db, env=env).stdout)["api_key"]
+    _KEY.append(key)
     result: dict = {"benchmark": "serve_load", "cpus": os.cpu_count()}
     parts = args.parts.split(",")
     procs = []
@@ -186,6 +263,9 @@ def main() -> None:
             result["streams"]["ratio_32_vs_1"] = round(rows[32]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
             result["streams"]["ratio_8_vs_1"] = round(rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
             result["streams"]["target_ratio"] = 8.0
+        if "usage" in parts:  # last: it fills the database the servers above used
+            result["usage"] = usage_at_scale(db, args.records)
+            print(json.dumps({"usage": result["usage"]}), flush=True)
     finally:
         for p in procs:
             if p.poll() is None:
