@@ -66,6 +66,7 @@ def data_prepare(
     no_exact_dedup: Annotated[bool, typer.Option("--no-exact-dedup", help="Keep exact duplicates.")] = False,
     val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 1337,
+    pii: Annotated[str, typer.Option(help="Text: personal data (e-mail, phone, ID and card numbers, IPs): mask, hash, drop (the document) or off.")] = "mask",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ):
@@ -84,7 +85,7 @@ def data_prepare(
 
     opts = from_dict(PrepareOptions, {"field": field, "normalization": normalization, "txt_split": txt_split,
                                       "min_chars": min_chars, "max_chars": max_chars, "near_dedup_threshold": near_dup_threshold,
-                                      "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed})
+                                      "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed, "pii": pii})
     with err.status("preparing corpus"):
         manifest = prepare(inputs or [], out_dir, opts, builtin=builtin, overwrite=overwrite)
     if as_json:

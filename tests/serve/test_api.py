@@ -24,7 +24,10 @@ def test_models_and_completions(server, acme, text_model):
     ids = {m.id: m for m in c.models.list().data}
     assert set(ids) == {"rand", "shapes", "echo"}
     r = c.completions.create(model="rand", prompt="The quick", max_tokens=12, temperature=0)
-    ref = TextGenerator.from_path(text_model).generate("The quick", SamplingParams(max_new_tokens=12, temperature=0))[0]
+    # served text carries the tenant's watermark: the reference decoder with the same key gives the same tokens
+    mark = server.service.governance.tenant(acme[0]).mark()
+    ref = TextGenerator.from_path(text_model).generate("The quick", SamplingParams(max_new_tokens=12, temperature=0,
+                                                                                   watermark=mark))[0]
     assert r.choices[0].text == ref.text and r.choices[0].finish_reason == ref.finish_reason
     assert r.usage.prompt_tokens == ref.prompt_tokens and r.usage.completion_tokens == ref.completion_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 
 from aigc.errors import UserError
+from aigc.data.pii import Scrubber
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -44,6 +45,8 @@ class PrepareOptions:
     num_perm: int = 128
     val_fraction: float = 0.1
     seed: int = 1337
+    pii: Literal["mask", "hash", "drop", "off"] = "mask"  # personal data (aigc.data.pii): placeholders, keyed hashes, drop the document
+    pii_salt: str = ""  # key of the `hash` mode (empty: a fixed default; set one to stop dictionary look-ups)
 
     def validate(self) -> None:
         if not 0.0 <= self.near_dedup_threshold <= 1.0:
@@ -280,6 +283,16 @@ def process(docs: list[Document], opts: PrepareOptions, log: callable = lambda m
     too_long = sum(1 for d in cleaned if opts.max_chars and len(d.text) > opts.max_chars)
     kept = [d for d in cleaned if len(d.text) >= opts.min_chars and not (opts.max_chars and len(d.text) > opts.max_chars)]
     step("length_filter", n1, len(kept), min_chars=opts.min_chars, max_chars=opts.max_chars, too_short=too_short, too_long=too_long)
+
+    if opts.pii != "off":
+        scrubber = Scrubber(opts.pii, salt=opts.pii_salt.encode() or b"aigc-pii")
+        n_pii, scrubbed = len(kept), []
+        for d in kept:
+            text = scrubber.scrub(d.text)
+            if text is not None:
+                scrubbed.append(Document(text, d.source, d.line))
+        kept = scrubbed
+        step("pii_scrub", n_pii, len(kept), **scrubber.report())
 
     if opts.exact_dedup:
         n2, seen, unique = len(kept), set(), []

@@ -2,6 +2,7 @@
 requests can never spend more than a tenant has, on SQLite and on PostgreSQL alike."""
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 import secrets
@@ -14,6 +15,14 @@ from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Organization, Plan,
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
+# Who performs admin changes, for the audit log: the CLI by default; the API sets "operator" or "key:<prefix>".
+ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("aigc_actor", default="cli")
+
+
+def _audit(s: Session, action: str, org_id: int | None, subject: str, data: dict) -> None:
+    from aigc.govern import audit
+
+    audit.append_session(s, f"admin.{action}", ACTOR.get(), org_id, subject, data)
 
 
 class PaymentRequired(Exception):
@@ -45,6 +54,7 @@ def create_plan(s: Session, name: str, kind: str, monthly_fee: float = 0, includ
                 price_multiplier=price_multiplier, spend_limit=None if spend_limit is None else micro(spend_limit), rpm=rpm, tpm=tpm)
     s.add(plan)
     s.flush()
+    _audit(s, "plan.create", None, f"plan:{name}", plan_out(plan))
     return plan
 
 
@@ -66,6 +76,7 @@ def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 
     price.input_per_1k, price.output_per_1k = micro(input_per_1k), micro(output_per_1k)
     price.per_image, price.per_second = micro(per_image), micro(per_second)
     s.flush()
+    _audit(s, "price.set", None, f"price:{model}@{version}", price_out(price))
     return price
 
 
@@ -91,11 +102,17 @@ def create_org(s: Session, name: str, plan: str | None = None, credits: float = 
                        period_start=dt.date(1970, 1, 1))
     s.add(org)
     s.flush()
+    _audit(s, "org.create", org.id, f"org:{name}", {"plan": plan, "credits": credits})
     return org
 
 
+def _is_id(x: str | int) -> bool:
+    """A database id: ASCII digits only ("²".isdigit() is True but int() refuses it)."""
+    return isinstance(x, int) or (x.isascii() and x.isdigit() and len(x) < 12)
+
+
 def get_org(s: Session, name_or_id: str | int) -> Organization:
-    org = s.get(Organization, int(name_or_id)) if str(name_or_id).isdigit() else \
+    org = s.get(Organization, int(name_or_id)) if _is_id(name_or_id) else \
         s.scalar(select(Organization).where(Organization.name == str(name_or_id)))
     if org is None:
         raise NotFound(f"no organisation {name_or_id!r}")
@@ -109,6 +126,7 @@ def add_credits(s: Session, org_id: int, usd: float) -> int:
                     .values(credits=Organization.credits + amount).returning(Organization.credits)).scalar()
     if new is None:
         raise UserError("credits cannot go below zero")
+    _audit(s, "org.credits", org_id, f"org:{org_id}", {"amount_usd": usd, "balance_micro": new})
     return new
 
 
@@ -122,11 +140,12 @@ def create_user(s: Session, org_id: int, email: str, role: str) -> User:
     user = User(org_id=org_id, email=email, role=role)
     s.add(user)
     s.flush()
+    _audit(s, "user.create", org_id, f"user:{user.id}", {"email": email, "role": role})
     return user
 
 
 def get_user(s: Session, org_id: int, email_or_id: str | int) -> User:
-    user = s.get(User, int(email_or_id)) if str(email_or_id).isdigit() else \
+    user = s.get(User, int(email_or_id)) if _is_id(email_or_id) else \
         s.scalar(select(User).where(User.org_id == org_id, User.email == str(email_or_id)))
     if user is None or user.org_id != org_id:
         raise NotFound(f"no user {email_or_id!r} in this organisation")
@@ -145,6 +164,9 @@ def create_key(s: Session, user: User, name: str = "", allowed_models: list[str]
                  allowed_models=allowed_models or None, rpm=rpm, tpm=tpm, expires_at=expires_at)
     s.add(key)
     s.flush()
+    _audit(s, "key.create", user.org_id, f"key:{key.id}", {"prefix": key.prefix, "user_id": user.id, "name": name,
+                                                          "allowed_models": allowed_models, "rpm": rpm, "tpm": tpm,
+                                                          "expires_at": expires_at})
     return key, secret
 
 
@@ -154,6 +176,8 @@ def revoke_key(s: Session, org_id: int, key_id: int) -> ApiKey:
         raise NotFound(f"no key {key_id} in this organisation")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        s.flush()
+        _audit(s, "key.revoke", org_id, f"key:{key_id}", {"prefix": key.prefix})
     return key
 
 
@@ -192,6 +216,8 @@ def lookup_key(s: Session, secret: str) -> Principal | None:
 def set_org_plan(s: Session, org_id: int, plan: str) -> Organization:
     org = get_org(s, org_id)
     org.plan_id = get_plan(s, plan).id
+    s.flush()
+    _audit(s, "org.plan", org_id, f"org:{org_id}", {"plan": plan})
     return org
 
 

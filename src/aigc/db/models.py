@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, BigInteger, Date, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Date, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLES = ("admin", "developer", "viewer", "reviewer")
@@ -52,6 +52,8 @@ class Organization(Base):
     period_start: Mapped[dt.date] = mapped_column(Date, default=lambda: utcnow().date().replace(day=1))
     period_list: Mapped[int] = mapped_column(BigInteger, default=0)  # usage at list price this period
     period_charged: Mapped[int] = mapped_column(BigInteger, default=0)  # usage charges this period
+    policy: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # governance policy (govern/policy.py); None: defaults
+    moderation: Mapped[str | None] = mapped_column(Text, nullable=True)  # the tenant's moderation rules (YAML); None: defaults
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -141,3 +143,74 @@ class UsageRollup(Base):
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)
     cost: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Generation(Base):
+    """One delivered output (a completion choice or an image): what produced it and what was applied to it.
+
+    Prompt and output are stored only as the tenant's policy allows, PII-scrubbed and AES-GCM encrypted
+    (govern/crypto.py); the retention purge clears them and keeps the hashes and metadata."""
+
+    __tablename__ = "generations"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # text | image | audio | video
+    model: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    output_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    watermark: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # text: {"scheme", "gamma", "delta"}; image: {"id"}
+    watermark_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    moderation: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    filters: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    prompt_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    output_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="delivered")  # delivered | blocked | taken_down
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEntry(Base):
+    """Append-only, hash-chained log. Each row's ``hash`` covers its content and ``prev_hash``; the UNIQUE
+    constraint on ``prev_hash`` makes two writers racing for the same head fail (one retries) instead of forking."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ts: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    org_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    subject: Mapped[str] = mapped_column(String(200), default="")
+    data: Mapped[str] = mapped_column(Text)  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class Complaint(Base):
+    __tablename__ = "complaints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(20), default="open", index=True)  # open | dismissed | taken_down | key_revoked
+    reason: Mapped[str] = mapped_column(Text)
+    contact: Mapped[str] = mapped_column(String(320), default="")
+    evidence_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    evidence: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # how the generation was identified
+    generation_id: Mapped[str | None] = mapped_column(ForeignKey("generations.id"), nullable=True)
+    org_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    decision_note: Mapped[str] = mapped_column(Text, default="")
+
+
+class BlockedOutput(Base):
+    """Outputs taken down: their hash is refused if a generation ever produces it again, and files are deleted."""
+
+    __tablename__ = "blocked_outputs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    complaint_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

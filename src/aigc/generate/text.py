@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from aigc.errors import UserError
+from aigc.govern import text_watermark
+from aigc.govern.text_watermark import Watermark
 
 
 @dataclass
@@ -39,6 +41,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    watermark: Watermark | None = None  # green-list watermark (aigc.govern.text_watermark); None: off
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -332,13 +335,17 @@ class TextGenerator:
         self.decoder.start(B, longest + params.max_new_tokens)
         logits = self.decoder.forward(tokens, pad)
         active = list(range(B))
+        prev = torch.tensor([ids[-1] for ids in seqs])
         for step in range(params.max_new_tokens):
+            if params.watermark is not None:
+                logits = text_watermark.bias(logits[:, :vocab], [params.watermark] * B, prev)
             filtered = apply_sampling(logits[:, :vocab], params, seen)
             if params.temperature == 0:
                 nxt = filtered.argmax(-1)
             else:
                 probs = filtered.softmax(-1)
                 nxt = torch.cat([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(B)])
+            prev = nxt
             if seen is not None:
                 seen[torch.arange(B), nxt] = True
             for b in list(active):

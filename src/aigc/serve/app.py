@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aigc.db.session import open_db
 from aigc.serve import errors
 from aigc.serve.billing import Billing
+from aigc.serve.governance import Governance
 from aigc.serve.metrics import Metrics
 from aigc.serve.ratelimit import RateLimiter
 from aigc.serve.registry import Registry
@@ -59,6 +60,7 @@ class Service:
     limiter: RateLimiter
     metrics: Metrics
     url_secret: bytes
+    governance: Governance
     key_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready: bool = True
@@ -116,12 +118,13 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.routes import admin, chat, completions, health, images, models, usage
+    from aigc.serve.governance import Governance
+    from aigc.serve.routes import admin, chat, completions, governance, health, images, models, usage
 
     sessions = open_db(settings.resolved_database_url())
     service = Service(settings, registry, sessions, Billing(sessions, settings.gpu_second_cost if settings.device != "cpu"
                                                              else settings.cpu_second_cost),
-                      RateLimiter(), Metrics(registry), _url_secret(settings))
+                      RateLimiter(), Metrics(registry), _url_secret(settings), Governance(settings.home, sessions))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,7 +143,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(Exception, errors.unhandled_handler)
-    for module in (models, completions, chat, images, usage, admin, health):
+    for module in (models, completions, chat, images, usage, admin, governance, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, service_getter=lambda: service)
     return app

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 
 from aigc.generate.text import LlamaDecoder, SamplingParams, TextGenerator, _Stream
+from aigc.govern import text_watermark
+from aigc.govern.text_watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Sequence:
     produced: int = 0
     last: int = 0  # the token fed to the next decode step
     text: str = ""  # the prompt as text (engines that work on text, not ids)
+    watermark: Watermark | None = None  # green-list key of the tenant; None: no watermark
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -173,6 +176,7 @@ class TextEngine:
         seq.stream = _Stream(self.tokenizer, seq.stop)
         seed = seq.seed if seq.seed is not None else secrets.randbelow(2**31)
         seq.generator = torch.Generator().manual_seed(seed)
+        seq.last = seq.prompt_ids[-1]  # the watermark's context for the first new token
         self.slots[r] = seq
         seq.compute_s += time.perf_counter() - t0
         self._emit(torch.tensor([r]), self._sample(logits, [seq]))
@@ -218,6 +222,9 @@ class TextEngine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator."""
         logits = logits[:, : self.vocab].float()
+        marks = [s.watermark for s in seqs]
+        if any(marks):
+            logits = text_watermark.bias(logits, marks, torch.tensor([s.last for s in seqs]))
         temp = torch.tensor([s.temperature for s in seqs])
         greedy = logits.argmax(-1)
         if bool((temp == 0).all()):
@@ -307,7 +314,7 @@ class SerialTextEngine:
             t0, produced, text, reason = time.perf_counter(), 0, "", "error"
             try:
                 params = SamplingParams(max_new_tokens=seq.max_tokens, temperature=seq.temperature, top_p=seq.top_p,
-                                        stop=seq.stop, seed=seq.seed)
+                                        stop=seq.stop, seed=seq.seed, watermark=seq.watermark)
                 for _, delta, done in self.gen.stream([seq.text], params):
                     if seq.cancelled or time.monotonic() > seq.deadline:
                         reason = "cancelled" if seq.cancelled else "timeout"

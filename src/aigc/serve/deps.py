@@ -41,6 +41,7 @@ async def get_principal(request: Request, service: ServiceDep,
     token = service.settings.admin_token
     if token and hmac.compare_digest(secret.encode(), token.encode()):
         request.state.key_prefix = "operator"
+        crud.ACTOR.set("operator")
         return OPERATOR
     if not secret.startswith(crud.KEY_PREFIX) or len(secret) > 128:
         raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
@@ -60,6 +61,7 @@ async def get_principal(request: Request, service: ServiceDep,
     if p.expires_at is not None and p.expires_at <= utcnow():
         raise ApiError(401, "this API key has expired", code="key_expired")
     request.state.key_prefix, request.state.org_id = p.key_prefix, p.org_id
+    crud.ACTOR.set(f"key:{p.key_prefix}")  # admin changes made by this request are audited under this key
     return p
 
 

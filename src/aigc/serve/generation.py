@@ -1,11 +1,13 @@
 """The text request path shared by /v1/completions and /v1/chat/completions:
 
-rate limit -> hold the worst-case price -> submit n sequences to the model's batching engine ->
-return JSON or stream SSE -> charge what was used and append the usage record (always, also when the
+moderate the prompt -> rate limit -> hold the worst-case price -> submit n watermarked sequences to
+the model's batching engine -> moderate the outputs -> return JSON or stream SSE -> charge what was
+used, append the usage record and log each generation with its audit entry (always, also when the
 client goes away, the request times out or the model fails)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from aigc.db.crud import Principal, Units
 from aigc.serve.app import Service
 from aigc.serve.batching import Finish, Sequence
 from aigc.serve.errors import ApiError
+from aigc.serve.governance import GenRecord
 from aigc.serve.registry import ModelEntry
 
 
@@ -34,6 +37,10 @@ class TextJob:
     seed: int | None
     stream: bool
     include_usage: bool
+
+    def params(self, model: str, max_tokens: int) -> dict:
+        return {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
+                "stop": self.stop, "seed": self.seed, "stream": self.stream}
 
 
 @dataclass
@@ -55,6 +62,24 @@ async def engine_for(service: Service, entry: ModelEntry):
         raise ApiError(503, f"the model {entry.id!r} could not be loaded: {exc}", code="model_unavailable") from exc
 
 
+def actor(p: Principal) -> str:
+    return "operator" if p.operator else f"key:{p.key_prefix}"
+
+
+async def moderate_input(service: Service, p: Principal, rid: str, endpoint: str, model: str, prompt: str):
+    """The tenant's settings and the moderated prompt; a blocked prompt is audited and refused (400)."""
+    gov = service.governance
+    tenant = gov.tenant(p.org_id)
+    decision = gov.moderate(tenant, prompt, "input")
+    if decision.blocked:
+        await gov.refusal(p.org_id, actor(p), rid, endpoint, model, decision)
+        service.metrics.refused.labels("moderation").inc()
+        cats = ", ".join(decision.to_dict()["categories"]) or "policy"
+        raise ApiError(400, f"the prompt was refused by the content policy ({cats})", code="content_policy_violation",
+                       param="prompt")
+    return tenant, decision
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
@@ -64,8 +89,11 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
     if len(job.prompt) > settings.max_prompt_chars:
         raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {settings.max_prompt_chars}",
                        code="prompt_too_long", param="prompt")
+    rid = request.state.request_id
+    tenant, in_decision = await moderate_input(service, p, rid, endpoint, entry.id, job.prompt)
+    prompt = in_decision.text  # redacted when a redact rule matched
     engine = await engine_for(service, entry)
-    ids = engine.encode(job.prompt)
+    ids = engine.encode(prompt)
     room = engine.context - len(ids)
     max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
     if max_tokens < 1 or len(ids) + max_tokens > engine.context:
@@ -83,7 +111,6 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
         service.metrics.refused.labels("payment_required").inc()
         raise
 
-    rid = request.state.request_id
     created = int(time.time())
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -93,7 +120,8 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
         def sink(delta: str, done: Finish | None, i=i) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (i, delta, done))
         seed = None if job.seed is None else job.seed + i
-        seqs.append(Sequence(ids, max_tokens, job.temperature, job.top_p, job.stop, seed, sink, deadline=deadline, text=job.prompt))
+        seqs.append(Sequence(ids, max_tokens, job.temperature, job.top_p, job.stop, seed, sink, deadline=deadline, text=prompt,
+                             watermark=tenant.mark()))
     for s in seqs:
         engine.submit(s)
     finished: dict[int, Finish] = {}
@@ -107,17 +135,49 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
             s.cancel()  # no-op for finished ones; frees the slots of the rest
         produced = sum(f.completion_tokens for f in finished.values()) + sum(s.produced for i, s in enumerate(seqs) if i not in finished)
         reasons = {f.reason for f in finished.values()}
-        status = "ok" if len(finished) == job.n and reasons <= {"stop", "length"} else \
+        status = "ok" if len(finished) == job.n and reasons <= {"stop", "length", "content_filter"} else \
             next((r for r in ("error", "timeout") if r in reasons), "cancelled")
         compute = sum(f.compute_s for f in finished.values())
         service.limiter.refund(p.key_id, budget - len(ids) - produced)
         charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, endpoint, status,
                                                      Units(len(ids), produced), hold, compute)
+        await record()
         m = service.metrics
         m.tokens.labels(entry.id, "input").inc(len(ids))
         m.tokens.labels(entry.id, "output").inc(produced)
         m.revenue.labels(entry.id).inc(charged / 1e6)
         m.cost.labels(entry.id).inc(cost / 1e6)
+
+    gov = service.governance
+    sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
+    filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
+
+    def deliver(i: int, full: str) -> tuple[str, bool]:
+        """The output of choice i as the policy lets it out: (text, filtered out entirely)."""
+        d = gov.moderate(tenant, full, "output")
+        if d.action != "allow":
+            filtered[i] = d.to_dict()
+        if d.blocked or gov.is_blocked(hashlib.sha256(d.text.encode()).hexdigest()):
+            filtered[i] = {**d.to_dict(), "action": "block"}
+            return "", True
+        return d.text, False
+
+    async def record() -> None:
+        params = job.params(entry.id, max_tokens)
+        mark = tenant.mark()
+        wm = {"scheme": "green-list/left-hash", "gamma": mark.gamma, "delta": mark.delta} if mark else None
+        filters = [f"moderation:{tenant.moderation.source or 'default'}", f"pii-at-rest:{tenant.policy['pii']}"] + \
+            (["watermark:text"] if mark else [])
+        recs = []
+        for i in range(job.n):
+            out = "".join(sent[i])
+            f = finished.get(i)
+            recs.append(GenRecord(f"{rid}-{i}", rid, p.org_id, p.key_id or None, endpoint, "text", entry.id, entry.version, params,
+                                  hashlib.sha256(out.encode()).hexdigest(), prompt, out, wm, None,
+                                  {"input": in_decision.to_dict(), "output": filtered.get(i, {"action": "allow"})}, filters,
+                                  "blocked" if filtered.get(i, {}).get("action") == "block" else
+                                  ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))))
+        await gov.record(recs, actor(p))
 
     def failure() -> ApiError | None:
         bad = [f for f in finished.values() if f.reason in ("timeout", "error")]
@@ -141,26 +201,50 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                 texts[i].append(delta)
                 if done is not None:
                     finished[i] = done
+            if failure() is None:
+                for i in range(job.n):
+                    text, cut = deliver(i, "".join(texts[i]))
+                    sent[i] = [text]
         finally:
             await settle()
         err = failure()
         if err:
             raise err
-        results = [("".join(texts[i]), finished[i].reason) for i in range(job.n)]
+        results = [("".join(sent[i]), "content_filter" if filtered.get(i, {}).get("action") == "block" else finished[i].reason)
+                   for i in range(job.n)]
         produced = sum(f.completion_tokens for f in finished.values())
-        return JSONResponse(shape.full(shape.prefix + rid, created, entry.id, results, _usage(len(ids), produced)), headers=headers)
+        return JSONResponse(shape.full(shape.prefix + rid, created, entry.id, results, _usage(len(ids), produced)),
+                            headers={**headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
+
+    cut: set[int] = set()
 
     async def sse():
         try:
             first = [True] * job.n
             while len(finished) < job.n:
                 i, delta, done = await events.get()
+                if i in cut:
+                    continue  # already closed by the output policy
                 if done is not None:
                     finished[i] = done
                     if done.reason in ("timeout", "error"):
                         err = failure()
                         yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
                         return
+                if delta:
+                    window = "".join(sent[i])[-256:] + delta  # block rules are checked on the recent text as it streams
+                    d = gov.moderate(tenant, window, "output")
+                    if d.blocked:
+                        cut.add(i)
+                        filtered[i] = d.to_dict()
+                        seqs[i].cancel()
+                        finished[i] = Finish("content_filter", len(ids), seqs[i].produced, done.compute_s if done else 0.0, "")
+                        yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, "", "content_filter",
+                                                                first[i]), ensure_ascii=False) + "\n\n"
+                        continue
+                    if d.action != "allow":
+                        filtered[i] = d.to_dict()
+                    sent[i].append(delta)
                 if delta or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
                     yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, delta, reason, first[i]),
@@ -173,7 +257,8 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
         finally:
             await settle()
 
-    return MeteredStream(sse(), settle, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+    return MeteredStream(sse(), settle, media_type="text/event-stream",
+                         headers={**headers, "cache-control": "no-cache", "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
 
 
 class MeteredStream(StreamingResponse):

@@ -1,0 +1,93 @@
+"""Append-only, hash-chained audit log.
+
+Each entry stores ``hash = SHA-256(prev_hash || canonical JSON of (ts, kind, actor, org_id, subject,
+data))``; the first entry's ``prev_hash`` is 64 zeros. Changing, deleting or reordering any entry
+breaks every later link, which ``verify`` reports (with the first bad sequence number). Writers race
+safely: ``prev_hash`` is UNIQUE, so of two appends that read the same head one fails and retries on
+the new head, on SQLite and on PostgreSQL alike.
+
+Truncating the newest entries leaves a valid shorter chain: write down ``head()`` elsewhere (a
+ticket, a notary, a second system) and pass it to ``verify(expect_head=...)`` to detect that too.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, select, text
+from sqlalchemy.exc import IntegrityError
+
+from aigc.db.models import AuditEntry
+
+GENESIS = "0" * 64
+_HEAD = text("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+_INSERT = AuditEntry.__table__.insert()
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def entry_hash(prev: str, ts: str, kind: str, actor: str, org_id: int | None, subject: str, data: str) -> str:
+    body = canonical({"ts": ts, "kind": kind, "actor": actor, "org_id": org_id, "subject": subject, "data": data})
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject: str, data: dict, retries: int = 20) -> str:
+    """Append one entry inside the caller's transaction (a SAVEPOINT guards the retry); returns its hash."""
+    payload = canonical(data)
+    for _ in range(retries):
+        prev = conn.execute(_HEAD).scalar() or GENESIS
+        ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        h = entry_hash(prev, ts, kind, actor, org_id, subject, payload)
+        try:
+            with conn.begin_nested():
+                conn.execute(_INSERT, {"ts": ts, "kind": kind, "actor": actor, "org_id": org_id, "subject": subject,
+                                       "data": payload, "prev_hash": prev, "hash": h})
+            return h
+        except IntegrityError:
+            continue  # another writer took this head: read the new one
+    raise RuntimeError("could not append to the audit log: the head kept moving")
+
+
+def append_session(session, kind: str, actor: str, org_id: int | None, subject: str, data: dict) -> str:
+    """The same from an ORM session (admin actions), in its transaction."""
+    return append(session.connection(), kind, actor, org_id, subject, data)
+
+
+@dataclass
+class Report:
+    ok: bool
+    entries: int
+    head: str
+    problems: list[str]
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "entries": self.entries, "head": self.head, "problems": self.problems}
+
+
+def verify(conn, expect_head: str | None = None, limit_problems: int = 20) -> Report:
+    """Walk the chain in sequence order, recomputing every hash and link."""
+    prev, n, problems = GENESIS, 0, []
+    rows = conn.execute(select(AuditEntry.__table__).order_by(AuditEntry.seq)).mappings()
+    for row in rows:
+        n += 1
+        if row["prev_hash"] != prev:
+            problems.append(f"entry {row['seq']}: its link does not match the previous entry (an entry before it was "
+                            f"changed, removed or inserted)")
+        expected = entry_hash(row["prev_hash"], row["ts"], row["kind"], row["actor"], row["org_id"], row["subject"], row["data"])
+        if expected != row["hash"]:
+            problems.append(f"entry {row['seq']}: its content does not match its hash (the entry was altered)")
+        prev = row["hash"]
+        if len(problems) >= limit_problems:
+            break
+    if expect_head is not None and prev != expect_head:
+        problems.append(f"the chain ends at {prev[:16]}..., not at the expected head {expect_head[:16]}... "
+                        "(entries were removed from the end, or the expected head is from another log)")
+    return Report(not problems, n, prev, problems)
+
+
+def head(conn) -> str:
+    return conn.execute(_HEAD).scalar() or GENESIS

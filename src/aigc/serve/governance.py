@@ -1,0 +1,212 @@
+"""Governance on the request path: each tenant's policy, moderation, watermark keys, provenance signing,
+and the generation log with its audit entries (written before a response leaves).
+
+A tenant's policy (``Organization.policy``, JSON) overrides these defaults; ``aigc admin org policy``
+sets it. Everything is on by default.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from sqlalchemy import text
+
+from aigc.data.pii import Scrubber
+from aigc.db import crud
+from aigc.db.models import Generation, Organization, utcnow
+from aigc.errors import UserError
+from aigc.govern import audit, text_watermark
+from aigc.govern.crypto import KeyRing, secret
+from aigc.govern.moderation import Decision, Policy, default_policy
+from aigc.govern.text_watermark import Watermark
+
+DEFAULT_POLICY = {
+    "watermark_text": True,  # green-list watermark on generated text
+    "watermark_image": True,  # invisible payload in images of 256x256 and more
+    "c2pa": True,  # signed C2PA manifest on every file
+    "png_parameters": True,  # generation parameters in PNG text metadata ("parameters" convention)
+    "store_content": True,  # keep prompts and outputs (PII-scrubbed, encrypted) for explanations and complaints
+    "pii": "mask",  # scrubbing of stored prompts/outputs: mask | hash | drop (drop the spans)
+    "retention_days": 30,  # stored prompts/outputs are purged after this many days (metadata and hashes stay)
+}
+_TYPES = {k: type(v) for k, v in DEFAULT_POLICY.items()}
+
+
+def validate_policy(changes: dict) -> dict:
+    out = {}
+    for k, v in changes.items():
+        if k not in DEFAULT_POLICY:
+            raise UserError(f"unknown policy setting {k!r}: known settings are {', '.join(DEFAULT_POLICY)}")
+        want = _TYPES[k]
+        if want is bool and isinstance(v, str):
+            if v.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
+                raise UserError(f"policy {k} must be true or false, got {v!r}")
+            v = v.lower() in ("true", "on", "1", "yes")
+        elif want is int and isinstance(v, str):
+            if not v.strip().isdigit():
+                raise UserError(f"policy {k} must be a whole number of days, got {v!r}")
+            v = int(v)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise UserError(f"policy {k} must be a {want.__name__}, got {v!r}")
+        if k == "pii" and v not in ("mask", "hash", "drop"):
+            raise UserError("policy pii must be mask, hash or drop")
+        if k == "retention_days" and v < 1:
+            raise UserError("policy retention_days must be >= 1")
+        out[k] = v
+    return out
+
+
+def set_policy(s, org_id: int, changes: dict, moderation: str | None) -> Organization:
+    """Validate and store a tenant's policy changes and/or moderation rules (audited). Shared with the CLI."""
+    org = crud.get_org(s, org_id)
+    valid = validate_policy(changes)
+    if valid:
+        org.policy = {**(org.policy or {}), **valid}
+    if moderation is not None:
+        if moderation.strip():
+            Policy.from_yaml(moderation, "the moderation policy")  # refuse a broken policy before storing it
+        org.moderation = moderation or None
+    s.flush()
+    audit.append_session(s, "admin.policy.set", crud.ACTOR.get(), org.id, f"org:{org.id}",
+                         {"changes": valid, "moderation_sha256": hashlib.sha256(moderation.encode()).hexdigest()
+                          if moderation is not None else None})
+    return org
+
+
+def sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def params_hash(params: dict) -> str:
+    return sha256(json.dumps(params, sort_keys=True, separators=(",", ":"), default=str))
+
+
+@dataclass
+class Tenant:
+    org_id: int
+    policy: dict
+    moderation: Policy
+    text_key: int
+    expires: float
+
+    def mark(self) -> Watermark | None:
+        return Watermark(self.text_key) if self.policy["watermark_text"] else None
+
+
+@dataclass
+class GenRecord:
+    id: str
+    request_id: str
+    org_id: int
+    key_id: int | None
+    endpoint: str
+    kind: str
+    model: str
+    model_version: str
+    params: dict
+    output_sha256: str
+    prompt: str | None = None
+    output: str | None = None  # text outputs only (images are referenced by hash)
+    watermark: dict | None = None
+    watermark_id: int | None = None
+    moderation: dict | None = None
+    filters: list = field(default_factory=list)
+    status: str = "delivered"
+
+
+class Governance:
+    def __init__(self, home: Path, sessions, ttl_s: float = 5.0):
+        self.home, self.sessions, self.ttl_s = Path(home), sessions, ttl_s
+        self.engine = sessions.kw["bind"]
+        self.inline = self.engine.dialect.name == "sqlite"
+        self.text_secret = secret(self.home, "text-watermark")
+        self.keyring = KeyRing.load(self.home)
+        self._tenants: dict[int, Tenant] = {}
+        self._provenance = None
+        self._insert = Generation.__table__.insert()
+
+    # ------------------------------------------------------------ per-tenant settings
+
+    @property
+    def provenance(self):
+        if self._provenance is None:
+            from aigc.govern.c2pa import Provenance
+
+            self._provenance = Provenance.from_home(self.home)
+        return self._provenance
+
+    def tenant(self, org_id: int) -> Tenant:
+        hit = self._tenants.get(org_id)
+        if hit is not None and hit.expires > time.monotonic():
+            return hit
+        with self.engine.connect() as conn:
+            row = conn.execute(text("SELECT policy, moderation FROM organizations WHERE id = :i"), {"i": org_id}).first()
+        raw_policy, rules = (row if row is not None else (None, None))
+        if isinstance(raw_policy, str):
+            raw_policy = json.loads(raw_policy)
+        policy = {**DEFAULT_POLICY, **(raw_policy or {})}
+        moderation = Policy.from_yaml(rules, f"the moderation policy of organisation {org_id}") if rules else default_policy()
+        t = Tenant(org_id, policy, moderation, text_watermark.tenant_key(self.text_secret, org_id), time.monotonic() + self.ttl_s)
+        self._tenants[org_id] = t
+        return t
+
+    def forget(self, org_id: int | None = None) -> None:
+        if org_id is None:
+            self._tenants.clear()
+        else:
+            self._tenants.pop(org_id, None)
+
+    def moderate(self, t: Tenant, content: str, stage: str) -> Decision:
+        return t.moderation.check(content, stage)
+
+    # ------------------------------------------------------------ records
+
+    def is_blocked(self, digest: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT 1 FROM blocked_outputs WHERE sha256 = :h"), {"h": digest}).first() is not None
+
+    def _seal(self, t: Tenant, gen_id: str, content: str | None, what: str) -> bytes | None:
+        if content is None or not t.policy["store_content"]:
+            return None
+        scrubbed = Scrubber(t.policy["pii"]).scrub(content, drop_span=True) or ""
+        return self.keyring.encrypt(scrubbed, f"{gen_id}:{what}".encode())
+
+    def _record(self, records: list[GenRecord], actor: str) -> None:
+        with self.engine.begin() as conn:
+            for r in records:
+                t = self.tenant(r.org_id)
+                conn.execute(self._insert, {
+                    "id": r.id, "request_id": r.request_id, "created_at": utcnow(),
+                    "org_id": r.org_id, "key_id": r.key_id, "endpoint": r.endpoint, "kind": r.kind, "model": r.model,
+                    "model_version": r.model_version, "params": r.params, "params_hash": params_hash(r.params),
+                    "output_sha256": r.output_sha256, "watermark": r.watermark, "watermark_id": r.watermark_id,
+                    "moderation": r.moderation, "filters": r.filters, "prompt_enc": self._seal(t, r.id, r.prompt, "prompt"),
+                    "output_enc": self._seal(t, r.id, r.output, "output"), "status": r.status, "purged_at": None})
+                audit.append(conn, "generation", actor, r.org_id, f"generation:{r.id}", {
+                    "generation_id": r.id, "request_id": r.request_id, "key_id": r.key_id, "model": r.model,
+                    "model_version": r.model_version, "output_sha256": r.output_sha256, "params_hash": params_hash(r.params),
+                    "watermark": r.watermark, "watermark_id": r.watermark_id, "moderation": r.moderation, "status": r.status})
+
+    async def record(self, records: list[GenRecord], actor: str) -> None:
+        if not records:
+            return
+        if self.inline:
+            self._record(records, actor)
+            return
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._record, records, actor)
+
+    def _refusal(self, org_id: int, actor: str, request_id: str, endpoint: str, model: str, decision: Decision) -> None:
+        with self.engine.begin() as conn:
+            audit.append(conn, "moderation.block", actor, org_id, f"request:{request_id}",
+                         {"request_id": request_id, "endpoint": endpoint, "model": model, **decision.to_dict()})
+
+    async def refusal(self, org_id: int, actor: str, request_id: str, endpoint: str, model: str, decision: Decision) -> None:
+        if self.inline:
+            self._refusal(org_id, actor, request_id, endpoint, model, decision)
+        else:
+            await anyio.to_thread.run_sync(self._refusal, org_id, actor, request_id, endpoint, model, decision)
