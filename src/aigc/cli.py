@@ -259,6 +259,7 @@ def generate_text(
     seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same output.")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 1,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    watermark: Annotated[bool, typer.Option(help="Green-list watermark keyed to this machine (detect with `aigc verify`).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
 ):
     """Generate text from a trained run, from a prompt or a vertical template."""
@@ -279,6 +280,8 @@ def generate_text(
     from aigc.config import from_dict
 
     params = from_dict(SamplingParams, settings)
+    if watermark:
+        params.watermark = _local_mark()
     gen = TextGenerator.from_path(run)
     if as_json or not stream:
         outs = gen.generate([prompt], params)
@@ -290,6 +293,7 @@ def generate_text(
         return
     for index in range(n):  # one sample at a time, so each streams in order
         sample = from_dict(SamplingParams, {**settings, "n": 1, "seed": None if seed is None else seed + index})
+        sample.watermark = params.watermark
         sys.stdout.write(prompt)
         for _, delta, _ in gen.stream([prompt], sample):
             sys.stdout.write(delta)
@@ -341,16 +345,45 @@ def generate_image(
     else:
         with err.status(f"generating {n} images"):
             images, labels = pipe.generate(n=n, seed=seed, classes=cls, captions=caption, steps=steps, guidance=guidance, sampler=sampler)
+        from aigc.generate.image import to_pil
+        from aigc.govern.c2pa import Provenance
+        from aigc.govern.delivery import finish_png, parameters_text
+
+        provenance = Provenance.from_home(_settings().home)
+        version = pipe_version(run)
         for i, (img, label) in enumerate(zip(images, labels)):
             path = out_dir / f"{seed + i:06d}.png"
-            save_png(upscale(img, deliver, upscale_method), path)
-            written.append({"file": str(path), "seed": seed + i, "condition": label})
+            params = {"Steps": steps, "CFG scale": guidance, "Sampler": sampler, "Seed": seed + i, "Size": f"{deliver}x{deliver}",
+                      "Model": run.name, "Model hash": version}
+            done = finish_png(to_pil(upscale(img, deliver, upscale_method)), watermark=True,
+                              parameters=parameters_text(label or "", params), provenance=provenance,
+                              manifest=provenance.manifest(path.name, run.name, version, {"seed": seed + i}))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(done.data)
+            tmp.replace(path)
+            written.append({"file": str(path), "seed": seed + i, "condition": label, "watermark_id": done.watermark_id,
+                            "c2pa": done.signed})
         save_png(grid(images, ncol=min(8, n)), out_dir / "grid.png")
     if as_json:
         _emit_json({"run": str(run), "images": written, "grid": str(out_dir / "grid.png") if not interpolate else None})
         return
     for w in written:
         out.print(f"{w['file']}" + (f"  ({w['condition']})" if w.get("condition") else ""), markup=False, highlight=False)
+
+
+def pipe_version(run: Path) -> str:
+    """The same model version the server reports for this run."""
+    from aigc.serve.registry import entry_for
+
+    return entry_for(run).version
+
+
+def _local_mark():
+    """The text watermark of generations made on this machine outside the server (tenant "local")."""
+    from aigc.govern.crypto import secret
+    from aigc.govern.text_watermark import Watermark, tenant_key
+
+    return Watermark(tenant_key(secret(_settings().home, "text-watermark"), "local"))
 
 
 # ---------------------------------------------------------------- eval
@@ -697,6 +730,302 @@ def usage_report(by: Annotated[str, typer.Option(help="Comma-separated grouping:
     groups = [g.strip() for g in by.split(",") if g.strip()]
     rows = _db_do(db, lambda s: crud.usage_report(s, groups, day(start), day(end), crud.get_org(s, org).id if org else None))
     _show(rows, as_json, "usage")
+
+
+# ---------------------------------------------------------------- governance: verify, audit, policy, keys, retention
+
+audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+app.add_typer(audit_app, name="audit")
+keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys for stored prompts and outputs.")
+c2pa_app = typer.Typer(no_args_is_help=True, help="C2PA signing credentials.")
+admin_app.add_typer(keys_app, name="keys")
+admin_app.add_typer(c2pa_app, name="c2pa")
+
+
+@app.command("verify")
+def verify(
+    target: Annotated[str, typer.Argument(help="A file (PNG, JPEG, WAV, MP4), a text file with --text-file, or the text itself; - reads stdin.")],
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Text run whose tokenizer scores the text (repeatable).")] = None,
+    org: Annotated[Optional[str], typer.Option(help="Score the text with this organisation's watermark key (default: this machine's CLI key).")] = None,
+    text_file: Annotated[bool, typer.Option("--text-file", help="TARGET is a text file to score, not a media file.")] = False,
+    threshold: Annotated[float, typer.Option(help="z-score above which text counts as watermarked.")] = 4.0,
+    db: DbOpt = None, as_json: JsonOpt = False,
+):
+    """Report the text watermark z-score, the image watermark payload (and its generation) and the C2PA state."""
+    from aigc.govern import records
+    from aigc.govern.c2pa import Provenance
+
+    settings = _settings(db)
+    path = Path(target)
+    is_file = target != "-" and path.is_file()
+    if target == "-":
+        content: str | bytes = sys.stdin.read()
+    elif is_file:
+        content = path.read_bytes()
+        if text_file:
+            try:
+                content = content.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text") from None
+    else:
+        if text_file:
+            raise UserError(f"file not found: {path}")
+        content = target
+    if isinstance(content, bytes):
+        if not content:
+            raise UserError(f"{path} is empty")
+        anchors = Provenance.from_home(settings.home).trust_anchors
+        sessions = _open_sessions(db)
+        try:
+            with sessions() as s:
+                report = records.verify_file(content, anchors, s, None, operator=True)
+        finally:
+            sessions.kw["bind"].dispose()
+    else:
+        from transformers import AutoTokenizer
+
+        from aigc.govern.crypto import secret
+        from aigc.govern.text_watermark import tenant_key
+
+        if not model:
+            raise UserError("scoring text needs the model that wrote it: --model RUN")
+        wm_secret = secret(settings.home, "text-watermark")
+        tenant = _db_do(db, lambda s: crud_org_id(s, org)) if org else "local"
+        cands = []
+        for run in model:
+            folder = run / "model" if (run / "model").is_dir() else run
+            if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+                raise UserError(f"{run}: no tokenizer found (expected a text run)")
+            cands.append((run.name, AutoTokenizer.from_pretrained(str(folder)), tenant_key(wm_secret, tenant)))
+        report = {"text_watermark": records.verify_text(content, cands, threshold)}
+    if as_json:
+        _emit_json(report)
+        return
+    _print_verdict(report)
+
+
+def crud_org_id(s, org: str) -> int:
+    from aigc.db import crud
+
+    return crud.get_org(s, org).id
+
+
+def _open_sessions(db: str | None):
+    from aigc.db.session import open_db
+
+    return open_db(_settings(db).resolved_database_url())
+
+
+def _print_verdict(report: dict) -> None:
+    if "c2pa" in report:
+        c = report["c2pa"]
+        out.print(f"C2PA: {c['state']} - {c['reason']}", markup=False, highlight=False)
+        if c.get("manifest"):
+            m = c["manifest"]
+            out.print(f"  model {m.get('model')} version {m.get('model_version')}; source type {m.get('digital_source_type')}",
+                      markup=False, highlight=False)
+    if "image_watermark" in report:
+        w = report["image_watermark"]
+        if w.get("found"):
+            g = w.get("generation") or {}
+            where = f" -> generation {g['generation_id']} (request {g['request_id']}, {g['organization']})" if g.get("owner") else \
+                ("" if g.get("known", True) else " (unknown here)")
+            out.print(f"image watermark: id {w['watermark_id']} ({w['corrected_bits']} bits corrected){where}", markup=False)
+        else:
+            out.print(f"image watermark: none ({w.get('reason', '')})", markup=False, highlight=False)
+    if "text_watermark" in report:
+        t = report["text_watermark"]
+        if "z" in t:
+            out.print(f"text watermark: {'DETECTED' if t['detected'] else 'not detected'} (z = {t['z']:.2f}, threshold "
+                      f"{t['threshold']}, {t['scored_tokens']} tokens scored, model {t['model']})", markup=False)
+            if t.get("note"):
+                out.print(f"  {t['note']}", markup=False)
+        else:
+            out.print(f"text watermark: {t.get('reason')}", markup=False)
+
+
+@audit_app.command("verify")
+def audit_verify(expect_head: Annotated[Optional[str], typer.Option(help="A head hash written down earlier: also detects entries removed from the end.")] = None,
+                 db: DbOpt = None, as_json: JsonOpt = False):
+    """Recompute the whole hash chain; exit status 1 when anything was changed, removed or inserted."""
+    from aigc.govern import audit
+
+    sessions = _open_sessions(db)
+    try:
+        with sessions.kw["bind"].connect() as conn:
+            rep = audit.verify(conn, expect_head)
+    finally:
+        sessions.kw["bind"].dispose()
+    if as_json:
+        _emit_json(rep.to_dict())
+    elif rep.ok:
+        out.print(f"audit log intact: {rep.entries} entries, head {rep.head}")
+    else:
+        err.print(f"audit log TAMPERED ({len(rep.problems)} problem(s) in {rep.entries} entries):", markup=False)
+        for pr in rep.problems:
+            err.print(f"  {pr}", markup=False, highlight=False)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("head")
+def audit_head(db: DbOpt = None):
+    """Print the newest entry's hash: keep it elsewhere and pass it to `aigc audit verify --expect-head`."""
+    from aigc.govern import audit
+
+    sessions = _open_sessions(db)
+    try:
+        with sessions.kw["bind"].connect() as conn:
+            print(audit.head(conn))
+    finally:
+        sessions.kw["bind"].dispose()
+
+
+@audit_app.command("show")
+def audit_show(limit: Annotated[int, typer.Option(help="Newest entries to show.")] = 20,
+               kind: Annotated[Optional[str], typer.Option(help="Only this kind (generation, admin.key.create, complaint.decision, ...).")] = None,
+               db: DbOpt = None, as_json: JsonOpt = False):
+    import json as _json
+
+    from sqlalchemy import select
+
+    from aigc.db.models import AuditEntry
+
+    def work(s):
+        q = select(AuditEntry).order_by(AuditEntry.seq.desc()).limit(max(1, limit))
+        if kind:
+            q = q.where(AuditEntry.kind == kind)
+        return [{"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor, "org": e.org_id, "subject": e.subject,
+                 "data": _json.loads(e.data) if as_json else e.data[:80], "hash": e.hash[:16]} for e in s.scalars(q)]
+    _show(_db_do(db, work), as_json, "audit entries")
+
+
+@org_app.command("policy")
+def org_policy(org: str,
+               set_: Annotated[Optional[list[str]], typer.Option("--set", help="Policy setting NAME=VALUE (repeatable): watermark_text, watermark_image, c2pa, png_parameters, store_content, pii, retention_days.")] = None,
+               moderation: Annotated[Optional[Path], typer.Option(help="The organisation's moderation rules (YAML file).")] = None,
+               default_moderation: Annotated[bool, typer.Option("--default-moderation", help="Go back to the built-in moderation rules.")] = False,
+               db: DbOpt = None, as_json: JsonOpt = False):
+    """Show or change an organisation's governance policy (a running server picks it up within seconds)."""
+    from aigc.db import crud
+    from aigc.serve.governance import DEFAULT_POLICY, set_policy
+
+    changes = {}
+    for pair in set_ or []:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r}: write NAME=VALUE")
+        k, v = pair.split("=", 1)
+        changes[k.strip()] = v.strip()
+    rules = None
+    if moderation is not None:
+        if not moderation.is_file():
+            raise UserError(f"moderation policy not found: {moderation}")
+        rules = moderation.read_text(encoding="utf-8")
+    elif default_moderation:
+        rules = ""
+
+    def work(s):
+        o = crud.get_org(s, org)
+        if changes or rules is not None:
+            o = set_policy(s, o.id, changes, rules)
+        return {**DEFAULT_POLICY, **(o.policy or {}), "moderation": "custom" if o.moderation else "default"}
+    res = _db_do(db, work)
+    _show(res, as_json, "policy")
+
+
+@keys_app.command("rotate")
+def keys_rotate(home: Annotated[Optional[Path], typer.Option(help="Data folder (default: $AIGC_HOME or ~/.aigc).")] = None):
+    """Add a fresh data key and make it active (old keys stay, so old records still decrypt)."""
+    from aigc.govern.crypto import KeyRing
+
+    kid = KeyRing.load(_settings(home=home).home).rotate()
+    out.print(f"active data key is now {kid}; restart the server, then run `aigc admin keys reencrypt` to move old records")
+
+
+@keys_app.command("reencrypt")
+def keys_reencrypt(home: Annotated[Optional[Path], typer.Option(help="Data folder.")] = None, db: DbOpt = None):
+    """Re-seal every stored prompt and output under the active key."""
+    from aigc.govern import records
+    from aigc.govern.crypto import KeyRing
+
+    ring = KeyRing.load(_settings(home=home).home)
+    res = _db_do(db, lambda s: records.reencrypt(s, ring))
+    out.print(f"{res['reencrypted_fields']} stored fields now sealed with {res['active_key']}")
+
+
+@admin_app.command("purge")
+def purge(db: DbOpt = None, as_json: JsonOpt = False):
+    """Delete stored prompts and outputs older than each organisation's retention_days (hashes and audit stay)."""
+    from aigc.govern import records
+
+    res = _db_do(db, lambda s: records.purge(s))
+    _show(res, as_json, "purge")
+
+
+@c2pa_app.command("init")
+def c2pa_init(home: Annotated[Optional[Path], typer.Option(help="Data folder.")] = None,
+              overwrite: Annotated[bool, typer.Option(help="Replace existing development credentials.")] = False):
+    """Create a local development CA chain (root -> intermediate -> signer) for C2PA signing."""
+    from aigc.govern.c2pa import create_dev_ca
+
+    folder = _settings(home=home).home / "c2pa"
+    paths = create_dev_ca(folder, overwrite=overwrite)
+    out.print(f"development C2PA credentials in {folder}: trust anchor {paths['root'].name}, signer chain "
+              f"{paths['chain'].name}, key {paths['key'].name}. For production set AIGC_C2PA_CERT and AIGC_C2PA_KEY "
+              "(or AIGC_C2PA_SIGNER).", markup=False)
+
+
+@train_app.command("moderation")
+def train_moderation(
+    data: Annotated[Optional[Path], typer.Option(help="Labelled JSONL (text, label 0/1, optional split). Default: the built-in bilingual set.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Classifier file (JSON) to write.")] = Path("moderation-classifier.json"),
+    threshold: Annotated[float, typer.Option(help="Probability at which the classifier fires.")] = 0.5,
+):
+    """Train the moderation classifier: sentence embeddings (offline all-MiniLM-L6-v2) + logistic regression."""
+    from aigc.govern import moderation as m
+
+    rows = m.read_labelled(data or BUILTIN_MODERATION)
+    train = [r for r in rows if r["split"] != "test"] or rows
+    with err.status(f"embedding {len(train)} examples"):
+        clf = m.Classifier.train([r["text"] for r in train], [r["label"] for r in train], threshold=threshold)
+    clf.save(out_file)
+    test = [r for r in rows if r["split"] == "test"]
+    msg = f"wrote {out_file} ({len(train)} training examples)"
+    if test:
+        pr = m.precision_recall([r["label"] for r in test], [int(x >= threshold) for x in clf.score([r["text"] for r in test])])
+        msg += f"; held-out precision {pr['precision']:.3f}, recall {pr['recall']:.3f} on {pr['n']} examples"
+    out.print(msg, markup=False)
+
+
+@eval_app.command("moderation")
+def eval_moderation(
+    data: Annotated[Optional[Path], typer.Option(help="Labelled JSONL; its test split is used when it has one.")] = None,
+    policy: Annotated[Optional[Path], typer.Option(help="Moderation policy YAML (default: the built-in rules).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(help="Also score this classifier file.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Precision and recall of the rules (and a classifier) on a labelled set."""
+    from aigc.govern import moderation as m
+
+    rows = m.read_labelled(data or BUILTIN_MODERATION)
+    test = [r for r in rows if r["split"] == "test"] or rows
+    labels = [r["label"] for r in test]
+    pol = m.Policy.load(policy) if policy else m.default_policy()
+    report = {"examples": len(test), "rules": m.precision_recall(labels, [int(pol.check(r["text"], "input").action == "block")
+                                                                           for r in test])}
+    if classifier:
+        clf = m.Classifier.load(classifier)
+        report["classifier"] = m.precision_recall(labels, [int(x >= clf.threshold) for x in clf.score([r["text"] for r in test])])
+    if as_json:
+        _emit_json(report)
+        return
+    for name in ("rules", "classifier"):
+        if name in report:
+            r = report[name]
+            out.print(f"{name}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  f1 {r['f1']:.3f}  ({r['n']} examples)")
+
+
+BUILTIN_MODERATION = Path(__file__).resolve().parent / "data" / "builtin" / "moderation-labelled.jsonl"
 
 
 def main() -> None:

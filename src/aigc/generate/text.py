@@ -335,17 +335,18 @@ class TextGenerator:
         self.decoder.start(B, longest + params.max_new_tokens)
         logits = self.decoder.forward(tokens, pad)
         active = list(range(B))
-        prev = torch.tensor([ids[-1] for ids in seqs])
+        history = [list(ids[-8:]) for ids in seqs]  # the watermark's context
         for step in range(params.max_new_tokens):
             if params.watermark is not None:
-                logits = text_watermark.bias(logits[:, :vocab], [params.watermark] * B, prev)
+                logits = text_watermark.bias(logits[:, :vocab], [params.watermark] * B, history)
             filtered = apply_sampling(logits[:, :vocab], params, seen)
             if params.temperature == 0:
                 nxt = filtered.argmax(-1)
             else:
                 probs = filtered.softmax(-1)
                 nxt = torch.cat([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(B)])
-            prev = nxt
+            for b in range(B):
+                history[b] = history[b][-7:] + [int(nxt[b])]
             if seen is not None:
                 seen[torch.arange(B), nxt] = True
             for b in list(active):

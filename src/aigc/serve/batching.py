@@ -176,7 +176,6 @@ class TextEngine:
         seq.stream = _Stream(self.tokenizer, seq.stop)
         seed = seq.seed if seq.seed is not None else secrets.randbelow(2**31)
         seq.generator = torch.Generator().manual_seed(seed)
-        seq.last = seq.prompt_ids[-1]  # the watermark's context for the first new token
         self.slots[r] = seq
         seq.compute_s += time.perf_counter() - t0
         self._emit(torch.tensor([r]), self._sample(logits, [seq]))
@@ -224,7 +223,7 @@ class TextEngine:
         logits = logits[:, : self.vocab].float()
         marks = [s.watermark for s in seqs]
         if any(marks):
-            logits = text_watermark.bias(logits, marks, torch.tensor([s.last for s in seqs]))
+            logits = text_watermark.bias(logits, marks, [s.prompt_ids[-8:] + s.stream.ids[-8:] for s in seqs])  # type: ignore[union-attr]
         temp = torch.tensor([s.temperature for s in seqs])
         greedy = logits.argmax(-1)
         if bool((temp == 0).all()):
