@@ -1032,7 +1032,9 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("AIGC_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer.Exit(code) comes back as a return value in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except UserError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

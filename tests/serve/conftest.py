@@ -1,49 +1,10 @@
 import os
 import uuid
-from pathlib import Path
 
 import pytest
-import torch
 
 from aigc.db import crud
 from tests.serve.helpers import db, start, tenant
-
-TINY_IMAGE = Path(__file__).parents[2] / "src/aigc/configs/image/tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def text_model(tmp_path_factory, tiny_run) -> Path:
-    """A random 2-layer Llama (its outputs are diverse, unlike a 40-step model) with the tiny run's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("models") / "rand"
-    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8)  # sharper logits: greedy outputs differ from prompt to prompt
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="session")
-def image_model(tmp_path_factory) -> Path:
-    from aigc.config import load_config
-    from aigc.data.images import ImagePrepareOptions, prepare
-    from aigc.train.image import ImageTrainConfig, prepare_run, train
-
-    root = tmp_path_factory.mktemp("imagemodel")
-    prepare([], root / "shapes", ImagePrepareOptions(size=8, count=120), builtin=["shapes"])
-    cfg = load_config(ImageTrainConfig, TINY_IMAGE, {"data": {"path": str(root / "shapes")}, "model": {"kind": "vae"}})
-    run = root / "shapes-vae"
-    prepare_run(cfg, run)
-    train(cfg, run)
-    return run
-
 
 def seed_billing(sessions) -> None:
     with sessions.begin() as s:

@@ -40,7 +40,7 @@ _PHONE = (r"(?P<phone>(?<![\d+])(?:"
           r"|\+(?:[1-9]\d{0,2})[ .-]?(?:\(?\d{1,4}\)?[ .-]?){2,4}\d{2,4}"  # international, E.164-ish
           r")(?![\d]))")
 _IPV4 = r"(?P<ipv4>(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]))"
-_IPV6 = r"(?P<ipv6>(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f:]{0,4}(?![0-9A-Fa-f:]))"
+_IPV6 = r"(?P<ipv6>(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]))"
 # Order matters: an ID number or card must win over the phone pattern that could match inside it.
 PATTERN = re.compile("|".join([_EMAIL, _CN_ID, _CARD, _PHONE, _IPV4, _IPV6]))
 
@@ -92,6 +92,8 @@ def _valid(kind: str, value: str) -> str | None:
             ipaddress.ip_address(value)
         except ValueError:
             return None
+        if kind == "ipv6" and (len([g for g in value.split(":") if g]) < 3 or not re.search(r"\d", value)):
+            return None  # "std::ab" or "::1" parse as IPv6 but are not anybody's address
         return "ip"
     return None
 
