@@ -13,7 +13,7 @@
     512, each given a random 32-bit payload; coded-bit accuracy and exact payload recovery (after error
     correction and the CRC) on the clean file, after JPEG quality 75, and after resizing to half and
     back; false matches on unmarked images.
-(3) Moderation: precision and recall of the built-in rules and of the classifier (MiniLM embeddings +
+(3) Moderation: precision and recall of the built-in rules (counting blocks, and blocks or flags) and of the classifier (MiniLM embeddings +
     logistic regression, trained on the train split) on the test split of the built-in labelled set,
     per language.
 (4) C2PA: sign and verify time of a 256x256 PNG; states of a signed, a tampered and a stripped file.
@@ -172,7 +172,9 @@ def moderation_part() -> dict:
     for lang in ("all", "en", "zh"):
         sub = [(r, s) for r, s in zip(test, scores) if lang == "all" or r["lang"] == lang]
         labels = [r["label"] for r, _ in sub]
-        out[lang] = {"rules": m.precision_recall(labels, [int(pol.check(r["text"], "input").action == "block") for r, _ in sub]),
+        actions = [pol.check(r["text"], "input").action for r, _ in sub]
+        out[lang] = {"rules_block": m.precision_recall(labels, [int(a == "block") for a in actions]),
+                     "rules_block_or_flag": m.precision_recall(labels, [int(a in ("block", "flag")) for a in actions]),
                      "classifier": m.precision_recall(labels, [int(s >= 0.5) for _, s in sub])}
     return out
 

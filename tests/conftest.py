@@ -70,3 +70,15 @@ def image_model(tmp_path_factory) -> Path:
     prepare_run(cfg, run)
     train(cfg, run)
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_home(tmp_path_factory):
+    """Keys, certificates and databases the CLI creates go to a temporary home, never the user's ~/.aigc."""
+    old = os.environ.get("AIGC_HOME")
+    os.environ["AIGC_HOME"] = str(tmp_path_factory.mktemp("aigc-home"))
+    yield
+    if old is None:
+        os.environ.pop("AIGC_HOME", None)
+    else:
+        os.environ["AIGC_HOME"] = old

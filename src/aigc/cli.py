@@ -1011,15 +1011,16 @@ def eval_moderation(
     test = [r for r in rows if r["split"] == "test"] or rows
     labels = [r["label"] for r in test]
     pol = m.Policy.load(policy) if policy else m.default_policy()
-    report = {"examples": len(test), "rules": m.precision_recall(labels, [int(pol.check(r["text"], "input").action == "block")
-                                                                           for r in test])}
+    actions = [pol.check(r["text"], "input").action for r in test]
+    report = {"examples": len(test), "rules_block": m.precision_recall(labels, [int(a == "block") for a in actions]),
+              "rules_block_or_flag": m.precision_recall(labels, [int(a in ("block", "flag")) for a in actions])}
     if classifier:
         clf = m.Classifier.load(classifier)
         report["classifier"] = m.precision_recall(labels, [int(x >= clf.threshold) for x in clf.score([r["text"] for r in test])])
     if as_json:
         _emit_json(report)
         return
-    for name in ("rules", "classifier"):
+    for name in ("rules_block", "rules_block_or_flag", "classifier"):
         if name in report:
             r = report[name]
             out.print(f"{name}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  f1 {r['f1']:.3f}  ({r['n']} examples)")
