@@ -1,4 +1,6 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Each creates .venv and installs what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,10 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+demo: export AIGC_HOME := $(abspath $(DEMO))/home
 demo: $(STAMP)
+	# One data folder for the whole demo: database, watermark secrets, data keys and the development C2PA CA.
+	rm -rf $(DEMO)/home
 	$(BIN)/aigc data prepare --builtin pydoc --out $(DEMO)/corpus --overwrite
 	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite
-	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1
+	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1 | tee $(DEMO)/sample.txt
 	$(BIN)/aigc eval text $(DEMO)/text
 	$(BIN)/aigc data prepare --builtin shapes --out $(DEMO)/shapes --overwrite
 	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=120
@@ -33,18 +38,24 @@ demo: $(STAMP)
 	$(BIN)/aigc eval image $(DEMO)/image --n 500
 	@echo "Run directories: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
 	@echo "                 $(DEMO)/image (model/, samples.png, loss.png, generated/, eval/report.md)"
+	# Governance: the sample text carries a watermark, the images a watermark and a C2PA manifest.
+	$(BIN)/aigc verify $(DEMO)/sample.txt --text-file --model $(DEMO)/text
+	$(BIN)/aigc verify $(DEMO)/image/generated/000001.png --db $(DEMO_DB)
+	$(BIN)/aigc eval moderation
 	# Serving: a fresh SQLite database with a plan, a price book, a tenant, a developer and an API key.
-	rm -rf $(DEMO)/home
 	$(BIN)/aigc admin plan create starter --kind payg --db $(DEMO_DB)
 	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --db $(DEMO_DB)
 	$(BIN)/aigc admin org create demo --plan starter --db $(DEMO_DB)
 	$(BIN)/aigc admin user create demo dev@demo.example --role developer --db $(DEMO_DB)
+	$(BIN)/aigc audit verify --db $(DEMO_DB)
 	@KEY=$$($(BIN)/aigc admin key create demo dev@demo.example --json --db $(DEMO_DB) | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)['api_key'])"); \
 	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
 	echo "  curl -s localhost:8000/v1/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"text\", \"prompt\": \"The \", \"max_tokens\": 60}'"; \
 	echo "  curl -s localhost:8000/v1/images/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"prompt\": \"a large red circle in the center\"}'"; \
+	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
+	echo "  curl -s localhost:8000/v1/complaints -H 'Content-Type: application/json' -d '{\"reason\": \"not mine\", \"content\": \"some text\"}'"; \
 	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
-	AIGC_HOME=$(DEMO)/home $(BIN)/aigc serve $(DEMO)/text $(DEMO)/image --db $(DEMO_DB) --port 8000
+	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -56,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/text_lm.py
 	$(BIN)/python benchmarks/image_gen.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/governance.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -28,7 +28,7 @@ def test_txt_jsonl_csv_are_ingested_cleaned_and_split(tmp_path):
     import hashlib
 
     assert m["sources"][0]["sha256"] == hashlib.sha256((tmp_path / "a.txt").read_bytes()).hexdigest()
-    assert [s["step"] for s in m["steps"]] == ["normalize_and_clean", "length_filter", "exact_dedup", "split"]
+    assert [s["step"] for s in m["steps"]] == ["normalize_and_clean", "length_filter", "pii_scrub", "exact_dedup", "split"]
 
 
 def test_split_is_by_document_and_deterministic(tmp_path):

@@ -37,7 +37,15 @@ def test_migrations_create_schema(database_url):
     sessions = open_db(database_url)
     names = set(inspect(sessions.kw["bind"]).get_table_names())
     assert {"plans", "organizations", "users", "api_keys", "prices", "usage_records", "usage_rollups", "alembic_version"} <= names
+    assert {"generations", "audit_log", "complaints", "blocked_outputs"} <= names
     open_db(database_url)  # upgrading an up-to-date schema is a no-op
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from aigc.db.models import Base
+
+    with sessions.kw["bind"].connect() as conn:  # the migrations build exactly what the models declare
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
 
 def test_concurrent_requests_never_overspend_credits(database_url):

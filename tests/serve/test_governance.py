@@ -58,6 +58,16 @@ def complete(gov, key, prompt="The ", **kw):
     return call(gov, "POST", "/v1/completions", key, json=body)
 
 
+def long_completion(gov, key, **kw):
+    """A random model may draw its end-of-text token early: the first seed whose sample is long enough to score."""
+    for seed in range(5, 40):
+        r = complete(gov, key, seed=seed, **kw)
+        assert r.status_code == 200, r.text
+        if len(r.json()["choices"][0]["text"]) > 150:
+            return r
+    raise AssertionError("no long sample")
+
+
 def image(gov, key, size="256x256", fmt="b64_json", seed=3):
     return call(gov, "POST", "/v1/images/generations", key,
                 json={"model": "shapes", "prompt": "a large red circle in the center", "size": size, "response_format": fmt, "seed": seed})
@@ -65,8 +75,7 @@ def image(gov, key, size="256x256", fmt="b64_json", seed=3):
 
 def test_text_is_watermarked_per_tenant_logged_encrypted_and_explained(gov):
     oid, dev, admin = org(gov)
-    r = complete(gov, dev, prompt=f"Mail a@b.example, ID {VALID_ID}: ")
-    assert r.status_code == 200, r.text
+    r = long_completion(gov, dev, prompt=f"Mail a@b.example, ID {VALID_ID}: ")
     out = r.json()["choices"][0]["text"]
     gen_id = r.headers["x-generation-ids"]
     assert gen_id.endswith("-0")

@@ -184,7 +184,7 @@ class AuditEntry(Base):
     kind: Mapped[str] = mapped_column(String(40), index=True)
     actor: Mapped[str] = mapped_column(String(200))
     org_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
-    subject: Mapped[str] = mapped_column(String(200), default="")
+    subject: Mapped[str] = mapped_column(String(200), default="", index=True)
     data: Mapped[str] = mapped_column(Text)  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from aigc.db import crud
-from aigc.db.models import BlockedOutput, Complaint, Generation, Organization, utcnow
+from aigc.db.models import AuditEntry, BlockedOutput, Complaint, Generation, Organization, utcnow
 from aigc.errors import NotFound, UserError
 from aigc.govern import audit, c2pa, image_watermark, text_watermark
 from aigc.govern.crypto import KeyRing
@@ -242,7 +242,7 @@ def explain(s: Session, generation_id: str, org_id: int | None, registry_paths: 
                 except ValueError:
                     dataset = {"error": f"{cand.name} is not valid JSON"}
                 break
-    entry = s.scalar(select(audit.AuditEntry).where(audit.AuditEntry.subject == f"generation:{gen.id}"))
+    entry = s.scalar(select(AuditEntry).where(AuditEntry.subject == f"generation:{gen.id}"))
     out = {
         "id": gen.id, "object": "generation.explanation", "created_at": gen.created_at.isoformat() + "Z",
         "request_id": gen.request_id, "endpoint": gen.endpoint, "kind": gen.kind, "status": gen.status,

@@ -30,6 +30,7 @@ M32 = 0xFFFFFFFF
 GAMMA = 0.25
 DELTA = 2.0
 Z_THRESHOLD = 4.0
+MIN_TOKENS = 16  # below this the normal approximation overstates z (8 of 8 green gives z = 4.9): never "detected"
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +133,18 @@ def detect(ids: list[int], key: int, vocab: int, gamma: float = GAMMA, threshold
     seed = _seed(torch.full((T,), key, dtype=torch.long), ctx)
     green = int((_mix((seed + ((tok * 0x9E3779B1) & M32)) & M32) < int(gamma * 2**32)).sum())
     z = (green - gamma * T) / math.sqrt(T * gamma * (1 - gamma))
-    p = 0.5 * math.erfc(z / math.sqrt(2))
-    return Detection(z, p, green, T, gamma, threshold, z >= threshold)
+    p = _binomial_tail(green, T, gamma)
+    return Detection(z, p, green, T, gamma, threshold, z >= threshold and T >= MIN_TOKENS)
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): the exact p-value (the z-score is its normal approximation)."""
+    if k <= 0:
+        return 1.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+                 for i in range(k, n + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
 def detect_text(text: str, tokenizer, key: int, **kw) -> Detection:

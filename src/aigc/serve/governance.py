@@ -126,6 +126,7 @@ class Governance:
         self.text_secret = secret(self.home, "text-watermark")
         self.keyring = KeyRing.load(self.home)
         self._tenants: dict[int, Tenant] = {}
+        self.tokenizers: dict[str, object] = {}  # text models' tokenizers, for scoring watermarks
         self._provenance = None
         self._insert = Generation.__table__.insert()
 

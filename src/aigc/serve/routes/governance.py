@@ -53,7 +53,7 @@ class VerifyRequest(BaseModel):
 
 
 def _tokenizer(service, model_id: str):
-    cache = service.governance.__dict__.setdefault("_tokenizers", {})
+    cache = service.governance.tokenizers
     if model_id not in cache:
         from transformers import AutoTokenizer
 

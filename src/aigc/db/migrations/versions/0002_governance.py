@@ -31,6 +31,7 @@ def upgrade() -> None:
     with op.batch_alter_table('audit_log', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_log_kind'), ['kind'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_log_org_id'), ['org_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_audit_log_subject'), ['subject'], unique=False)
 
     op.create_table('blocked_outputs',
     sa.Column('sha256', sa.String(length=64), nullable=False),
@@ -117,6 +118,7 @@ def downgrade() -> None:
     op.drop_table('generations')
     op.drop_table('blocked_outputs')
     with op.batch_alter_table('audit_log', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_audit_log_subject'))
         batch_op.drop_index(batch_op.f('ix_audit_log_org_id'))
         batch_op.drop_index(batch_op.f('ix_audit_log_kind'))
 
