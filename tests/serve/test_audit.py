@@ -86,3 +86,32 @@ def test_concurrent_writers_keep_one_chain(database_url):
         rep = audit.verify(conn)
     assert rep.ok and rep.entries == 90, rep.problems
     engine.dispose()
+
+
+def test_generation_records_and_complaints_on_each_database(database_url, tmp_path):
+    import asyncio
+
+    from aigc.govern import records
+    from aigc.serve.governance import GenRecord, Governance
+
+    sessions = open_db(database_url)
+    with sessions.begin() as s:
+        crud.create_plan(s, "payg", "payg")
+        org = crud.create_org(s, "acme", "payg")
+        key, _ = crud.create_key(s, crud.create_user(s, org.id, "d@acme.example", "developer"))
+        org_id, key_id = org.id, key.id
+    gov = Governance(tmp_path, sessions)
+    rec = GenRecord("req1-0", "req1", org_id, key_id, "completions", "text", "m", "v1", {"temperature": 0.7}, "ab" * 32,
+                    prompt="call 13812345678", output="hello", watermark={"scheme": "green-list"}, moderation={"input": {"action": "allow"}},
+                    filters=["watermark:text"])
+    asyncio.run(gov.record([rec], "key:test"))
+    with sessions.begin() as s:
+        ex = records.explain(s, "req1-0", org_id, {}, gov.keyring, reveal=True)
+        assert ex["prompt"] == "call [PHONE]" and ex["output"] == "hello" and ex["parameters"] == {"temperature": 0.7}
+        c = records.create_complaint(s, "spam", digest="ab" * 32)
+        assert c.generation_id == "req1-0" and c.org_id == org_id
+        out = records.decide(s, c.id, "revoke_key", "reviewer", org_id)
+        assert out.revoked_key == key_id
+    with sessions.kw["bind"].connect() as conn:
+        assert audit.verify(conn).ok
+    sessions.kw["bind"].dispose()

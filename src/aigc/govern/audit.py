@@ -4,7 +4,8 @@ Each entry stores ``hash = SHA-256(prev_hash || canonical JSON of (ts, kind, act
 data))``; the first entry's ``prev_hash`` is 64 zeros. Changing, deleting or reordering any entry
 breaks every later link, which ``verify`` reports (with the first bad sequence number). Writers race
 safely: ``prev_hash`` is UNIQUE, so of two appends that read the same head one fails and retries on
-the new head, on SQLite and on PostgreSQL alike.
+the new head; on PostgreSQL appends also take a transaction-scoped advisory lock, so many concurrent
+writers queue instead of retrying against each other.
 
 Truncating the newest entries leaves a valid shorter chain: write down ``head()`` elsewhere (a
 ticket, a notary, a second system) and pass it to ``verify(expect_head=...)`` to detect that too.
@@ -24,6 +25,7 @@ from aigc.db.models import AuditEntry
 GENESIS = "0" * 64
 _HEAD = text("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
 _INSERT = AuditEntry.__table__.insert()
+_LOCK = text("SELECT pg_advisory_xact_lock(7303311)")
 
 
 def canonical(obj) -> str:
@@ -38,6 +40,8 @@ def entry_hash(prev: str, ts: str, kind: str, actor: str, org_id: int | None, su
 def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject: str, data: dict, retries: int = 20) -> str:
     """Append one entry inside the caller's transaction (a SAVEPOINT guards the retry); returns its hash."""
     payload = canonical(data)
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK)  # one appender at a time until this transaction ends: no lost races under load
     for _ in range(retries):
         prev = conn.execute(_HEAD).scalar() or GENESIS
         ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
