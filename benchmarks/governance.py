@@ -11,8 +11,9 @@
       watermarked vs unwatermarked samples from the same prompts and seeds.
 (2) Image watermark: built-in shapes rendered at 32x32 and upscaled (like served images) to 256 and
     512, each given a random 32-bit payload; coded-bit accuracy and exact payload recovery (after error
-    correction and the CRC) on the clean file, after JPEG quality 75, and after resizing to half and
-    back; false matches on unmarked images.
+    correction and the CRC) on the clean file, after JPEG quality 75, after resizing to half and back
+    (the issue's two attacks), and, to show the limits, after JPEG 50, a quarter-size round trip and a
+    10% crop scaled back; false matches on unmarked images.
 (3) Moderation: precision and recall of the built-in rules (counting blocks, and blocks or flags) and of the classifier (MiniLM embeddings +
     logistic regression, trained on the train split) on the test split of the built-in labelled set,
     per language.
@@ -80,12 +81,15 @@ def text_part(run: Path, human_ids: list[int], args, rng: random.Random) -> dict
     keys = [rng.randrange(2**32) for _ in range(args.keys)]
     # (a) human text
     zs = []
+    hits = []
     for w in windows(human_ids, 200, args.windows, rng):
         for k in keys:
-            zs.append(tw.detect(w, k, vocab).z)
+            d = tw.detect(w, k, vocab)
+            zs.append(d.z)
+            hits.append(d.detected)
     zs_arr = np.array(zs)
     human = {"windows": args.windows, "keys": args.keys, "scores": len(zs), "tokens_per_window": 200,
-             "false_positive_rate": float((zs_arr >= tw.Z_THRESHOLD).mean()), "z_mean": round(float(zs_arr.mean()), 3),
+             "false_positive_rate": float(np.mean(hits)), "z_mean": round(float(zs_arr.mean()), 3),
              "z_std": round(float(zs_arr.std()), 3), "z_max": round(float(zs_arr.max()), 3)}
     # (b) generated text, watermarked and not, from the same held-out prompts and seeds
     prompts = [w[:32] for w in windows(human_ids, 32, args.samples, rng)]
@@ -101,11 +105,13 @@ def text_part(run: Path, human_ids: list[int], args, rng: random.Random) -> dict
     gen_s = time.perf_counter() - t0
     tpr = {}
     for L in (50, 100, 200):
-        z_wm = [tw.detect(ids[:L], key, vocab).z for ids in outs["watermarked"]]
-        z_plain = [tw.detect(ids[:L], key, vocab).z for ids in outs["plain"]]
-        tpr[str(L)] = {"true_positive_rate": float(np.mean([z >= tw.Z_THRESHOLD for z in z_wm])),
-                       "z_median": round(float(np.median(z_wm)), 3),
-                       "unwatermarked_false_positive_rate": float(np.mean([z >= tw.Z_THRESHOLD for z in z_plain]))}
+        d_wm = [tw.detect(ids[:L], key, vocab) for ids in outs["watermarked"]]
+        d_plain = [tw.detect(ids[:L], key, vocab) for ids in outs["plain"]]
+        tpr[str(L)] = {"true_positive_rate": float(np.mean([d.detected for d in d_wm])),
+                       "z_median": round(float(np.median([d.z for d in d_wm])), 3),
+                       "scored_median": int(np.median([d.scored for d in d_wm])),
+                       "unwatermarked_false_positive_rate": float(np.mean([d.detected for d in d_plain])),
+                       "unwatermarked_z_max": round(float(max(d.z for d in d_plain)), 3)}
     model = gen.model
     nll_wm = nll_of_continuations(model, prompts, outs["watermarked"])
     nll_plain = nll_of_continuations(model, prompts, outs["plain"])
@@ -126,7 +132,8 @@ def image_part(args, rng: random.Random) -> dict:
     images, _ = shapes.generate(args.images, 32, seed=3)
     out = {}
     for side in (256, 512):
-        acc = {"clean": [], "jpeg75": [], "resize_half_and_back": []}
+        acc = {"clean": [], "jpeg75": [], "resize_half_and_back": [], "jpeg50": [], "resize_quarter_and_back": [],
+               "crop_10pct_and_back": []}
         ok = {k: [] for k in acc}
         false_matches = 0
         t_embed = t_extract = 0.0
@@ -136,11 +143,17 @@ def image_part(args, rng: random.Random) -> dict:
             t0 = time.perf_counter()
             marked = iw.embed(base, wm_id)
             t_embed += time.perf_counter() - t0
-            buf = io.BytesIO()
-            marked.save(buf, "JPEG", quality=75)
-            variants = {"clean": marked, "jpeg75": Image.open(io.BytesIO(buf.getvalue())).convert("RGB"),
-                        "resize_half_and_back": marked.resize((side // 2, side // 2), Image.Resampling.BILINEAR)
-                        .resize((side, side), Image.Resampling.BILINEAR)}
+            def jpeg(q):
+                buf = io.BytesIO()
+                marked.save(buf, "JPEG", quality=q)
+                return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+            def resized(f):
+                return marked.resize((side // f, side // f), Image.Resampling.BILINEAR).resize((side, side), Image.Resampling.BILINEAR)
+            m = side // 20  # 5% off each edge, then scaled back to the original size
+            variants = {"clean": marked, "jpeg75": jpeg(75), "resize_half_and_back": resized(2), "jpeg50": jpeg(50),
+                        "resize_quarter_and_back": resized(4),
+                        "crop_10pct_and_back": marked.crop((m, m, side - m, side - m)).resize((side, side), Image.Resampling.BILINEAR)}
             for name, v in variants.items():
                 acc[name].append(iw.bit_accuracy(v, wm_id))
                 t0 = time.perf_counter()
@@ -152,7 +165,7 @@ def image_part(args, rng: random.Random) -> dict:
         out[str(side)] = {"images": n, **{name: {"bit_accuracy": round(float(np.mean(acc[name])), 4),
                                                  "payload_recovered": round(float(np.mean(ok[name])), 4)} for name in acc},
                           "false_matches_on_unmarked": false_matches, "embed_ms": round(1000 * t_embed / n, 1),
-                          "extract_ms": round(1000 * t_extract / (3 * n), 1)}
+                          "extract_ms": round(1000 * t_extract / (len(acc) * n), 1)}
     return out
 
 

@@ -82,3 +82,19 @@ def _private_home(tmp_path_factory):
         os.environ.pop("AIGC_HOME", None)
     else:
         os.environ["AIGC_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def spread_model(tmp_path_factory, tiny_run) -> Path:
+    """A random 2-layer Llama at its default initialisation (high-entropy outputs, as a watermark needs) with the
+    tiny run's tokenizer, saved as a run directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("models") / "spread"
+    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(out / "model"))
+    tok.save_pretrained(str(out / "model"))
+    return out

@@ -5,7 +5,6 @@ import json
 import sys
 from types import SimpleNamespace
 
-import torch
 
 
 def run(*args, ok=True, stdin=None):
@@ -31,16 +30,8 @@ def run(*args, ok=True, stdin=None):
     return res
 
 
-def test_text_watermark_and_verify(tmp_path, tiny_run):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    run_dir = tmp_path / "spread"
-    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
-    torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(str(run_dir / "model"))
-    tok.save_pretrained(str(run_dir / "model"))
+def test_text_watermark_and_verify(tmp_path, spread_model):
+    run_dir = spread_model
     def sample(seed, *extra):
         return json.loads(run("generate", "text", run_dir, "--prompt", "The ", "--max-new-tokens", "200", "--seed", seed,
                               "--temperature", "1", "--json", *extra).stdout)["completions"][0]["text"]

@@ -38,20 +38,8 @@ def test_detect_random_text_is_not_flagged_and_short_input_is_safe():
         assert d.scored == 0 and not d.detected and d.z == 0.0
 
 
-@pytest.fixture(scope="module")
-def spread_model(tiny_run):
-    """A random model at its default initialisation: high-entropy outputs (a watermark needs choices to bias)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id)
-    return TextGenerator(LlamaForCausalLM(cfg).eval(), tok)
-
-
 def test_generation_carries_the_key_and_only_that_key(spread_model):
-    gen = spread_model
+    gen = TextGenerator.from_path(spread_model)
     mark = tw.Watermark(tw.tenant_key(b"s" * 32, 7))
     other = tw.tenant_key(b"s" * 32, 8)
     assert mark.key != other

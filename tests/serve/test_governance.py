@@ -7,7 +7,6 @@ import uuid
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 from sqlalchemy import text
 
@@ -19,24 +18,15 @@ VALID_ID = "11010519491231002X"
 
 
 @pytest.fixture(scope="module")
-def gov(tmp_path_factory, tiny_run, image_model):
+def gov(tmp_path_factory, spread_model, image_model):
     """A server with a high-entropy random text model (watermarks need choices to bias) and the image model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from aigc.serve.registry import Registry
     from aigc.settings import Settings
 
-    out = tmp_path_factory.mktemp("models") / "spread"
-    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
     settings = Settings(home=tmp_path_factory.mktemp("home"), admin_token="op", log_json=True)
     sessions = db(settings)
     seed_billing(sessions)
-    live = start(settings, Registry.from_paths([f"spread={out}", f"shapes={image_model}"], max_batch=4, context=256))
+    live = start(settings, Registry.from_paths([f"spread={spread_model}", f"shapes={image_model}"], max_batch=4, context=256))
     live.sessions = sessions
     yield live
     live.stop()

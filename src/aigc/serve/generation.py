@@ -152,20 +152,20 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
     sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
     filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
 
-    def deliver(i: int, full: str) -> tuple[str, bool]:
-        """The output of choice i as the policy lets it out: (text, filtered out entirely)."""
+    def deliver(i: int, full: str) -> str:
+        """The output of choice i as the output policy and the takedown list let it out ("" when blocked)."""
         d = gov.moderate(tenant, full, "output")
         if d.action != "allow":
             filtered[i] = d.to_dict()
         if d.blocked or gov.is_blocked(hashlib.sha256(d.text.encode()).hexdigest()):
             filtered[i] = {**d.to_dict(), "action": "block"}
-            return "", True
-        return d.text, False
+            return ""
+        return d.text
 
     async def record() -> None:
         params = job.params(entry.id, max_tokens)
         mark = tenant.mark()
-        wm = {"scheme": "green-list/left-hash", "gamma": mark.gamma, "delta": mark.delta} if mark else None
+        wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
         filters = [f"moderation:{tenant.moderation.source or 'default'}", f"pii-at-rest:{tenant.policy['pii']}"] + \
             (["watermark:text"] if mark else [])
         recs = []
@@ -203,8 +203,7 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                     finished[i] = done
             if failure() is None:
                 for i in range(job.n):
-                    text, cut = deliver(i, "".join(texts[i]))
-                    sent[i] = [text]
+                    sent[i] = [deliver(i, "".join(texts[i]))]
         finally:
             await settle()
         err = failure()
