@@ -349,7 +349,7 @@ def generate_image(
         from aigc.govern.c2pa import Provenance
         from aigc.govern.delivery import finish_png, parameters_text
 
-        provenance = Provenance.from_home(_settings().home)
+        provenance = Provenance.from_settings(_settings())
         version = pipe_version(run)
         for i, (img, label) in enumerate(zip(images, labels)):
             path = out_dir / f"{seed + i:06d}.png"
@@ -774,7 +774,7 @@ def verify(
     if isinstance(content, bytes):
         if not content:
             raise UserError(f"{path} is empty")
-        anchors = Provenance.from_home(settings.home).trust_anchors
+        anchors = Provenance.from_settings(settings).trust_anchors
         sessions = _open_sessions(db)
         try:
             with sessions() as s:
@@ -938,7 +938,8 @@ def keys_rotate(home: Annotated[Optional[Path], typer.Option(help="Data folder (
     """Add a fresh data key and make it active (old keys stay, so old records still decrypt)."""
     from aigc.govern.crypto import KeyRing
 
-    kid = KeyRing.load(_settings(home=home).home).rotate()
+    settings = _settings(home=home)
+    kid = KeyRing.load(settings.home, settings.data_keys).rotate()
     out.print(f"active data key is now {kid}; restart the server, then run `aigc admin keys reencrypt` to move old records")
 
 
@@ -948,7 +949,8 @@ def keys_reencrypt(home: Annotated[Optional[Path], typer.Option(help="Data folde
     from aigc.govern import records
     from aigc.govern.crypto import KeyRing
 
-    ring = KeyRing.load(_settings(home=home).home)
+    settings = _settings(home=home)
+    ring = KeyRing.load(settings.home, settings.data_keys)
     res = _db_do(db, lambda s: records.reencrypt(s, ring))
     out.print(f"{res['reencrypted_fields']} stored fields now sealed with {res['active_key']}")
 

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
     image_url_ttl_s: int = 3600
     log_json: bool = True
+    # Governance (aigc/govern): production C2PA credentials and the data-encryption key ring.
+    c2pa_cert: str = Field("", description="PEM file: the C2PA signing certificate chain (leaf first, no root). Empty: a local development CA.")
+    c2pa_key: str = Field("", description="PEM file: the private key of c2pa_cert.")
+    c2pa_signer: str = Field("", description="module:function that signs bytes (HSM/KMS) instead of c2pa_key.")
+    c2pa_alg: str = Field("es256", description="es256, es384, es512, ps256, ps384, ps512 or ed25519.")
+    c2pa_trust_anchors: str = Field("", description="PEM file of extra trust anchors for verification.")
+    data_keys: str = Field("", description="kid:base64key[,kid:base64key...] (first active); empty: HOME/keys/data-keys.json.")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'aigc.db'}"

@@ -100,7 +100,9 @@ def test_generation_records_and_complaints_on_each_database(database_url, tmp_pa
         org = crud.create_org(s, "acme", "payg")
         key, _ = crud.create_key(s, crud.create_user(s, org.id, "d@acme.example", "developer"))
         org_id, key_id = org.id, key.id
-    gov = Governance(tmp_path, sessions)
+    from aigc.settings import Settings
+
+    gov = Governance(Settings(home=tmp_path), sessions)
     rec = GenRecord("req1-0", "req1", org_id, key_id, "completions", "text", "m", "v1", {"temperature": 0.7}, "ab" * 32,
                     prompt="call 13812345678", output="hello", watermark={"scheme": "green-list"}, moderation={"input": {"action": "allow"}},
                     filters=["watermark:text"])

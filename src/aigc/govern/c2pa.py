@@ -25,7 +25,6 @@ import datetime as dt
 import importlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,10 +135,17 @@ class Provenance:
 
     @classmethod
     def from_home(cls, home: Path) -> "Provenance":
-        cert, key, signer = (os.environ.get(v, "") for v in ("AIGC_C2PA_CERT", "AIGC_C2PA_KEY", "AIGC_C2PA_SIGNER"))
-        alg = os.environ.get("AIGC_C2PA_ALG", "es256").lower()
-        anchors = _read(os.environ["AIGC_C2PA_TRUST_ANCHORS"]) if os.environ.get("AIGC_C2PA_TRUST_ANCHORS") else ""
-        dev = Path(home) / "c2pa"
+        """Credentials for the data folder ``home``, with the AIGC_C2PA_* settings from the environment."""
+        from aigc.settings import Settings
+
+        return cls.from_settings(Settings(home=home))
+
+    @classmethod
+    def from_settings(cls, settings) -> "Provenance":
+        cert, key, signer = settings.c2pa_cert, settings.c2pa_key, settings.c2pa_signer
+        alg = settings.c2pa_alg.lower()
+        anchors = _read(settings.c2pa_trust_anchors) if settings.c2pa_trust_anchors else ""
+        dev = Path(settings.home) / "c2pa"
         if (dev / "root-ca.pem").is_file():
             anchors += (dev / "root-ca.pem").read_text()
         if cert:

@@ -55,8 +55,13 @@ class KeyRing:
         self.keys, self.active, self.path = keys, active, path
 
     @classmethod
-    def load(cls, home: Path) -> "KeyRing":
-        env = os.environ.get("AIGC_DATA_KEYS", "").strip()
+    def load(cls, home: Path, spec: str | None = None) -> "KeyRing":
+        """From ``spec`` (the AIGC_DATA_KEYS format; None: read that setting), else the key-ring file under ``home``."""
+        if spec is None:
+            from aigc.settings import Settings
+
+            spec = Settings(home=home).data_keys
+        env = spec.strip()
         if env:
             keys: dict[str, bytes] = {}
             for part in env.split(","):

@@ -124,7 +124,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     sessions = open_db(settings.resolved_database_url())
     service = Service(settings, registry, sessions, Billing(sessions, settings.gpu_second_cost if settings.device != "cpu"
                                                              else settings.cpu_second_cost),
-                      RateLimiter(), Metrics(registry), _url_secret(settings), Governance(settings.home, sessions))
+                      RateLimiter(), Metrics(registry), _url_secret(settings), Governance(settings, sessions))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

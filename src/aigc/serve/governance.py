@@ -23,6 +23,7 @@ from aigc.govern import audit, text_watermark
 from aigc.govern.crypto import KeyRing, secret
 from aigc.govern.moderation import Decision, Policy, default_policy
 from aigc.govern.text_watermark import Watermark
+from aigc.settings import Settings
 
 DEFAULT_POLICY = {
     "watermark_text": True,  # green-list watermark on generated text
@@ -119,12 +120,13 @@ class GenRecord:
 
 
 class Governance:
-    def __init__(self, home: Path, sessions, ttl_s: float = 5.0):
-        self.home, self.sessions, self.ttl_s = Path(home), sessions, ttl_s
+    def __init__(self, settings: Settings, sessions, ttl_s: float = 5.0):
+        self.settings, self.sessions, self.ttl_s = settings, sessions, ttl_s
+        self.home = Path(settings.home)
         self.engine = sessions.kw["bind"]
         self.inline = self.engine.dialect.name == "sqlite"
         self.text_secret = secret(self.home, "text-watermark")
-        self.keyring = KeyRing.load(self.home)
+        self.keyring = KeyRing.load(self.home, settings.data_keys)
         self._tenants: dict[int, Tenant] = {}
         self.tokenizers: dict[str, object] = {}  # text models' tokenizers, for scoring watermarks
         self._provenance = None
@@ -137,7 +139,7 @@ class Governance:
         if self._provenance is None:
             from aigc.govern.c2pa import Provenance
 
-            self._provenance = Provenance.from_home(self.home)
+            self._provenance = Provenance.from_settings(self.settings)
         return self._provenance
 
     def tenant(self, org_id: int) -> Tenant:
