@@ -89,8 +89,6 @@ def test_concurrent_writers_keep_one_chain(database_url):
 
 
 def test_generation_records_and_complaints_on_each_database(database_url, tmp_path):
-    import asyncio
-
     from aigc.govern import records
     from aigc.serve.governance import GenRecord, Governance
 
@@ -106,7 +104,8 @@ def test_generation_records_and_complaints_on_each_database(database_url, tmp_pa
     rec = GenRecord("req1-0", "req1", org_id, key_id, "completions", "text", "m", "v1", {"temperature": 0.7}, "ab" * 32,
                     prompt="call 13812345678", output="hello", watermark={"scheme": "green-list"}, moderation={"input": {"action": "allow"}},
                     filters=["watermark:text"])
-    asyncio.run(gov.record([rec], "key:test"))
+    with sessions.kw["bind"].begin() as conn:
+        gov.writer([rec], "key:test")(conn)
     with sessions.begin() as s:
         ex = records.explain(s, "req1-0", org_id, {}, gov.keyring, reveal=True)
         assert ex["prompt"] == "call [PHONE]" and ex["output"] == "hello" and ex["parameters"] == {"temperature": 0.7}

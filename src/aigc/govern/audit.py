@@ -37,11 +37,24 @@ def entry_hash(prev: str, ts: str, kind: str, actor: str, org_id: int | None, su
     return hashlib.sha256((prev + body).encode()).hexdigest()
 
 
-def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject: str, data: dict, retries: int = 20) -> str:
-    """Append one entry inside the caller's transaction (a SAVEPOINT guards the retry); returns its hash."""
+def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject: str, data: dict, retries: int = 20,
+           holds_write_lock: bool = False) -> str:
+    """Append one entry inside the caller's transaction; returns its hash.
+
+    No other appender can move the head while this transaction holds the advisory lock (PostgreSQL) or,
+    on SQLite, when the caller says its transaction has already written (SQLite then holds the database's
+    write lock until commit). Otherwise a SAVEPOINT guards a retry on the new head."""
     payload = canonical(data)
     if conn.dialect.name == "postgresql":
         conn.execute(_LOCK)  # one appender at a time until this transaction ends: no lost races under load
+        holds_write_lock = True
+    if holds_write_lock:
+        prev = conn.execute(_HEAD).scalar() or GENESIS
+        ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        h = entry_hash(prev, ts, kind, actor, org_id, subject, payload)
+        conn.execute(_INSERT, {"ts": ts, "kind": kind, "actor": actor, "org_id": org_id, "subject": subject,
+                               "data": payload, "prev_hash": prev, "hash": h})
+        return h
     for _ in range(retries):
         prev = conn.execute(_HEAD).scalar() or GENESIS
         ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")

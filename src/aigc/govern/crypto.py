@@ -53,6 +53,12 @@ class KeyRing:
             if len(key) != 32:
                 raise UserError(f"data key {kid!r} must be 32 bytes (AES-256), got {len(key)}")
         self.keys, self.active, self.path = keys, active, path
+        self._aead: dict[str, AESGCM] = {}
+
+    def _cipher(self, kid: str) -> AESGCM:
+        if kid not in self._aead:
+            self._aead[kid] = AESGCM(self.keys[kid])
+        return self._aead[kid]
 
     @classmethod
     def load(cls, home: Path, spec: str | None = None) -> "KeyRing":
@@ -100,7 +106,7 @@ class KeyRing:
         data = plaintext.encode() if isinstance(plaintext, str) else plaintext
         kid = self.active.encode()
         nonce = pysecrets.token_bytes(12)
-        return MAGIC + bytes([len(kid)]) + kid + nonce + AESGCM(self.keys[self.active]).encrypt(nonce, data, aad)
+        return MAGIC + bytes([len(kid)]) + kid + nonce + self._cipher(self.active).encrypt(nonce, data, aad)
 
     @staticmethod
     def key_id(blob: bytes) -> str:
@@ -115,7 +121,7 @@ class KeyRing:
             raise UserError(f"this record was encrypted with data key {kid!r}, which is not in the key ring")
         body = blob[3 + blob[2] :]
         try:
-            return AESGCM(key).decrypt(body[:12], body[12:], aad)
+            return self._cipher(kid).decrypt(body[:12], body[12:], aad)
         except (InvalidTag, ValueError):
             raise UserError(f"this record does not decrypt with key {kid!r}: it was altered or belongs to another row") from None
 

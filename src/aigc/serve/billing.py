@@ -58,16 +58,19 @@ class Billing:
         except PaymentRequired as exc:
             raise ApiError(402, str(exc), code="insufficient_quota") from None
 
-    def _settle(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s):
+    def _settle(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
         with self.engine.begin() as conn:
             done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
                                compute_s, self.cost_per_s)
+            if also is not None:
+                also(conn)  # e.g. the generation log and its audit entries: one commit for the whole request
             return done.charged, done.cost
 
     async def settle(self, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
-                     units: Units, hold: Hold, compute_s: float) -> tuple[int, int]:
+                     units: Units, hold: Hold, compute_s: float, also=None) -> tuple[int, int]:
+        """Charge and record; ``also(conn)`` runs in the same transaction."""
         if self.inline:
-            return self._settle(request_id, principal, model, version, endpoint, status, units, hold, compute_s)
+            return self._settle(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(self._settle, request_id, principal, model, version, endpoint, status,
-                                                  units, hold, compute_s)
+                                                  units, hold, compute_s, also)

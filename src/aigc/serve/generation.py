@@ -140,8 +140,8 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
         compute = sum(f.compute_s for f in finished.values())
         service.limiter.refund(p.key_id, budget - len(ids) - produced)
         charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, endpoint, status,
-                                                     Units(len(ids), produced), hold, compute)
-        await record()
+                                                     Units(len(ids), produced), hold, compute,
+                                                     also=gov.writer(generation_records(), actor(p)))
         m = service.metrics
         m.tokens.labels(entry.id, "input").inc(len(ids))
         m.tokens.labels(entry.id, "output").inc(produced)
@@ -162,7 +162,7 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
             return ""
         return d.text
 
-    async def record() -> None:
+    def generation_records() -> list[GenRecord]:
         params = job.params(entry.id, max_tokens)
         mark = tenant.mark()
         wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
@@ -177,7 +177,7 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                                   {"input": in_decision.to_dict(), "output": filtered.get(i, {"action": "allow"})}, filters,
                                   "blocked" if filtered.get(i, {}).get("action") == "block" else
                                   ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))))
-        await gov.record(recs, actor(p))
+        return recs
 
     def failure() -> ApiError | None:
         bad = [f for f in finished.values() if f.reason in ("timeout", "error")]

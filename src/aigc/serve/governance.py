@@ -129,6 +129,8 @@ class Governance:
         self.keyring = KeyRing.load(self.home, settings.data_keys)
         self._tenants: dict[int, Tenant] = {}
         self.tokenizers: dict[str, object] = {}  # text models' tokenizers, for scoring watermarks
+        self._blocked: set[str] = set()
+        self._blocked_until = 0.0
         self._provenance = None
         self._insert = Generation.__table__.insert()
 
@@ -169,8 +171,15 @@ class Governance:
     # ------------------------------------------------------------ records
 
     def is_blocked(self, digest: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(text("SELECT 1 FROM blocked_outputs WHERE sha256 = :h"), {"h": digest}).first() is not None
+        """Whether an output was taken down (the list is re-read every few seconds, and at once after a takedown here)."""
+        if self._blocked_until < time.monotonic():
+            with self.engine.connect() as conn:
+                self._blocked = {h for (h,) in conn.execute(text("SELECT sha256 FROM blocked_outputs"))}
+            self._blocked_until = time.monotonic() + self.ttl_s
+        return digest in self._blocked
+
+    def forget_blocked(self) -> None:
+        self._blocked_until = 0.0
 
     def _seal(self, t: Tenant, gen_id: str, content: str | None, what: str) -> bytes | None:
         if content is None or not t.policy["store_content"]:
@@ -178,30 +187,28 @@ class Governance:
         scrubbed = Scrubber(t.policy["pii"]).scrub(content, drop_span=True) or ""
         return self.keyring.encrypt(scrubbed, f"{gen_id}:{what}".encode())
 
-    def _record(self, records: list[GenRecord], actor: str) -> None:
-        with self.engine.begin() as conn:
-            for r in records:
-                t = self.tenant(r.org_id)
-                conn.execute(self._insert, {
-                    "id": r.id, "request_id": r.request_id, "created_at": utcnow(),
-                    "org_id": r.org_id, "key_id": r.key_id, "endpoint": r.endpoint, "kind": r.kind, "model": r.model,
-                    "model_version": r.model_version, "params": r.params, "params_hash": params_hash(r.params),
-                    "output_sha256": r.output_sha256, "watermark": r.watermark, "watermark_id": r.watermark_id,
-                    "moderation": r.moderation, "filters": r.filters, "prompt_enc": self._seal(t, r.id, r.prompt, "prompt"),
-                    "output_enc": self._seal(t, r.id, r.output, "output"), "status": r.status, "purged_at": None})
-                audit.append(conn, "generation", actor, r.org_id, f"generation:{r.id}", {
-                    "generation_id": r.id, "request_id": r.request_id, "key_id": r.key_id, "model": r.model,
-                    "model_version": r.model_version, "output_sha256": r.output_sha256, "params_hash": params_hash(r.params),
-                    "watermark": r.watermark, "watermark_id": r.watermark_id, "moderation": r.moderation, "status": r.status})
+    def writer(self, records: list[GenRecord], actor: str):
+        """A function of a connection that writes ``records`` and their audit entries, for Billing.settle's
+        transaction (which has already written, so it holds SQLite's write lock)."""
+        return lambda conn: self.write(conn, records, actor, holds_write_lock=True)
 
-    async def record(self, records: list[GenRecord], actor: str) -> None:
-        if not records:
-            return
-        if self.inline:
-            self._record(records, actor)
-            return
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._record, records, actor)
+    def write(self, conn, records: list[GenRecord], actor: str, holds_write_lock: bool = False) -> None:
+        for r in records:
+            t = self.tenant(r.org_id)
+            phash = params_hash(r.params)
+            conn.execute(self._insert, {
+                "id": r.id, "request_id": r.request_id, "created_at": utcnow(),
+                "org_id": r.org_id, "key_id": r.key_id, "endpoint": r.endpoint, "kind": r.kind, "model": r.model,
+                "model_version": r.model_version, "params": r.params, "params_hash": phash,
+                "output_sha256": r.output_sha256, "watermark": r.watermark, "watermark_id": r.watermark_id,
+                "moderation": r.moderation, "filters": r.filters, "prompt_enc": self._seal(t, r.id, r.prompt, "prompt"),
+                "output_enc": self._seal(t, r.id, r.output, "output"), "status": r.status, "purged_at": None})
+            audit.append(conn, "generation", actor, r.org_id, f"generation:{r.id}", {
+                "generation_id": r.id, "request_id": r.request_id, "key_id": r.key_id, "model": r.model,
+                "model_version": r.model_version, "output_sha256": r.output_sha256, "params_hash": phash,
+                "watermark": r.watermark, "watermark_id": r.watermark_id, "moderation": r.moderation, "status": r.status},
+                holds_write_lock=holds_write_lock)
+            holds_write_lock = True  # the insert above took it
 
     def _refusal(self, org_id: int, actor: str, request_id: str, endpoint: str, model: str, decision: Decision) -> None:
         with self.engine.begin() as conn:

@@ -189,6 +189,7 @@ async def decide(body: DecisionRequest, service: ServiceDep, p: PrincipalDep,
                                                      service.settings.home / "images"))
     if out.revoked_key is not None:
         service.key_cache.clear()  # the revocation takes effect on the next request
+    service.governance.forget_blocked()
     return {**records.complaint_out(out.complaint), "revoked_key": out.revoked_key, "deleted_files": out.deleted_files}
 
 

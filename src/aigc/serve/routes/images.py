@@ -90,34 +90,39 @@ async def generate_images(body: ImageRequest, request: Request, service: Service
     provenance = gov.provenance if tenant.policy["c2pa"] else None
     hold = await service.billing.reserve(p, entry.id, entry.version, Units(images=body.n))
     seed = body.seed if body.seed is not None else int.from_bytes(rid.encode()[-4:], "big") % 2**31
-    status, compute, files, labels = "error", 0.0, [], []
+    params = {"model": entry.id, "prompt_sha256": hashlib.sha256(body.prompt.encode()).hexdigest(), "n": body.n,
+              "size": body.size, "seed": seed, "steps": body.steps, "guidance": body.guidance}
+
+    def log(files) -> tuple[list[GenRecord], list]:
+        records, kept = [], []
+        for i, (f, lab) in enumerate(zip(files, labels)):
+            digest = hashlib.sha256(f.data).hexdigest()
+            blocked = gov.is_blocked(digest)
+            records.append(GenRecord(f"{rid}-{i}", rid, p.org_id, p.key_id or None, "images.generations", "image", entry.id,
+                                     entry.version, {**params, "index": i}, digest, in_decision.text, None,
+                                     {"scheme": "dwtDctSvd", "id": f.watermark_id} if f.watermark_id is not None else None,
+                                     f.watermark_id, {"input": in_decision.to_dict()},
+                                     [f"moderation:{tenant.moderation.source or 'default'}", *f.filters],
+                                     "blocked" if blocked else "delivered"))
+            if not blocked:
+                kept.append((i, f.data, lab))
+        return records, kept
+
+    status, compute, files, labels, records, kept, also = "error", 0.0, [], [], [], [], None
     try:
         files, labels, compute = await anyio.to_thread.run_sync(_render, handle, body, seed, in_decision.text, tenant,
                                                                 provenance, rid, entry)
         status = "ok"
+        records, kept = log(files)
+        also = gov.writer(records, actor(p))  # logged and audited in the same transaction as the charge
     except UserError as exc:
         raise ApiError(400, str(exc), code="invalid_prompt", param="prompt") from None
     finally:
         charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, "images.generations", status,
-                                                     Units(images=len(files)), hold, compute)
+                                                     Units(images=len(files)), hold, compute, also=also)
         service.metrics.images.labels(entry.id).inc(len(files))
         service.metrics.revenue.labels(entry.id).inc(charged / 1e6)
         service.metrics.cost.labels(entry.id).inc(cost / 1e6)
-    params = {"model": entry.id, "prompt_sha256": hashlib.sha256(body.prompt.encode()).hexdigest(), "n": body.n,
-              "size": body.size, "seed": seed, "steps": body.steps, "guidance": body.guidance}
-    records, kept = [], []
-    for i, (f, lab) in enumerate(zip(files, labels)):
-        digest = hashlib.sha256(f.data).hexdigest()
-        blocked = gov.is_blocked(digest)
-        records.append(GenRecord(f"{rid}-{i}", rid, p.org_id, p.key_id or None, "images.generations", "image", entry.id,
-                                 entry.version, {**params, "index": i}, digest, in_decision.text, None,
-                                 {"scheme": "dwtDctSvd", "id": f.watermark_id} if f.watermark_id is not None else None,
-                                 f.watermark_id, {"input": in_decision.to_dict()},
-                                 [f"moderation:{tenant.moderation.source or 'default'}", *f.filters],
-                                 "blocked" if blocked else "delivered"))
-        if not blocked:
-            kept.append((i, f.data, lab))
-    await gov.record(records, actor(p))
     data = []
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(f).decode(), "revised_prompt": lab} for _, f, lab in kept]
