@@ -2,6 +2,7 @@
 complaints and takedowns, all audited."""
 import base64
 import io
+import json
 import re
 import uuid
 
@@ -114,6 +115,15 @@ def test_moderation_blocks_inputs_and_outputs(gov):
         body = "".join(s.iter_text())
     assert '"finish_reason": "content_filter"' in body and body.rstrip().endswith("[DONE]")
     assert first[10:16] not in body.replace("\\", "")
+    # redaction also holds in a stream: text leaves a word at a time, after the check
+    word = max(first.split(), key=len)[:4]
+    rule = f"rules:\n  - id: hide\n    action: redact\n    applies_to: [output]\n    pattern: '{re.escape(word)}'\n"
+    assert call(gov, "PUT", "/v1/organization/policy", admin, json={"moderation": rule}).status_code == 200
+    with httpx.stream("POST", gov.url + "/v1/completions", headers={"authorization": f"Bearer {dev}"}, timeout=60,
+                      json={"model": "spread", "prompt": "The ", "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert "[REDACTED]" in streamed and word not in streamed and streamed.replace("[REDACTED]", word) == first
 
 
 def _png_text(data: bytes) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -216,6 +217,7 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                             headers={**headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
 
     cut: set[int] = set()
+    held = [""] * job.n  # generated text not yet checked and sent, per choice
 
     async def sse():
         try:
@@ -230,9 +232,16 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                         err = failure()
                         yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
                         return
-                if delta:
-                    window = "".join(sent[i])[-256:] + delta  # block rules are checked on the recent text as it streams
-                    d = gov.moderate(tenant, window, "output")
+                held[i] += delta
+                # Text goes out only once checked against the output policy, a word at a time: when a space or
+                # CJK punctuation arrives, after 32 characters without one, and at the end. A number that may
+                # go on across spaces (a phone or card number) stays held until it ends, so it can be redacted whole.
+                if done is None and len(held[i]) < 32 and not _BREAK.search(delta):
+                    continue
+                out, held[i] = (held[i], "") if done is not None else _ready(held[i])
+                if out:
+                    tail = "".join(sent[i])[-256:]
+                    d = gov.moderate(tenant, tail + out, "output")
                     if d.blocked:
                         cut.add(i)
                         filtered[i] = d.to_dict()
@@ -243,10 +252,12 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                         continue
                     if d.action != "allow":
                         filtered[i] = d.to_dict()
-                    sent[i].append(delta)
-                if delta or done is not None:
+                    if d.action == "redact" and d.text.startswith(tail):
+                        out = d.text[len(tail):]
+                    sent[i].append(out)
+                if out or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
-                    yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, delta, reason, first[i]),
+                    yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, out, reason, first[i]),
                                                 ensure_ascii=False) + "\n\n"
                     first[i] = False
             if job.include_usage:
@@ -258,6 +269,20 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
 
     return MeteredStream(sse(), settle, media_type="text/event-stream",
                          headers={**headers, "cache-control": "no-cache", "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
+
+
+_BREAK = re.compile(r"[\s，。！？；：、]")
+_NUMBER_TAIL = re.compile(r"[\d+\-() ]*\d[\d+\-() ]*$")
+
+
+def _ready(held: str) -> tuple[str, str]:
+    """(text that can be checked and sent now, text to keep holding): a trailing number may continue."""
+    m = _NUMBER_TAIL.search(held)
+    if m and m.start() > 0 and len(held) - m.start() < 32:
+        return held[: m.start()], held[m.start():]
+    if m and m.start() == 0 and len(held) < 32:
+        return "", held
+    return held, ""
 
 
 class MeteredStream(StreamingResponse):
