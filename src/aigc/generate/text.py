@@ -345,8 +345,9 @@ class TextGenerator:
             else:
                 probs = filtered.softmax(-1)
                 nxt = torch.cat([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(B)])
-            for b in range(B):
-                history[b] = history[b][-7:] + [int(nxt[b])]
+            if params.watermark is not None:
+                for b in range(B):
+                    history[b] = history[b][-7:] + [int(nxt[b])]
             if seen is not None:
                 seen[torch.arange(B), nxt] = True
             for b in list(active):
