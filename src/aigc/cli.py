@@ -908,7 +908,7 @@ def org_policy(org: str,
                db: DbOpt = None, as_json: JsonOpt = False):
     """Show or change an organisation's governance policy (a running server picks it up within seconds)."""
     from aigc.db import crud
-    from aigc.serve.governance import DEFAULT_POLICY, set_policy
+    from aigc.govern.records import DEFAULT_POLICY, set_policy
 
     changes = {}
     for pair in set_ or []:

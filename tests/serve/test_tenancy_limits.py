@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aigc.db.models import UsageRecord
-from aigc.serve.governance import set_policy
+from aigc.govern.records import set_policy
 from tests.serve.helpers import add_key, tenant
 
 OP = {"Authorization": "Bearer operator-secret"}

@@ -22,9 +22,65 @@ from aigc.db.models import AuditEntry, BlockedOutput, Complaint, Generation, Org
 from aigc.errors import NotFound, UserError
 from aigc.govern import audit, c2pa, image_watermark, text_watermark
 from aigc.govern.crypto import KeyRing
+from aigc.govern.moderation import Policy
 
 DECISIONS = ("dismiss", "takedown", "revoke_key")
 MAX_FILE_BYTES = 32 * 2**20
+
+
+# ---------------------------------------------------------------- tenant policy
+
+DEFAULT_POLICY = {
+    "watermark_text": True,  # green-list watermark on generated text
+    "watermark_image": True,  # invisible payload in images of 256x256 and more
+    "c2pa": True,  # signed C2PA manifest on every file
+    "png_parameters": True,  # generation parameters in PNG text metadata ("parameters" convention)
+    "store_content": True,  # keep prompts and outputs (PII-scrubbed, encrypted) for explanations and complaints
+    "pii": "mask",  # scrubbing of stored prompts/outputs: mask | hash | drop (drop the spans)
+    "retention_days": 30,  # stored prompts/outputs are purged after this many days (metadata and hashes stay)
+}
+_TYPES = {k: type(v) for k, v in DEFAULT_POLICY.items()}
+
+
+def validate_policy(changes: dict) -> dict:
+    out = {}
+    for k, v in changes.items():
+        if k not in DEFAULT_POLICY:
+            raise UserError(f"unknown policy setting {k!r}: known settings are {', '.join(DEFAULT_POLICY)}")
+        want = _TYPES[k]
+        if want is bool and isinstance(v, str):
+            if v.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
+                raise UserError(f"policy {k} must be true or false, got {v!r}")
+            v = v.lower() in ("true", "on", "1", "yes")
+        elif want is int and isinstance(v, str):
+            if not v.strip().isdigit():
+                raise UserError(f"policy {k} must be a whole number of days, got {v!r}")
+            v = int(v)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise UserError(f"policy {k} must be a {want.__name__}, got {v!r}")
+        if k == "pii" and v not in ("mask", "hash", "drop"):
+            raise UserError("policy pii must be mask, hash or drop")
+        if k == "retention_days" and v < 1:
+            raise UserError("policy retention_days must be >= 1")
+        out[k] = v
+    return out
+
+
+def set_policy(s, org_id: int, changes: dict, moderation: str | None) -> Organization:
+    """Validate and store a tenant's policy changes and/or moderation rules (audited). Shared with the CLI."""
+    org = crud.get_org(s, org_id)
+    valid = validate_policy(changes)
+    if valid:
+        org.policy = {**(org.policy or {}), **valid}
+    if moderation is not None:
+        if moderation.strip():
+            Policy.from_yaml(moderation, "the moderation policy")  # refuse a broken policy before storing it
+        org.moderation = moderation or None
+    s.flush()
+    audit.append_session(s, "admin.policy.set", crud.ACTOR.get(), org.id, f"org:{org.id}",
+                         {"changes": valid, "moderation_sha256": hashlib.sha256(moderation.encode()).hexdigest()
+                          if moderation is not None else None})
+    return org
 
 
 def decode_b64(data: str, what: str = "file") -> bytes:
@@ -273,8 +329,6 @@ def _dataset_summary(manifest: dict | None) -> dict | None:
 
 def purge(s: Session, now: dt.datetime | None = None, default_days: int = 30) -> dict:
     """Clear stored prompts/outputs older than each tenant's retention (metadata, hashes and audit stay)."""
-    from aigc.serve.governance import DEFAULT_POLICY
-
     now = now or utcnow()
     cleared = 0
     for org in s.scalars(select(Organization)):

@@ -118,7 +118,6 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.governance import Governance
     from aigc.serve.routes import admin, chat, completions, governance, health, images, models, usage
 
     sessions = open_db(settings.resolved_database_url())

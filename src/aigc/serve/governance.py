@@ -16,74 +16,16 @@ import anyio
 from sqlalchemy import text
 
 from aigc.data.pii import Scrubber
-from aigc.db import crud
-from aigc.db.models import Generation, Organization, utcnow
-from aigc.errors import UserError
+from aigc.db.models import Generation, utcnow
 from aigc.govern import audit, text_watermark
 from aigc.govern.crypto import KeyRing, secret
+from aigc.govern.records import DEFAULT_POLICY
 from aigc.govern.moderation import Decision, Policy, default_policy
 from aigc.govern.text_watermark import Watermark
 from aigc.settings import Settings
 
-DEFAULT_POLICY = {
-    "watermark_text": True,  # green-list watermark on generated text
-    "watermark_image": True,  # invisible payload in images of 256x256 and more
-    "c2pa": True,  # signed C2PA manifest on every file
-    "png_parameters": True,  # generation parameters in PNG text metadata ("parameters" convention)
-    "store_content": True,  # keep prompts and outputs (PII-scrubbed, encrypted) for explanations and complaints
-    "pii": "mask",  # scrubbing of stored prompts/outputs: mask | hash | drop (drop the spans)
-    "retention_days": 30,  # stored prompts/outputs are purged after this many days (metadata and hashes stay)
-}
-_TYPES = {k: type(v) for k, v in DEFAULT_POLICY.items()}
-
-
-def validate_policy(changes: dict) -> dict:
-    out = {}
-    for k, v in changes.items():
-        if k not in DEFAULT_POLICY:
-            raise UserError(f"unknown policy setting {k!r}: known settings are {', '.join(DEFAULT_POLICY)}")
-        want = _TYPES[k]
-        if want is bool and isinstance(v, str):
-            if v.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
-                raise UserError(f"policy {k} must be true or false, got {v!r}")
-            v = v.lower() in ("true", "on", "1", "yes")
-        elif want is int and isinstance(v, str):
-            if not v.strip().isdigit():
-                raise UserError(f"policy {k} must be a whole number of days, got {v!r}")
-            v = int(v)
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise UserError(f"policy {k} must be a {want.__name__}, got {v!r}")
-        if k == "pii" and v not in ("mask", "hash", "drop"):
-            raise UserError("policy pii must be mask, hash or drop")
-        if k == "retention_days" and v < 1:
-            raise UserError("policy retention_days must be >= 1")
-        out[k] = v
-    return out
-
-
-def set_policy(s, org_id: int, changes: dict, moderation: str | None) -> Organization:
-    """Validate and store a tenant's policy changes and/or moderation rules (audited). Shared with the CLI."""
-    org = crud.get_org(s, org_id)
-    valid = validate_policy(changes)
-    if valid:
-        org.policy = {**(org.policy or {}), **valid}
-    if moderation is not None:
-        if moderation.strip():
-            Policy.from_yaml(moderation, "the moderation policy")  # refuse a broken policy before storing it
-        org.moderation = moderation or None
-    s.flush()
-    audit.append_session(s, "admin.policy.set", crud.ACTOR.get(), org.id, f"org:{org.id}",
-                         {"changes": valid, "moderation_sha256": hashlib.sha256(moderation.encode()).hexdigest()
-                          if moderation is not None else None})
-    return org
-
-
-def sha256(data: str | bytes) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
 def params_hash(params: dict) -> str:
-    return sha256(json.dumps(params, sort_keys=True, separators=(",", ":"), default=str))
+    return hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 @dataclass

@@ -22,9 +22,9 @@ from aigc.db.crud import Principal
 from aigc.db.models import Organization
 from aigc.errors import UserError
 from aigc.govern import records
+from aigc.govern.records import DEFAULT_POLICY, set_policy
 from aigc.serve.deps import PrincipalDep, ServiceDep, bearer, get_principal, require
 from aigc.serve.errors import ApiError
-from aigc.serve.governance import DEFAULT_POLICY, set_policy
 from aigc.serve.registry import TEXT
 from aigc.serve.routes.admin import db
 
