@@ -52,7 +52,7 @@ demo: $(STAMP)
 	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
 	echo "  curl -s localhost:8000/v1/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"text\", \"prompt\": \"The \", \"max_tokens\": 60}'"; \
 	echo "  curl -s localhost:8000/v1/images/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"prompt\": \"a large red circle in the center\"}'"; \
-	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
+	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'\$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
 	echo "  curl -s localhost:8000/v1/complaints -H 'Content-Type: application/json' -d '{\"reason\": \"not mine\", \"content\": \"some text\"}'"; \
 	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
 	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image --db $(DEMO_DB) --port 8000
