@@ -127,6 +127,18 @@ class Rule:
         return spans
 
 
+class _Forms(dict):
+    """The normalised text, built on first use (rules with only patterns or PII detectors never need it)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def __missing__(self, key: str):
+        self[key] = normalise(self.text, compact=key == "cjk")
+        return self[key]
+
+
 @dataclass
 class Decision:
     action: str  # allow | flag | redact | block
@@ -195,7 +207,7 @@ class Policy:
         return cls.from_yaml(p.read_text(encoding="utf-8"), str(p), p.parent)
 
     def check(self, text: str, stage: str) -> Decision:
-        forms = {"latin": normalise(text, False), "cjk": normalise(text, True)}
+        forms = _Forms(text)
         matches, spans = [], []
         for rule in self.rules:
             if stage not in rule.applies_to:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -268,15 +269,14 @@ def decide(s: Session, complaint_id: int, action: str, reviewer: str, org_id: in
     return out
 
 
-class _actor:
-    def __init__(self, who: str):
-        self.who = who
-
-    def __enter__(self):
-        self.token = crud.ACTOR.set(self.who)
-
-    def __exit__(self, *exc):
-        crud.ACTOR.reset(self.token)
+@contextlib.contextmanager
+def _actor(who: str):
+    """Admin changes made inside are audited under ``who`` (the reviewer), not the caller's default."""
+    token = crud.ACTOR.set(who)
+    try:
+        yield
+    finally:
+        crud.ACTOR.reset(token)
 
 
 # ---------------------------------------------------------------- explanations

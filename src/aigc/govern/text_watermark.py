@@ -59,11 +59,14 @@ def _seed(keys: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     return seed
 
 
+def _is_green(seed: torch.Tensor, tokens: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The split itself: shared by generation (all candidates) and detection (the tokens written)."""
+    return _mix((seed + ((tokens * 0x9E3779B1) & M32)) & M32) < int(gamma * 2**32)
+
+
 def green_mask(keys: torch.Tensor, ctx: torch.Tensor, vocab: int, gamma: float = GAMMA) -> torch.Tensor:
     """(R, vocab) bool: the green tokens for each row, given its key (R,) and context tokens (R, k)."""
-    seed = _seed(keys, ctx)
-    cand = (torch.arange(vocab, dtype=torch.long) * 0x9E3779B1) & M32
-    return _mix((seed[:, None] + cand[None, :]) & M32) < int(gamma * 2**32)
+    return _is_green(_seed(keys, ctx)[:, None], torch.arange(vocab, dtype=torch.long)[None, :], gamma)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def detect(ids: list[int], key: int, vocab: int, gamma: float = GAMMA, threshold
     ctx = torch.tensor([list(c) for c, _ in tuples])
     tok = torch.tensor([t for _, t in tuples])
     seed = _seed(torch.full((T,), key, dtype=torch.long), ctx)
-    green = int((_mix((seed + ((tok * 0x9E3779B1) & M32)) & M32) < int(gamma * 2**32)).sum())
+    green = int(_is_green(seed, tok, gamma).sum())
     z = (green - gamma * T) / math.sqrt(T * gamma * (1 - gamma))
     p = _binomial_tail(green, T, gamma)
     return Detection(z, p, green, T, gamma, threshold, z >= threshold and T >= MIN_TOKENS)
