@@ -39,13 +39,14 @@ def test_text_watermark_and_verify(tmp_path, spread_model):
     seed = next(s for s in range(1, 20) if len(sample(s)) > 150)
     marked, plain = sample(seed), sample(seed, "--no-watermark")
     assert marked != plain
-    rep = json.loads(run("verify", marked, "--model", run_dir, "--json").stdout)["text_watermark"]
+    # random text may start with "-": "--" ends the options, as for any command line
+    rep = json.loads(run("verify", "--model", run_dir, "--json", "--", marked).stdout)["text_watermark"]
     assert rep["detected"] and rep["z"] > 4
-    assert not json.loads(run("verify", plain, "--model", run_dir, "--json").stdout)["text_watermark"]["detected"]
+    assert not json.loads(run("verify", "--model", run_dir, "--json", "--", plain).stdout)["text_watermark"]["detected"]
     (tmp_path / "m.txt").write_text(marked)
     assert "DETECTED" in run("verify", tmp_path / "m.txt", "--text-file", "--model", run_dir).stdout
     assert "DETECTED" in run("verify", "-", "--model", run_dir, stdin=marked).stdout
-    short = run("verify", marked[:12], "--model", run_dir).stdout
+    short = run("verify", "--model", run_dir, "--", marked[:12]).stdout
     assert "not detected" in short and "short texts" in short  # truncated text: a clear answer
     assert "needs the model" in run("verify", "some text", ok=False).stderr
     assert "no tokenizer found" in run("verify", "some text", "--model", tmp_path, ok=False).stderr

@@ -744,7 +744,7 @@ admin_app.add_typer(c2pa_app, name="c2pa")
 
 @app.command("verify")
 def verify(
-    target: Annotated[str, typer.Argument(help="A file (PNG, JPEG, WAV, MP4), a text file with --text-file, or the text itself; - reads stdin.")],
+    target: Annotated[str, typer.Argument(help="A file (PNG, JPEG, WAV, MP4), a text file with --text-file, or the text itself (after -- if it starts with -); - reads stdin.")],
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Text run whose tokenizer scores the text (repeatable).")] = None,
     org: Annotated[Optional[str], typer.Option(help="Score the text with this organisation's watermark key (default: this machine's CLI key).")] = None,
     text_file: Annotated[bool, typer.Option("--text-file", help="TARGET is a text file to score, not a media file.")] = False,
