@@ -1,0 +1,271 @@
+"""Music model training: a decoder transformer over REMI event tokens, trained from scratch.
+
+One explicit loop, the text engine's recipe (AdamW, warmup + cosine, clipping, bf16 autocast where
+the CPU has it, fixed validation batches, best-checkpoint keeping, early stopping, exact resume: the
+batch and dropout noise of step ``s`` depend only on (seed, s)).
+
+Augmentation: every training piece is encoded in each transposition of the dataset's range (default
+-5..+6 semitones) that stays in the piano range, with its key token moved along, so the model sees all
+keys and the key control works for any of them. Validation pieces are scored as written.
+
+Run directory layout::
+
+    config.yaml            resolved config (resume reads only this)
+    dataset/manifest.json  the prepared dataset's manifest
+    data/{train,val}.bin   token ids (uint16), pieces separated by EOS; data/{train,val}.jsonl the pieces
+    model/                 best weights: config.json + model.safetensors + tokenizer + aigc_music.json
+    checkpoints/last.pt    resume state
+    metrics.jsonl  tb/  loss.png  samples/  summary.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aigc.config import save_yaml
+from aigc.errors import UserError
+from aigc.models.lm import LMConfig
+from aigc.train import common
+from aigc.train.lm import DataConfig, LoopConfig, _make_optimizer, get_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AugmentConfig:
+    transpose: bool = True  # use the dataset's transposition range (manifest augment.transpose)
+
+
+@dataclass
+class MusicTrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: LMConfig = field(default_factory=lambda: LMConfig(block_size=512))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def encode_pieces(pieces, vocab, transpose: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """All pieces (and their transpositions in the inclusive range) as one uint16 id stream."""
+    parts = []
+    for piece in pieces:
+        for k in range(transpose[0], transpose[1] + 1):
+            shifted = piece.transposed(k)
+            if shifted is not None:
+                parts.append(np.asarray(vocab.encode(shifted), dtype=np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def prepare_run(cfg: MusicTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
+    """Create the run directory: config, manifest, tokenizer and the encoded (augmented) pieces."""
+    from aigc.data.music import Vocab, load_prepared
+    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir
+
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data PREPARED_DIR (from `aigc data prepare --kind music`)")
+    try:
+        check_writable(run_dir, overwrite)
+    except UserError:
+        raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
+    train_pieces, val_pieces, manifest = load_prepared(cfg.data.path)
+    if not val_pieces:
+        raise UserError(f"{cfg.data.path}: the prepared dataset has no validation pieces; prepare it with --val-fraction > 0")
+    vocab = Vocab()
+    transpose = tuple(manifest["augment"]["transpose"]) if cfg.augment.transpose else (0, 0)
+    tmp = atomic_output_dir(run_dir, overwrite)
+    try:
+        (tmp / "dataset").mkdir()
+        (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        vocab.to_hf_tokenizer(cfg.model.block_size).save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "data").mkdir()
+        for split, pieces, shift in (("train", train_pieces, transpose), ("val", val_pieces, (0, 0))):
+            ids = encode_pieces(pieces, vocab, shift)
+            ids.tofile(tmp / "data" / f"{split}.bin")
+            shutil.copyfile(Path(cfg.data.path) / f"{split}.jsonl", tmp / "data" / f"{split}.jsonl")
+            (tmp / "data" / f"{split}.json").write_text(json.dumps(
+                {"dtype": "uint16", "tokens": int(len(ids)), "pieces": len(pieces), "transpose": list(shift),
+                 "notes": sum(len(p.notes) for p in pieces)}))
+        save_yaml(asdict(cfg), tmp / "config.yaml")
+        commit_output_dir(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_meta(run_dir: Path):
+    """Voices, time signature and tempo most common in the training pieces."""
+    from aigc.data.music import DEFAULT_TEMPO, Piece
+    from aigc.models.music import MusicMeta
+
+    pieces = [Piece(**json.loads(line)) for line in (run_dir / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    n_voices = Counter(len(p.voices) for p in pieces).most_common(1)[0][0]
+    names = [Counter(p.voices[v] for p in pieces if len(p.voices) > v).most_common(1)[0][0] for v in range(n_voices)]
+    return MusicMeta(voices=names, time_signature=Counter(p.time_signature for p in pieces).most_common(1)[0][0],
+                     tempo=Counter(p.tempo for p in pieces).most_common(1)[0][0] if pieces else DEFAULT_TEMPO)
+
+
+def save_model(model, tokenizer, meta, out: Path) -> None:
+    """Write the HF folder atomically (temp folder, then swap)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    meta.save(tmp)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_ids(run_dir: Path, split: str) -> np.ndarray:
+    return np.fromfile(run_dir / "data" / f"{split}.bin", dtype=np.uint16)
+
+
+def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
+          progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train (or resume) the music run in ``run_dir``; return the summary also written to summary.json."""
+    from aigc.data import tokenizers
+    from aigc.models.music import build
+
+    run_dir = Path(run_dir)
+    loop = cfg.train
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    precision = common.resolve_precision(loop.precision)
+    tokenizer = tokenizers.load(run_dir / "tokenizer")
+    train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
+    block = cfg.model.block_size
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        if len(ids) < block + 2:
+            raise UserError(f"the {split} split has {len(ids)} tokens, fewer than one block of {block}; "
+                            f"use more scores or a smaller --model.block_size")
+    model = build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=loop.seed)
+    meta = run_meta(run_dir)
+    optimizer = _make_optimizer(model, loop)
+    params = dict(model.named_parameters())
+
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt_path.parent.mkdir(exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": ""}
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        if not loop.max_seconds:
+            state["max_steps"] = loop.max_steps
+        common.truncate_metrics(metrics_path, state["step"])
+        log.info("resumed from step %d", state["step"])
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=x).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = [loss_of(*get_batch(val_ids, block, loop.batch_size, loop.seed + 1, i)).item() for i in range(loop.eval_batches)]
+        model.train()
+        return float(np.mean(losses))
+
+    model.train()
+    step = state["step"]
+    t_start = time.perf_counter() - state["elapsed"]
+    tokens_per_step = loop.batch_size * loop.grad_accum * block
+    t_last, last_log_step = time.perf_counter(), step
+    while step < state["max_steps"]:
+        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(loop.seed * 1_000_003 + step)
+        total = 0.0
+        for micro in range(loop.grad_accum):
+            loss = loss_of(*get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro))
+            (loss / loop.grad_accum).backward()
+            total += loss.item() / loop.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["step"] = step
+        now = time.perf_counter()
+        state["elapsed"] = now - t_start
+        record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
+        if step % 10 == 0 or step == 1:
+            record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
+            t_last, last_log_step = now, step
+        if loop.max_seconds and step % 25 == 0:
+            state["max_steps"] = min(loop.max_steps, max(step + 1, int(loop.max_seconds / (state["elapsed"] / step))))
+        finished = step >= state["max_steps"]
+        if step % loop.eval_interval == 0 or finished:
+            val = evaluate()
+            record["val_loss"] = round(val, 6)
+            if val < state["best_val"] - loop.min_delta:
+                state["best_val"], state["bad_evals"] = val, 0
+                meta.step = step
+                save_model(model, tokenizer, meta, run_dir / "model")
+                record["best"] = True
+            else:
+                state["bad_evals"] += 1
+                if loop.patience and state["bad_evals"] >= loop.patience:
+                    state["stopped"] = f"early stop: no improvement in {loop.patience} evaluations"
+                    finished = True
+        common.append_jsonl(metrics_path, record)
+        writer.add_scalar("train/loss", total, step)
+        writer.add_scalar("train/lr", lr, step)
+        if "val_loss" in record:
+            writer.add_scalar("val/loss", record["val_loss"], step)
+            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
+        if step % loop.checkpoint_interval == 0 or finished:
+            common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+        if progress:
+            progress(step, state["max_steps"], record)
+        if finished:
+            break
+    writer.close()
+    if not (run_dir / "model").is_dir():
+        meta.step = step
+        save_model(model, tokenizer, meta, run_dir / "model")
+    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
+    rates = [r["tokens_per_s"] for r in common.read_jsonl(metrics_path) if "tokens_per_s" in r][1:]
+    summary = {
+        "steps": step,
+        "best_val_loss": state["best_val"],
+        "elapsed_s": round(state["elapsed"], 2),
+        "precision": precision,
+        "block_size": block,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens": int(len(train_ids)),
+        "tokens_per_s": round(float(np.median(rates))) if rates else None,
+        "stopped": state["stopped"] or "max_steps",
+    }
+    if loop.samples:
+        from aigc.generate.music import MusicParams, MusicPipeline
+
+        pipe = MusicPipeline.from_run(run_dir)
+        folder = run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        for i in range(loop.samples):
+            result = pipe.generate(MusicParams(bars=4, seed=loop.seed + i, max_tokens=loop.sample_tokens * 4))
+            result.write_midi(folder / f"sample-{i}.mid")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
