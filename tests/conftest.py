@@ -98,3 +98,26 @@ def spread_model(tmp_path_factory, tiny_run) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     return out
+
+
+@pytest.fixture(scope="session")
+def music_data(tmp_path_factory) -> Path:
+    """Six built-in chorales, transposed -1..+1 for training."""
+    from aigc.data.music import MusicPrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("musicdata") / "chorales"
+    prepare([], out, MusicPrepareOptions(limit=6, transpose=[-1, 1], val_fraction=0.3), builtin=["chorales"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def music_model(tmp_path_factory, music_data) -> Path:
+    from aigc.config import load_config
+    from aigc.train.music import MusicTrainConfig, prepare_run, train
+
+    cfg = load_config(MusicTrainConfig, Path(__file__).parent.parent / "src/aigc/configs/music/tiny.yaml",
+                      {"data": {"path": str(music_data)}, "train": {"samples": 0}})
+    run = tmp_path_factory.mktemp("musicmodel") / "chorale-tiny"
+    prepare_run(cfg, run)
+    train(cfg, run)
+    return run

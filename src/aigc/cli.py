@@ -51,12 +51,13 @@ def _emit_json(obj) -> None:
 def data_prepare(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders (images: class sub-folders).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data files + manifest.json).")] = Path("data/prepared"),
-    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); digits, shapes (image).")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="text or image (default: image for --builtin digits/shapes, else text).")] = None,
+    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); digits, shapes (image); chorales (music).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="text, image or music (default: from --builtin, else text).")] = None,
     size: Annotated[int, typer.Option(help="Image: side in pixels after resize and centre crop.")] = 32,
     mode: Annotated[str, typer.Option(help="Image: rgb or gray.")] = "rgb",
     hflip: Annotated[bool, typer.Option("--hflip", help="Image: random horizontal flips while training.")] = False,
-    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw.")] = 5000,
+    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw. Music: at most this many built-in chorales (0: all).")] = 5000,
+    transpose: Annotated[str, typer.Option(help="Music: transposition range for augmentation, LOW:HIGH semitones (0:0 turns it off).")] = "-5:6",
     field: Annotated[str, typer.Option(help="JSON field or CSV column with the text.")] = "text",
     normalization: Annotated[str, typer.Option(help="Unicode normalisation: NFC, NFKC or none.")] = "NFC",
     txt_split: Annotated[str, typer.Option(help=".txt documents: paragraph, line or file.")] = "paragraph",
@@ -74,13 +75,16 @@ def data_prepare(
     from aigc.config import from_dict
 
     if kind is None:
-        kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "text"
+        kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "music" if builtin and set(builtin) == {"chorales"} else "text"
+    if kind == "music":
+        _prepare_music(inputs or [], out_dir, builtin, count, transpose, val_fraction, seed, overwrite, as_json)
+        return
     if kind == "image":
         _prepare_images(inputs or [], out_dir, builtin, {"size": size, "mode": mode, "hflip": hflip, "count": count,
                                                          "val_fraction": val_fraction, "seed": seed}, overwrite, as_json)
         return
     if kind != "text":
-        raise UserError(f"--kind must be text or image, got {kind!r}")
+        raise UserError(f"--kind must be text, image or music, got {kind!r}")
     from aigc.data.text import PrepareOptions, prepare
 
     opts = from_dict(PrepareOptions, {"field": field, "normalization": normalization, "txt_split": txt_split,
@@ -110,6 +114,36 @@ def _prepare_images(inputs: list[Path], out_dir: Path, builtin: list[str] | None
     n = manifest["images"]
     out.print(f"wrote {out_dir}: {n['train']} train / {n['val']} val images of {opts.size}x{opts.size} {opts.mode}"
               f"; {len(manifest['classes'])} classes{', captions' if manifest['captions'] else ''}")
+    if manifest["skipped"]:
+        out.print(f"skipped {n['skipped']} unusable files (listed in manifest.json):")
+        for item in manifest["skipped"][:10]:
+            out.print(f"  {item['file']}: {item['reason']}", markup=False, highlight=False)
+
+
+def _prepare_music(inputs: list[Path], out_dir: Path, builtin: list[str] | None, count: int, transpose: str,
+                   val_fraction: float, seed: int, overwrite: bool, as_json: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from aigc.config import from_dict
+    from aigc.data.music import MusicPrepareOptions, prepare
+
+    try:
+        low, high = (int(x) for x in transpose.split(":"))
+    except ValueError:
+        raise UserError(f"--transpose: write LOW:HIGH in semitones, e.g. -5:6 (got {transpose!r})") from None
+    limit = count if count != 5000 else 0  # 5000 is the option's default (for shapes): all chorales
+    opts = from_dict(MusicPrepareOptions, {"val_fraction": val_fraction, "seed": seed, "limit": limit, "transpose": [low, high]})
+    bar = Progress(TextColumn("[bold]reading scores"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = bar.add_task("read", total=None)
+    with bar:
+        manifest = prepare(inputs, out_dir, opts, builtin=builtin, overwrite=overwrite,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        _emit_json(manifest)
+        return
+    n, notes = manifest["pieces"], manifest["notes"]
+    out.print(f"wrote {out_dir}: {n['train']} train / {n['val']} val pieces, {notes['train'] + notes['val']:,} notes, "
+              f"{manifest['tokens_per_piece']['mean']:.0f} tokens per piece; transposition {low:+d}..{high:+d}")
     if manifest["skipped"]:
         out.print(f"skipped {n['skipped']} unusable files (listed in manifest.json):")
         for item in manifest["skipped"][:10]:
@@ -230,6 +264,32 @@ def train_image(
         val = f"; best val loss {summary['best_val_loss']:.4f}" if "best_val_loss" in summary else ""
         out.print(f"trained {summary['kind']} for {summary['steps']} steps in {summary['elapsed_s']} s{val}; "
                   f"samples: {run / 'samples.png'}; run directory: {run}")
+
+
+@train_app.command("music", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_music(
+    ctx: typer.Context,
+    config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (chorale-small, tiny).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared music folder (from `aigc data prepare --kind music`).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Train the music model (a decoder transformer over event tokens). Override any config key with --section.key=value."""
+    from aigc.train.music import MusicTrainConfig, prepare_run, train
+
+    _quiet_libraries()
+    cfg, run = _run_config(MusicTrainConfig, ctx.args, config, data, run, resume, overwrite, "music", prepare_run)
+    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss"))
+    with bar:
+        summary = train(cfg, run, resume=resume, progress=progress)
+    summary["run"] = str(run)
+    if as_json:
+        _emit_json(summary)
+    else:
+        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({summary['stopped']}); "
+                  f"best val loss {summary['best_val_loss']:.4f} nats/token; run directory: {run}")
 
 
 # ---------------------------------------------------------------- generate
@@ -371,6 +431,141 @@ def generate_image(
         out.print(f"{w['file']}" + (f"  ({w['condition']})" if w.get("condition") else ""), markup=False, highlight=False)
 
 
+@generate_app.command("music")
+def generate_music(
+    run: Annotated[Path, typer.Argument(help="Music run directory.")],
+    bars: Annotated[int, typer.Option(help="Bars to generate (after the primer's).")] = 8,
+    seconds: Annotated[float, typer.Option(help="Generate enough bars for this many seconds (overrides --bars).")] = 0.0,
+    key: Annotated[Optional[str], typer.Option(help="Key, e.g. 'G major' or 'e minor' (default: the model chooses).")] = None,
+    tempo: Annotated[Optional[int], typer.Option(help="Quarter notes per minute (default: the run's most common).")] = None,
+    time_signature: Annotated[Optional[str], typer.Option(help="e.g. 3/4 (default: the run's most common).")] = None,
+    primer: Annotated[Optional[Path], typer.Option(help="MIDI or MusicXML file to continue.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.9,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Sample i uses seed + i.")] = 0,
+    n: Annotated[int, typer.Option("--n", help="Number of pieces.")] = 1,
+    synth: Annotated[str, typer.Option(help="auto (FluidSynth when installed), builtin or fluidsynth.")] = "auto",
+    soundfont: Annotated[Optional[Path], typer.Option(help="A General MIDI .sf2 for FluidSynth.")] = None,
+    wav: Annotated[bool, typer.Option(help="Also render 44.1 kHz WAV audio (C2PA-signed).")] = True,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
+):
+    """Generate music: MIDI plus WAV audio, unconditionally or continuing a primer, with key, length and tempo controls."""
+    import hashlib
+
+    from aigc.config import from_dict
+    from aigc.data.music import read_score
+    from aigc.generate.music import MusicParams, MusicPipeline, key_label, render_wav
+
+    _quiet_libraries()
+    if n < 1 or n > 100:
+        raise UserError(f"--n must be between 1 and 100, got {n}")
+    primer_piece = None
+    if primer is not None:
+        if not primer.is_file():
+            raise UserError(f"primer not found: {primer}")
+        try:
+            primer_piece = read_score(primer)
+        except ValueError as e:
+            raise UserError(f"{primer}: {e}") from None
+    pipe = MusicPipeline.from_run(run)
+    out_dir = out_dir or run / "generated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    provenance = None
+    if wav:
+        from aigc.govern.c2pa import Provenance
+
+        provenance = Provenance.from_settings(_settings())
+    version = pipe_version(run)
+    written = []
+    for i in range(n):
+        params = from_dict(MusicParams, {"bars": bars, "seconds": seconds, "key": key, "tempo": tempo, "time_signature": time_signature,
+                                         "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed + i})
+        params.primer = primer_piece
+        with err.status(f"composing piece {i + 1} of {n}"):
+            result = pipe.generate(params)
+        stem = out_dir / f"music-{seed + i:06d}"
+        midi = result.midi_bytes()
+        stem.with_suffix(".mid").write_bytes(midi)
+        entry = {"midi": str(stem.with_suffix(".mid")), "seed": seed + i, "key": key_label(result.piece), "tempo": result.tempo,
+                 "time_signature": result.piece.time_signature, "bars": bars, "primer_bars": result.primer_bars,
+                 "notes": len(result.piece.notes), "seconds": round(result.seconds, 2), "elapsed_s": round(result.elapsed_s, 2)}
+        if wav:
+            audio, used = render_wav(result.piece, result.tempo, result.program, synth, str(soundfont or ""))
+            manifest = provenance.manifest(stem.name + ".wav", run.name, version,
+                                           {"seed": seed + i, "midi_sha256": hashlib.sha256(midi).hexdigest()})
+            signed = provenance.sign(audio, "audio/wav", manifest)
+            tmp = stem.with_suffix(".wav.tmp")
+            tmp.write_bytes(signed)
+            tmp.replace(stem.with_suffix(".wav"))
+            entry.update(wav=str(stem.with_suffix(".wav")), synth=used, c2pa=True)
+        written.append(entry)
+    if as_json:
+        _emit_json({"run": str(run), "pieces": written})
+        return
+    for w in written:
+        out.print(f"{w['midi']}" + (f" + {Path(w['wav']).name} ({w['synth']})" if wav else "")
+                  + f"  {w['key']}, {w['time_signature']}, {w['tempo']} bpm, {w['seconds']} s, {w['notes']} notes",
+                  markup=False, highlight=False)
+
+
+@generate_app.command("video")
+def generate_video(
+    image_run: Annotated[Path, typer.Argument(help="Image run directory (renders the frames).")],
+    prompt: Annotated[str, typer.Option(help="What the video is about; 'A; then B' writes the scenes directly.")] = "",
+    text_run: Annotated[Optional[Path], typer.Option(help="Text run that writes the storyboard (one line per scene).")] = None,
+    music_run: Annotated[Optional[Path], typer.Option(help="Music run that scores the soundtrack (none: a silent video).")] = None,
+    scene: Annotated[Optional[list[str]], typer.Option("--scene", help="A scene's text (repeat; overrides the storyboard writer).")] = None,
+    scenes: Annotated[int, typer.Option(help="Number of scenes the text model writes.")] = 3,
+    seconds: Annotated[float, typer.Option(help="Duration in seconds.")] = 6.0,
+    fps: Annotated[int, typer.Option(help="Frames per second.")] = 12,
+    size: Annotated[int, typer.Option(help="Frame side in pixels (square).")] = 256,
+    captions: Annotated[bool, typer.Option("--captions", help="Burn the scene text into the frames.")] = False,
+    seed: Annotated[int, typer.Option(help="Scene i's key frame uses seed + i; the storyboard and soundtrack use it too.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps per frame (default: the run's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Diffusion: guidance scale.")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Soundtrack key, e.g. 'D minor'.")] = None,
+    tempo: Annotated[Optional[int], typer.Option(help="Soundtrack tempo (quarter notes per minute).")] = None,
+    synth: Annotated[str, typer.Option(help="Soundtrack synthesizer: auto, builtin or fluidsynth.")] = "auto",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: IMAGE_RUN/video-SEED).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Compose a video: storyboard -> key frames -> latent interpolation -> soundtrack -> H.264 + AAC MP4 (C2PA-signed)."""
+    from dataclasses import asdict
+
+    from aigc.config import from_dict
+    from aigc.generate.video import VideoParams, compose
+    from aigc.govern.c2pa import Provenance
+
+    _quiet_libraries()
+    params = from_dict(VideoParams, {"prompt": prompt, "scenes": scenes, "scene_texts": list(scene or []), "seconds": seconds,
+                                     "fps": fps, "size": size, "captions": captions, "seed": seed, "steps": steps,
+                                     "guidance": guidance, "key": key, "tempo": tempo, "synth": synth})
+    out_dir = out_dir or image_run / f"video-{seed}"
+    with err.status("composing video"):
+        result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite)
+    provenance = Provenance.from_settings(_settings())
+    manifest = provenance.manifest("video.mp4", image_run.name, pipe_version(image_run),
+                                   {"seed": seed, "text_run": str(text_run or ""), "music_run": str(music_run or "")})
+    signed = provenance.sign(result.mp4, "video/mp4", manifest)
+    tmp = out_dir / "video.mp4.tmp"
+    tmp.write_bytes(signed)
+    tmp.replace(out_dir / "video.mp4")
+    summary = {"video": str(out_dir / "video.mp4"), "folder": str(out_dir), "frames": result.frames, "seconds": round(result.seconds, 3),
+               "fps": fps, "size": size, "audio": result.audio, "watermark_id": result.watermark_id, "c2pa": True,
+               "scenes": [asdict(s) for s in result.storyboard], "timings": result.timings}
+    if as_json:
+        _emit_json(summary)
+        return
+    for s in result.storyboard:
+        out.print(f"scene {s.index + 1} ({s.start_s:.1f}-{s.end_s:.1f} s): {s.text!r} -> {s.condition or 'unconditional'} [{s.reason}]",
+                  markup=False, highlight=False)
+    out.print(f"wrote {out_dir / 'video.mp4'}: {result.frames} frames at {fps} fps, {size}x{size}"
+              f"{', with soundtrack' if result.audio else ', silent'}; intermediates in {out_dir}", markup=False, highlight=False)
+
+
 def pipe_version(run: Path) -> str:
     """The same model version the server reports for this run."""
     from aigc.serve.registry import entry_for
@@ -415,6 +610,35 @@ def eval_text(
         out.print(f"BLEU {ref['bleu']:.2f}  ROUGE-1 {ref['rouge1']:.2f}  ROUGE-2 {ref['rouge2']:.2f}  ROUGE-L {ref['rougeL']:.2f}  ({ref['pairs']} pairs)")
     if div:
         out.print(f"distinct-1 {div['distinct_1']:.3f}  distinct-2 {div['distinct_2']:.3f}  self-BLEU {div['self_bleu']:.2f}")
+    out.print(f"report: {run / 'eval' / 'report.md'}")
+
+
+@eval_app.command("music")
+def eval_music(
+    run: Annotated[Path, typer.Argument(help="Music run directory.")],
+    samples: Annotated[int, typer.Option(help="Pieces generated for the sample statistics (keys cycle through 8).")] = 8,
+    bars: Annotated[int, typer.Option(help="Bars per generated piece.")] = 8,
+    max_pieces: Annotated[int, typer.Option(help="Held-out pieces scored (0: all).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """NLL per token, note and 16th step on held-out pieces; pitch-class, density, key and polyphony statistics."""
+    from aigc.eval.music import evaluate_run
+
+    _quiet_libraries()
+    if samples < 1 or bars < 1:
+        raise UserError("--samples and --bars must be >= 1")
+    with err.status("evaluating"):
+        report = evaluate_run(run, n_samples=samples, bars=bars, seed=seed, max_pieces=max_pieces)
+    if as_json:
+        _emit_json(report)
+        return
+    lik, sa, ho = report["likelihood"], report["samples"], report["heldout"]
+    out.print(f"held-out NLL: {lik['nats_per_token']:.4f} nats/token, {lik['nats_per_note']:.4f} nats/note, "
+              f"{lik['nats_per_16th_step']:.4f} nats/16th step ({lik['pieces']} pieces, {lik['notes']} notes)")
+    out.print(f"samples: in-key {sa['in_key_ratio']:.1%} (held-out {ho['in_key_ratio']:.1%}), pitch-class distance "
+              f"{sa['pitch_class_distance']:.3f} (held-out {ho['pitch_class_distance']:.3f}), polyphony {sa['polyphony']} "
+              f"(held-out {ho['polyphony']}), key adherence {sa['key_adherence']:.0%}")
     out.print(f"report: {run / 'eval' / 'report.md'}")
 
 

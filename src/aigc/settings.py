@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_batch: int = 32  # sequences decoded together per text model
     context_tokens: int = 1024  # KV cache length per sequence (prompt + completion), capped by the model's own
     key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
-    image_url_ttl_s: int = 3600
+    image_url_ttl_s: int = 3600  # also the lifetime of music and video result URLs
+    job_workers: int = 1  # threads rendering music and video jobs
     log_json: bool = True
     # Governance (aigc/govern): production C2PA credentials and the data-encryption key ring.
     c2pa_cert: str = Field("", description="PEM file: the C2PA signing certificate chain (leaf first, no root). Empty: a local development CA.")

@@ -121,6 +121,31 @@ def scale_pitch_classes(tonic: int, mode: str) -> set[int]:
     return {(tonic + s) % 12 for s in (MAJOR_SCALE if mode == "major" else MINOR_SCALE)}
 
 
+# Krumhansl-Kessler key profiles (C major, C minor), from probe-tone ratings.
+MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+
+
+def pitch_class_histogram(pieces: list[Piece], weighted: bool = False) -> np.ndarray:
+    h = np.zeros(12)
+    for p in pieces:
+        for n in p.notes:
+            h[n[2] % 12] += n[3] if weighted else 1
+    return h / max(h.sum(), 1e-12)
+
+
+def estimate_key(piece: Piece) -> tuple[int, str]:
+    """Krumhansl-Schmuckler: the key whose profile correlates best with the duration-weighted pitch classes."""
+    h = pitch_class_histogram([piece], weighted=True)
+    best, best_r = (0, "major"), -2.0
+    for mode, profile in (("major", MAJOR_PROFILE), ("minor", MINOR_PROFILE)):
+        for tonic in range(12):
+            r = float(np.corrcoef(h, np.roll(profile, tonic))[0, 1]) if h.std() > 0 else -1.0
+            if r > best_r:
+                best, best_r = (tonic, mode), r
+    return best
+
+
 def tempo_bucket(bpm: float) -> int:
     return min(TEMPI, key=lambda b: abs(b - bpm))
 
@@ -154,14 +179,8 @@ def piece_from_stream(score, source: str) -> Piece:
     if ts not in TIME_SIGNATURES:
         raise ValueError(f"unsupported time signature {ts} (supported: {', '.join(TIME_SIGNATURES)})")
     keys = list(flat.getElementsByClass(music21.key.Key))
-    if keys:
-        key = keys[0]
-    else:
-        try:
-            key = score.analyze("key")  # Krumhansl-Schmuckler on the pitch content
-        except Exception:
-            key = music21.key.Key("C")
-    mode = "minor" if key.mode in ("minor", "dorian", "phrygian", "aeolian", "locrian") else "major"
+    key = (keys[0].tonic.pitchClass, "minor" if keys[0].mode in ("minor", "dorian", "phrygian", "aeolian", "locrian") else "major") \
+        if keys else None
     marks = list(flat.getElementsByClass(music21.tempo.MetronomeMark))
     bpm = marks[0].getQuarterBPM() if marks and marks[0].number else None
     tempo = tempo_bucket(bpm) if bpm else DEFAULT_TEMPO
@@ -209,7 +228,9 @@ def piece_from_stream(score, source: str) -> Piece:
         if (n[0], n[1], n[2]) not in seen:
             seen.add((n[0], n[1], n[2]))
             cleaned.append(list(n))
-    return Piece(source, key.tonic.pitchClass, mode, ts, tempo, voices, cleaned)
+    piece = Piece(source, 0, "major", ts, tempo, voices, cleaned)
+    piece.tonic, piece.mode = key or estimate_key(piece)  # files without a key (most MIDI): Krumhansl-Schmuckler
+    return piece
 
 
 def builtin_chorale_paths() -> list[Path]:

@@ -24,33 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aigc.data.music import Piece, Vocab, key_name, parse_key, scale_pitch_classes
+from aigc.data.music import Piece, Vocab, estimate_key, pitch_class_histogram, key_name, parse_key, scale_pitch_classes
 
 COCONET_NATS_PER_FRAME = 0.57
-# Krumhansl-Kessler key profiles (C major, C minor), from probe-tone ratings.
-MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 EVAL_KEYS = ("C major", "G major", "D minor", "A minor", "F major", "E minor", "Bb major", "B minor")
-
-
-def pitch_class_histogram(pieces: list[Piece], weighted: bool = False) -> np.ndarray:
-    h = np.zeros(12)
-    for p in pieces:
-        for n in p.notes:
-            h[n[2] % 12] += n[3] if weighted else 1
-    return h / max(h.sum(), 1e-12)
-
-
-def estimate_key(piece: Piece) -> tuple[int, str]:
-    """Krumhansl-Schmuckler: the key whose profile correlates best with the duration-weighted pitch classes."""
-    h = pitch_class_histogram([piece], weighted=True)
-    best, best_r = (0, "major"), -2.0
-    for mode, profile in (("major", MAJOR_PROFILE), ("minor", MINOR_PROFILE)):
-        for tonic in range(12):
-            r = float(np.corrcoef(h, np.roll(profile, tonic))[0, 1]) if h.std() > 0 else -1.0
-            if r > best_r:
-                best, best_r = (tonic, mode), r
-    return best
 
 
 def statistics(pieces: list[Piece], reference_hist: np.ndarray | None = None) -> dict:

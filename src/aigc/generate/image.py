@@ -200,9 +200,24 @@ class ImagePipeline:
             return self.model(z, cond)
         if self.meta.kind == "vae":
             return self.model.generate(z, cond)
-        return self._denoise(z, cond, steps, guidance, sampler, seed)
+        return self._denoise(z, self.model.cond(cond), steps, guidance, sampler, seed)
 
-    def _denoise(self, x: torch.Tensor, cond, steps, guidance, sampler, seed) -> torch.Tensor:
+    @torch.no_grad()
+    def condition_vectors(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """Condition ids -> the (B, D) vectors the model consumes (None for an unconditional model)."""
+        return None if cond is None else self.model.cond(cond)
+
+    @torch.no_grad()
+    def decode_vectors(self, z: torch.Tensor, c: torch.Tensor | None, steps: int | None = None,
+                       guidance: float | None = None) -> torch.Tensor:
+        """Like ``decode`` but from condition vectors, so conditions can be interpolated too (video)."""
+        if self.meta.kind == "dcgan":
+            return self.model.from_vector(z, c)
+        if self.meta.kind == "vae":
+            return self.model.decode(z, c)
+        return self._denoise(z, c, steps, guidance, "ddim", 0)
+
+    def _denoise(self, x: torch.Tensor, c: torch.Tensor | None, steps, guidance, sampler, seed) -> torch.Tensor:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         cfg = self.meta.config
@@ -217,7 +232,6 @@ class ImagePipeline:
             raise UserError(f"unknown sampler {sampler!r} (ddim, ddpm)")
         scheduler = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(self.scheduler_config)
         scheduler.set_timesteps(steps)
-        c = self.model.cond(cond)
         null = self.model.cond.null_condition(x.shape[0])
         gen = torch.Generator().manual_seed(seed)
         x = x * scheduler.init_noise_sigma

@@ -74,7 +74,10 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         # z: (B, nz); cond: (B,) class ids or (B, L) caption word ids -> (B, C, H, W) in [-1, 1]
-        c = self.cond(cond)
+        return self.from_vector(z, self.cond(cond))
+
+    def from_vector(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        # z: (B, nz); c: (B, nz) condition vectors or None -> (B, C, H, W)
         h = z if c is None else torch.cat([z, c], dim=1)
         return self.ups(self.start(h))
 

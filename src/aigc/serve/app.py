@@ -61,6 +61,7 @@ class Service:
     metrics: Metrics
     url_secret: bytes
     governance: Governance
+    jobs: object = None  # serve.jobs.JobRunner: music and video jobs
     key_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready: bool = True
@@ -118,19 +119,23 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.routes import admin, chat, completions, governance, health, images, models, usage
+    from aigc.serve.jobs import JobRunner
+    from aigc.serve.routes import admin, chat, completions, governance, health, images, media, models, usage
 
     sessions = open_db(settings.resolved_database_url())
     service = Service(settings, registry, sessions, Billing(sessions, settings.gpu_second_cost if settings.device != "cpu"
                                                              else settings.cpu_second_cost),
                       RateLimiter(), Metrics(registry), _url_secret(settings), Governance(settings, sessions))
+    service.jobs = JobRunner(service, settings.job_workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("server started", extra={"models": list(registry.entries), "database": sessions.kw["bind"].url.render_as_string(hide_password=True)})
+        service.jobs.recover()
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
         service.ready = False
+        service.jobs.close()  # running jobs finish and settle; queued ones too
         registry.close()
         sessions.kw["bind"].dispose()
         log.info("server stopped")
@@ -142,7 +147,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(Exception, errors.unhandled_handler)
-    for module in (models, completions, chat, images, usage, admin, governance, health):
+    for module in (models, completions, chat, images, media, usage, admin, governance, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, service_getter=lambda: service)
     return app

@@ -19,13 +19,13 @@ from aigc.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TEXT, IMAGE, ECHO = "text", "image", "echo"
+TEXT, IMAGE, MUSIC, ECHO = "text", "image", "music", "echo"
 
 
 @dataclass
 class ModelEntry:
     id: str
-    kind: str  # text | image | echo
+    kind: str  # text | image | music | echo
     path: Path | None
     version: str
     created: int
@@ -38,6 +38,8 @@ def detect_kind(run: Path) -> str | None:
     model = run / "model" if (run / "model").is_dir() else run
     if (model / "aigc_image.json").is_file():
         return IMAGE
+    if (model / "aigc_music.json").is_file():  # before TEXT: a music model is also an HF causal LM folder
+        return MUSIC
     if (model / "config.json").is_file() or (model / "adapter_config.json").is_file():
         return TEXT
     return None
@@ -57,7 +59,7 @@ def entry_for(run: Path, model_id: str | None = None) -> ModelEntry:
     run = Path(run)
     kind = detect_kind(run)
     if kind is None:
-        raise UserError(f"{run}: not a trained run (no model/config.json or model/aigc_image.json)")
+        raise UserError(f"{run}: not a trained run (no model/config.json, model/aigc_image.json or model/aigc_music.json)")
     folder = run / "model" if (run / "model").is_dir() else run
     version, created, size = _version(folder)
     return ModelEntry(model_id or run.name, kind, run, version, created, size)
@@ -141,8 +143,8 @@ class Registry:
                 close()
 
 
-class ImageHandle:
-    """An image pipeline with a lock: diffusion sampling is compute-bound, requests take turns."""
+class LockedPipeline:
+    """An image or music pipeline with a lock: sampling is compute-bound, requests take turns."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -166,7 +168,13 @@ def _load_text(entry: ModelEntry, reg: Registry):
 def _load_image(entry: ModelEntry, reg: Registry):
     from aigc.generate.image import ImagePipeline
 
-    return ImageHandle(ImagePipeline.from_run(entry.path))
+    return LockedPipeline(ImagePipeline.from_run(entry.path))
+
+
+def _load_music(entry: ModelEntry, reg: Registry):
+    from aigc.generate.music import MusicPipeline
+
+    return LockedPipeline(MusicPipeline.from_run(entry.path))
 
 
 def _load_echo(entry: ModelEntry, reg: Registry):
@@ -175,4 +183,4 @@ def _load_echo(entry: ModelEntry, reg: Registry):
     return EchoEngine()
 
 
-LOADERS = {TEXT: _load_text, IMAGE: _load_image, ECHO: _load_echo}
+LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo}
