@@ -528,6 +528,7 @@ def generate_video(
     key: Annotated[Optional[str], typer.Option(help="Soundtrack key, e.g. 'D minor'.")] = None,
     tempo: Annotated[Optional[int], typer.Option(help="Soundtrack tempo (quarter notes per minute).")] = None,
     synth: Annotated[str, typer.Option(help="Soundtrack synthesizer: auto, builtin or fluidsynth.")] = "auto",
+    chroma: Annotated[str, typer.Option(help="420 (plays everywhere) or 444 (keeps the frames' watermark readable).")] = "420",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: IMAGE_RUN/video-SEED).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -542,7 +543,7 @@ def generate_video(
     _quiet_libraries()
     params = from_dict(VideoParams, {"prompt": prompt, "scenes": scenes, "scene_texts": list(scene or []), "seconds": seconds,
                                      "fps": fps, "size": size, "captions": captions, "seed": seed, "steps": steps,
-                                     "guidance": guidance, "key": key, "tempo": tempo, "synth": synth})
+                                     "guidance": guidance, "key": key, "tempo": tempo, "synth": synth, "chroma": chroma})
     out_dir = out_dir or image_run / f"video-{seed}"
     with err.status("composing video"):
         result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite)

@@ -11,9 +11,10 @@
    (for diffusion, with the deterministic DDIM sampler, so neighbouring frames stay coherent).
 4. **Soundtrack**: the music run generates enough bars for the duration at the tempo; it is rendered
    to 44.1 kHz stereo, cut to length with a fade-out.
-5. **Mux**: PyAV (bundled FFmpeg) encodes H.264 (yuv420p) + AAC into MP4. Captions are optionally
-   burned in. Frames of 256 px or more carry the invisible image watermark; the MP4 is C2PA-signed
-   by the caller.
+5. **Mux**: PyAV (bundled FFmpeg) encodes H.264 + AAC into MP4. Captions are optionally burned in.
+   Frames of 256 px or more carry the invisible image watermark; the MP4 is C2PA-signed by the
+   caller. The default yuv420p plays everywhere, but its 4:2:0 chroma often erases the frame
+   watermark on saturated, flat frames; ``chroma="444"`` keeps it readable (fewer players).
 
 Everything is kept in the output folder: ``storyboard.json`` (scenes, conditions, reasons),
 ``keyframes/scene-NN.png``, ``soundtrack.mid``, ``soundtrack.wav``, ``params.json`` (what re-makes it)
@@ -55,6 +56,9 @@ class VideoParams:
     tempo: int | None = None  # soundtrack tempo
     synth: str = "auto"
     watermark: bool = True
+    # "420" (yuv420p) plays everywhere; "444" (yuv444p, High 4:4:4) keeps the frames' invisible watermark
+    # readable after encoding, which 4:2:0 chroma often erases on saturated, flat frames (measured).
+    chroma: str = "420"
     scene_tokens: int = 48  # text model tokens per scene line
 
     def validate(self) -> None:
@@ -66,6 +70,8 @@ class VideoParams:
             raise UserError(f"fps must be between 1 and 60, got {self.fps}")
         if not 16 <= self.size <= 1024 or self.size % 2:
             raise UserError(f"size must be an even number of pixels between 16 and 1024, got {self.size}")
+        if self.chroma not in ("420", "444"):
+            raise UserError(f"chroma must be 420 or 444, got {self.chroma!r}")
         if not 0.0 <= self.hold <= 1.0:
             raise UserError(f"hold must be in [0, 1], got {self.hold}")
         if self.scene_texts and len(self.scene_texts) != self.scenes:
@@ -239,7 +245,8 @@ def fit_audio(audio: np.ndarray, seconds: float, sample_rate: int, fade_s: float
     return out
 
 
-def mux_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None, sample_rate: int = 44100, crf: int = 20) -> bytes:
+def mux_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None, sample_rate: int = 44100, crf: int = 20,
+            chroma: str = "420") -> bytes:
     """H.264 (yuv420p) + AAC in MP4, returned as bytes. frames: (F, H, W, 3) uint8; audio: (samples, 2) float."""
     import io
 
@@ -249,7 +256,7 @@ def mux_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None, sample_rate:
     with av.open(buf, mode="w", format="mp4") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height = frames.shape[2], frames.shape[1]
-        video.pix_fmt = "yuv420p"
+        video.pix_fmt = "yuv444p" if chroma == "444" else "yuv420p"
         video.options = {"crf": str(crf), "preset": "medium"}
         astream = None
         if audio is not None:
@@ -407,7 +414,7 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         timings["soundtrack_s"] = time.perf_counter() - t3
         timings["synth"] = synth
     t4 = time.perf_counter()
-    mp4 = mux_mp4(frames, params.fps, audio)
+    mp4 = mux_mp4(frames, params.fps, audio, chroma=params.chroma)
     timings["mux_s"] = time.perf_counter() - t4
     timings["total_s"] = time.perf_counter() - t0
     timings = {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}

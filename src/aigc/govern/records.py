@@ -129,13 +129,28 @@ def resolve_watermark(s: Session, wm_id: int, org_id: int | None, operator: bool
             "created_at": gen.created_at.isoformat() + "Z", "status": gen.status}
 
 
+def _first_frame_png(data: bytes) -> bytes | None:
+    """A video's first frame as PNG bytes (its frames carry the image watermark), or None if unreadable."""
+    import io
+
+    try:
+        from aigc.generate.video import first_frame
+
+        buf = io.BytesIO()
+        first_frame(data).save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # a damaged or non-video file: the C2PA verdict already says what is wrong
+        return None
+
+
 def verify_file(data: bytes, trust_anchors: str, s: Session | None = None, org_id: int | None = None,
                 operator: bool = False) -> dict:
     mime = c2pa.sniff_mime(data)
     out: dict = {"kind": mime or "unknown", "sha256": hashlib.sha256(data).hexdigest(),
                  "c2pa": c2pa.verify(data, mime, trust_anchors).to_dict()}
-    if mime in ("image/png", "image/jpeg") or mime is None:
-        mark = check_image_mark(data)
+    frame = _first_frame_png(data) if mime == "video/mp4" else None
+    if mime in ("image/png", "image/jpeg") or mime is None or frame is not None:
+        mark = check_image_mark(frame or data)
         if mark.get("found") and s is not None:
             mark["generation"] = resolve_watermark(s, mark["watermark_id"], org_id, operator)
         out["image_watermark"] = mark

@@ -23,7 +23,15 @@ from aigc.db.models import utcnow
 
 log = logging.getLogger(__name__)
 
-_UPDATE = text("UPDATE jobs SET status = :status, result = :result, error = :error, finished_at = :now WHERE id = :id")
+
+
+def _finish(conn, job_id: str, status: str, result: dict | None, error: str | None) -> None:
+    from sqlalchemy import update
+
+    from aigc.db.models import Job
+
+    table = Job.__table__  # typed columns, so the JSON result is encoded for either database
+    conn.execute(update(table).where(table.c.id == job_id).values(status=status, result=result, error=error, finished_at=utcnow()))
 
 
 @dataclass
@@ -56,8 +64,7 @@ class JobRunner:
             with s.billing.engine.begin() as conn:
                 crud.settle(conn, job_id, who, model, version, f"{kind}.generations", "error", Units(), None, held, 0.0,
                             s.billing.cost_per_s)
-                conn.execute(_UPDATE, {"status": "failed", "result": None, "error": "the server stopped before the job finished",
-                                       "now": utcnow(), "id": job_id})
+                _finish(conn, job_id, "failed", None, "the server stopped before the job finished")
         if rows:
             log.warning("failed unfinished jobs", extra={"jobs": len(rows)})
         return len(rows)
@@ -89,7 +96,7 @@ class JobRunner:
         def also(conn):
             if write is not None:
                 write(conn)
-            conn.execute(_UPDATE, {"status": status, "result": result, "error": error, "now": utcnow(), "id": job_id})
+            _finish(conn, job_id, status, result, error)
 
         try:
             charged, cost = s.billing._settle(job_id, principal, model, version, endpoint, "ok" if status == "succeeded" else "error",
@@ -99,8 +106,7 @@ class JobRunner:
         except Exception:
             log.exception("job settle failed", extra={"job": job_id})
             with s.billing.engine.begin() as conn:
-                conn.execute(_UPDATE, {"status": "failed", "result": None, "error": "internal error while recording the job",
-                                       "now": utcnow(), "id": job_id})
+                _finish(conn, job_id, "failed", None, "internal error while recording the job")
         finally:
             with self.lock:
                 self.running.discard(job_id)

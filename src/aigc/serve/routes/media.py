@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -75,6 +76,7 @@ class VideoRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, le=50)
     key: str | None = Field(None, max_length=20)
     tempo: int | None = Field(None, ge=20, le=300)
+    chroma: Literal["420", "444"] = "420"
     user: str | None = Field(None, max_length=256)
 
 
@@ -240,7 +242,7 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
                         raise UserError("the storyboard the text model wrote was refused by the content policy")
             vp = VideoParams(prompt=body.prompt, scenes=len(scenes), scene_texts=scenes, seconds=body.seconds, fps=body.fps,
                              size=body.size, captions=body.captions, seed=seed, steps=body.steps, guidance=body.guidance,
-                             key=body.key, tempo=body.tempo, watermark=tenant.policy["watermark_image"])
+                             key=body.key, tempo=body.tempo, watermark=tenant.policy["watermark_image"], chroma=body.chroma)
             folder = service.settings.home / "media" / job_id
             result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True)
             mp4, filters = result.mp4, ["watermark:image:dwtDctSvd"] if result.watermark_id is not None else []
