@@ -36,15 +36,26 @@ demo: $(STAMP)
 	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=120
 	$(BIN)/aigc generate image $(DEMO)/image --caption "a large red circle in the center" --caption "a small blue square at top left" --n 2 --seed 1
 	$(BIN)/aigc eval image $(DEMO)/image --n 500
+	# Music: Bach chorales from music21's corpus -> a small event-token transformer -> MIDI + WAV.
+	$(BIN)/aigc data prepare --builtin chorales --count 150 --out $(DEMO)/chorales --overwrite
+	$(BIN)/aigc train music chorale-small --data $(DEMO)/chorales --run $(DEMO)/music --overwrite --train.max_seconds=150
+	$(BIN)/aigc generate music $(DEMO)/music --bars 8 --key "G major" --seed 1
+	$(BIN)/aigc eval music $(DEMO)/music --samples 4
+	# Video: a storyboard of three scenes, key frames and latent interpolation, the music model's soundtrack, H.264 + AAC.
+	$(BIN)/aigc generate video $(DEMO)/image --prompt "a large red circle in the center; then a small blue square at top left; then a green triangle at bottom right" \
+		--music-run $(DEMO)/music --seconds 6 --captions --seed 1 --out $(DEMO)/video --overwrite
+	$(BIN)/aigc verify $(DEMO)/video/video.mp4
 	@echo "Run directories: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
 	@echo "                 $(DEMO)/image (model/, samples.png, loss.png, generated/, eval/report.md)"
+	@echo "                 $(DEMO)/music (model/, loss.png, generated/music-000001.mid + .wav, eval/report.md)"
+	@echo "                 $(DEMO)/video (video.mp4, storyboard.json, keyframes/, soundtrack.mid + .wav, params.json)"
 	# Governance: the sample text carries a watermark, the images a watermark and a C2PA manifest.
 	$(BIN)/aigc verify $(DEMO)/sample.txt --text-file --model $(DEMO)/text
 	$(BIN)/aigc verify $(DEMO)/image/generated/000001.png --db $(DEMO_DB)
 	$(BIN)/aigc eval moderation
 	# Serving: a fresh SQLite database with a plan, a price book, a tenant, a developer and an API key.
 	$(BIN)/aigc admin plan create starter --kind payg --db $(DEMO_DB)
-	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --db $(DEMO_DB)
+	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --per-second 0.0005 --db $(DEMO_DB)
 	$(BIN)/aigc admin org create demo --plan starter --db $(DEMO_DB)
 	$(BIN)/aigc admin user create demo dev@demo.example --role developer --db $(DEMO_DB)
 	$(BIN)/aigc audit verify --db $(DEMO_DB)
@@ -52,10 +63,12 @@ demo: $(STAMP)
 	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
 	echo "  curl -s localhost:8000/v1/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"text\", \"prompt\": \"The \", \"max_tokens\": 60}'"; \
 	echo "  curl -s localhost:8000/v1/images/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"prompt\": \"a large red circle in the center\"}'"; \
+	echo "  curl -s localhost:8000/v1/audio/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"music\", \"bars\": 8, \"key\": \"D minor\"}'   # then GET /v1/jobs/ID"; \
+	echo "  curl -s localhost:8000/v1/videos/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"music_model\": \"music\", \"prompt\": \"a red circle; then a blue square\", \"seconds\": 4}'"; \
 	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'\$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
 	echo "  curl -s localhost:8000/v1/complaints -H 'Content-Type: application/json' -d '{\"reason\": \"not mine\", \"content\": \"some text\"}'"; \
 	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
-	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image --db $(DEMO_DB) --port 8000
+	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image $(DEMO)/music --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -68,6 +81,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/image_gen.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/governance.py
+	$(BIN)/python benchmarks/music_video.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -153,13 +153,15 @@ def tempo_bucket(bpm: float) -> int:
 # ---------------------------------------------------------------- reading scores
 
 def read_score(path: str | Path, source: str | None = None) -> Piece:
-    """Parse one score file with music21; raises ValueError with the reason when it is unusable."""
+    """Parse one score file (MIDI with pretty_midi, the rest with music21); raises ValueError with the reason."""
     import music21
 
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    if path.suffix.lower() in (".mid", ".midi"):
+        return read_midi(path, source)
     try:
-        if path.stat().st_size == 0:
-            raise ValueError("empty file")
         score = music21.converter.parse(str(path))
     except ValueError:
         raise
@@ -230,6 +232,48 @@ def piece_from_stream(score, source: str) -> Piece:
             cleaned.append(list(n))
     piece = Piece(source, 0, "major", ts, tempo, voices, cleaned)
     piece.tonic, piece.mode = key or estimate_key(piece)  # files without a key (most MIDI): Krumhansl-Schmuckler
+    return piece
+
+
+def read_midi(path: Path, source: str | None = None) -> Piece:
+    """A MIDI file read note for note (music21's MIDI import re-voices overlapping notes; this keeps them)."""
+    import pretty_midi
+
+    try:
+        pm = pretty_midi.PrettyMIDI(str(path))
+    except Exception as e:  # mido/pretty_midi raise OSError, EOFError, KeySignatureError, ...
+        raise ValueError(f"unreadable MIDI ({type(e).__name__}: {str(e)[:120]})") from None
+    sig = pm.time_signature_changes[0] if pm.time_signature_changes else None
+    ts = f"{sig.numerator}/{sig.denominator}" if sig else "4/4"
+    if ts not in TIME_SIGNATURES:
+        raise ValueError(f"unsupported time signature {ts} (supported: {', '.join(TIME_SIGNATURES)})")
+    tempi = pm.get_tempo_changes()[1]
+    tempo = tempo_bucket(float(tempi[0])) if len(tempi) else DEFAULT_TEMPO
+
+    def tick(t: float) -> float:
+        return pm.time_to_tick(t) / pm.resolution * TICKS_PER_QUARTER
+
+    voices, notes = [], []
+    for inst in pm.instruments:
+        if inst.is_drum or not inst.notes:
+            continue
+        if len(voices) == MAX_VOICES:
+            break
+        v = len(voices)
+        voices.append(inst.name or pretty_midi.program_to_instrument_name(inst.program))
+        for n in inst.notes:
+            if PITCH_MIN <= n.pitch <= PITCH_MAX:
+                onset = round(tick(n.start))
+                notes.append([onset, v, int(n.pitch), max(1, min(MAX_DURATION, round(tick(n.end)) - onset))])
+    if not notes:
+        raise ValueError("no pitched notes")
+    unique = {(n[0], n[1], n[2]): n for n in sorted(notes)}  # one note per (onset, voice, pitch)
+    piece = Piece(source or str(path), 0, "major", ts, tempo, voices, sorted(unique.values(), key=lambda n: (n[0], n[1], -n[2])))
+    if pm.key_signature_changes:
+        k = pm.key_signature_changes[0].key_number
+        piece.tonic, piece.mode = k % 12, "minor" if k >= 12 else "major"
+    else:
+        piece.tonic, piece.mode = estimate_key(piece)
     return piece
 
 
