@@ -154,20 +154,21 @@ def choose_condition(meta, text: str, prompt: str, seed: int) -> tuple[str, str]
             if named:
                 return named[pick % len(named)], f"class named in the {where}"
         return meta.classes[pick % len(meta.classes)], "no class named in the scene or prompt: chosen by the seed"
-    # Nearest training caption: shared words weighted by rarity (idf), scene words twice the prompt's.
+    # Nearest training caption: shared scene words weighted by rarity (idf); the prompt's words only break ties.
     captions = [(c, _words(c)) for c in meta.prompts]
     df: dict[str, int] = {}
     for _, ws in captions:
         for w in ws:
             df[w] = df.get(w, 0) + 1
     idf = {w: math.log(len(captions) / d) for w, d in df.items()}
-    scores = [(2 * sum(idf[w] for w in ws & scene_words) + sum(idf[w] for w in ws & prompt_words - scene_words), c)
+    scores = [((round(sum(idf[w] for w in ws & scene_words), 9), round(sum(idf[w] for w in ws & prompt_words), 9)), c)
               for c, ws in captions]
-    top = max(s for s, _ in scores)
-    if top > 0:
-        best = [c for s, c in scores if s >= top - 1e-9]
-        shared = sorted(_words(best[0]) & (scene_words | prompt_words))
-        return best[pick % len(best)], f"nearest training caption (shares: {', '.join(shared)})"
+    top = max(sc for sc, _ in scores)
+    if top > (0, 0):
+        best = [c for sc, c in scores if sc == top]
+        choice = best[pick % len(best)]
+        shared = sorted(_words(choice) & (scene_words if top[0] > 0 else prompt_words))
+        return choice, f"nearest training caption (shares: {', '.join(shared)})"
     return meta.prompts[pick % len(meta.prompts)], "no caption word in the scene: a training caption chosen by the seed"
 
 
