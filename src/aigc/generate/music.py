@@ -256,12 +256,6 @@ def to_midi(piece: Piece, tempo: int, program: int = 52) -> bytes:
     return buf.getvalue()
 
 
-def midi_seconds(data: bytes) -> float:
-    import pretty_midi
-
-    return float(pretty_midi.PrettyMIDI(io.BytesIO(data)).get_end_time())
-
-
 # ---------------------------------------------------------------- audio
 
 def soundfont(path: str = "") -> str | None:
