@@ -1,7 +1,8 @@
 """Symbolic music: score files to note lists, note lists to REMI-style event tokens, and back.
 
-Reading: MIDI (``.mid``/``.midi``), MusicXML (``.xml``/``.musicxml``/``.mxl``), Humdrum ``.krn`` and
-ABC through music21, plus the Bach chorales music21 ships (``--builtin chorales``, no download).
+Reading: MIDI (``.mid``/``.midi``) note for note with pretty_midi; MusicXML (``.xml``/``.musicxml``/
+``.mxl``), Humdrum ``.krn`` and ABC through music21, plus the Bach chorales music21 ships
+(``--builtin chorales``, no download).
 Each score becomes a :class:`Piece`: key (tonic pitch class + major/minor), time signature, tempo and
 notes ``(onset, voice, pitch, duration)`` on a grid of ``TICKS_PER_QUARTER`` (16th notes), with tied
 notes merged and bar 0 starting at the first downbeat (a pickup is shifted so bars line up). Each part
