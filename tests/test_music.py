@@ -187,8 +187,8 @@ def test_nll_windows_match_a_full_pass(music_model, music_data):
     longer = Vocab().encode(val[0])[: 3 * pipe.block]
     assert len(longer) > 2 * pipe.block
     total = pipe.nll(longer)
-    assert np.isfinite(total) and total / (len(longer) - 1) == pytest.approx(total / (len(longer) - 1))
-    assert total > pipe.nll(longer[: 2 * pipe.block])
+    assert 0 < total / (len(longer) - 1) < np.log(len(Vocab())) + 1
+    assert total > pipe.nll(longer[: 2 * pipe.block])  # windows only add the newer tokens' NLL
 
 
 def test_midi_and_wav_rendering():

@@ -487,7 +487,7 @@ def generate_music(
             result = pipe.generate(params)
         stem = out_dir / f"music-{seed + i:06d}"
         midi = result.midi_bytes()
-        stem.with_suffix(".mid").write_bytes(midi)
+        result.write_midi(stem.with_suffix(".mid"))
         entry = {"midi": str(stem.with_suffix(".mid")), "seed": seed + i, "key": key_label(result.piece), "tempo": result.tempo,
                  "time_signature": result.piece.time_signature, "bars": bars, "primer_bars": result.primer_bars,
                  "notes": len(result.piece.notes), "seconds": round(result.seconds, 2), "elapsed_s": round(result.elapsed_s, 2)}

@@ -145,8 +145,8 @@ def test_prepaid_without_credit_is_refused_and_recovery_releases_holds(media_ser
         assert s.get(Organization, org).reserved == 0
 
 
-def test_wav_and_mp4_verify_from_the_cli_helpers(media_server):
-    """The provenance route recognises signed audio and video, not only images."""
+def test_sniff_recognises_audio_and_video():
+    """Verification (CLI and route) tells WAV and MP4 apart from images."""
     from aigc.govern.c2pa import sniff_mime
 
     assert sniff_mime(b"RIFF\x00\x00\x00\x00WAVEfmt ") == "audio/wav"

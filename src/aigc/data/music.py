@@ -236,12 +236,15 @@ def piece_from_stream(score, source: str) -> Piece:
     return piece
 
 
-def read_midi(path: Path, source: str | None = None) -> Piece:
-    """A MIDI file read note for note (music21's MIDI import re-voices overlapping notes; this keeps them)."""
+def read_midi(path_or_file, source: str | None = None) -> Piece:
+    """A MIDI file (a path or a binary file object) read note for note.
+
+    music21's MIDI import re-voices overlapping notes of one track; pretty_midi keeps them as written.
+    """
     import pretty_midi
 
     try:
-        pm = pretty_midi.PrettyMIDI(str(path))
+        pm = pretty_midi.PrettyMIDI(path_or_file if hasattr(path_or_file, "read") else str(path_or_file))
     except Exception as e:  # mido/pretty_midi raise OSError, EOFError, KeySignatureError, ...
         raise ValueError(f"unreadable MIDI ({type(e).__name__}: {str(e)[:120]})") from None
     sig = pm.time_signature_changes[0] if pm.time_signature_changes else None
@@ -269,7 +272,7 @@ def read_midi(path: Path, source: str | None = None) -> Piece:
     if not notes:
         raise ValueError("no pitched notes")
     unique = {(n[0], n[1], n[2]): n for n in sorted(notes)}  # one note per (onset, voice, pitch)
-    piece = Piece(source or str(path), 0, "major", ts, tempo, voices, sorted(unique.values(), key=lambda n: (n[0], n[1], -n[2])))
+    piece = Piece(source or str(path_or_file), 0, "major", ts, tempo, voices, sorted(unique.values(), key=lambda n: (n[0], n[1], -n[2])))
     if pm.key_signature_changes:
         k = pm.key_signature_changes[0].key_number
         piece.tonic, piece.mode = k % 12, "minor" if k >= 12 else "major"
@@ -287,12 +290,11 @@ def builtin_chorale_paths() -> list[Path]:
 
 def piece_from_midi(data: bytes, source: str = "primer") -> Piece:
     """A MIDI file given as bytes (a primer upload) as a Piece."""
-    import tempfile
+    import io
 
-    with tempfile.NamedTemporaryFile(suffix=".mid") as f:
-        f.write(data)
-        f.flush()
-        return read_score(f.name, source)
+    if not data:
+        raise ValueError("empty file")
+    return read_midi(io.BytesIO(data), source)
 
 
 # ---------------------------------------------------------------- tokens
@@ -380,12 +382,11 @@ class Vocab:
 
     def to_hf_tokenizer(self, model_max_length: int = 1024):
         """A word-level ``PreTrainedTokenizerFast`` over the event names (so checkpoints load with AutoTokenizer)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
         tok = Tokenizer(models.WordLevel(self.index, unk_token=PAD))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD,
                                        model_max_length=model_max_length)
 
@@ -402,8 +403,7 @@ class Grammar:
         self.v = vocab
         self.bar_ticks = bar_ticks(time_signature)
         self.voices = max(1, min(voices, MAX_VOICES))
-        n = len(vocab)
-        self.size = n
+        self.size = len(vocab)
         self.state, self.pos, self.bars, self.voice = "start", -1, 0, 0
 
     def advance(self, i: int) -> None:

@@ -147,7 +147,6 @@ class MusicPipeline:
         v, meta = self.vocab, self.meta
         started = time.perf_counter()
         gen = torch.Generator().manual_seed(int(p.seed))
-        torch.manual_seed(int(p.seed))
         primer = p.primer
         ts = p.time_signature or (primer.time_signature if primer else meta.time_signature)
         tempo = p.tempo or (primer.tempo if primer and primer.tempo else meta.tempo)

@@ -396,7 +396,7 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
     audio = None
     if music_run is not None:
         t3 = time.perf_counter()
-        from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline, read_wav
+        from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline, read_wav, wav_bytes
 
         music = MusicPipeline.from_run(music_run).generate(MusicParams(seconds=params.seconds, key=params.key, tempo=params.tempo,
                                                                      seed=params.seed))
@@ -409,8 +409,6 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
             samples = np.repeat(samples, 2, axis=1)
         audio = fit_audio(samples, len(frames) / params.fps, SAMPLE_RATE)
         (out / "soundtrack.mid").write_bytes(midi)
-        from aigc.generate.music import wav_bytes
-
         (out / "soundtrack.wav").write_bytes(wav_bytes(audio))
         timings["soundtrack_s"] = time.perf_counter() - t3
         timings["synth"] = synth

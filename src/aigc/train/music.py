@@ -103,29 +103,29 @@ def prepare_run(cfg: MusicTrainConfig, run_dir: Path, overwrite: bool = False) -
 
 def run_meta(run_dir: Path):
     """Voices, time signature and tempo most common in the training pieces."""
-    from aigc.data.music import DEFAULT_TEMPO, Piece
+    from aigc.data.music import Piece
     from aigc.models.music import MusicMeta
 
     pieces = [Piece(**json.loads(line)) for line in (run_dir / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     n_voices = Counter(len(p.voices) for p in pieces).most_common(1)[0][0]
     names = [Counter(p.voices[v] for p in pieces if len(p.voices) > v).most_common(1)[0][0] for v in range(n_voices)]
     return MusicMeta(voices=names, time_signature=Counter(p.time_signature for p in pieces).most_common(1)[0][0],
-                     tempo=Counter(p.tempo for p in pieces).most_common(1)[0][0] if pieces else DEFAULT_TEMPO)
+                     tempo=Counter(p.tempo for p in pieces).most_common(1)[0][0])
 
 
 def save_model(model, tokenizer, meta, out: Path) -> None:
-    """Write the HF folder atomically (temp folder, then swap)."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    meta.save(tmp)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write the HF folder and its aigc_music.json atomically (a temp folder swapped into place)."""
+    from aigc.data.text import atomic_output_dir, commit_output_dir
+
+    tmp = atomic_output_dir(out, overwrite=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        meta.save(tmp)
+        commit_output_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _load_ids(run_dir: Path, split: str) -> np.ndarray:

@@ -116,7 +116,14 @@ def _save(folder: Path, name: str, data: bytes) -> dict:
     tmp = folder / (name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(folder / name)
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "mime": MIME.get(Path(name).suffix, "application/octet-stream")}
+    return _entry(folder / name)
+
+
+def _entry(path: Path) -> dict:
+    """A result file as the job reports it (served from the job's folder by name)."""
+    data = path.read_bytes()
+    return {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "mime": MIME.get(path.suffix, "application/octet-stream")}
 
 
 async def _create(service, p, request: Request, kind: str, entry, body, prompt: str, estimate_s: float, work_factory) -> JSONResponse:
@@ -258,9 +265,9 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
             files = [_save(folder, "video.mp4", mp4)]
             for name in ("storyboard.json", "params.json", "soundtrack.wav", "soundtrack.mid"):
                 if (folder / name).is_file():
-                    files.append(_save(folder, name, (folder / name).read_bytes()))
-            for png in sorted((folder / "keyframes").glob("*.png")):
-                files.append({**_save(folder, f"keyframe-{png.stem}.png", png.read_bytes())})
+                    files.append(_entry(folder / name))
+            for png in sorted((folder / "keyframes").glob("*.png")):  # served by name from the job's folder
+                files.append(_save(folder, f"keyframe-{png.stem}.png", png.read_bytes()))
             seconds = round(result.seconds, 3)
             rec = _record(job_id, rid, p, "video", entry, params, digest, decision, tenant, filters, prompt or None, result.watermark_id)
             return Outcome(Units(seconds=seconds), [rec],
