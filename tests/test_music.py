@@ -189,6 +189,30 @@ def test_nll_windows_match_a_full_pass(music_model, music_data):
     total = pipe.nll(longer)
     assert 0 < total / (len(longer) - 1) < np.log(len(Vocab())) + 1
     assert total > pipe.nll(longer[: 2 * pipe.block])  # windows only add the newer tokens' NLL
+    # past the first block, a token is scored after the header and the previous half block
+    ids = longer[: pipe.block + 5]
+    begin = pipe.block - pipe.block // 2
+    window = torch.tensor(ids[:4] + ids[begin:])
+    with torch.no_grad():
+        logp = torch.log_softmax(pipe.model(input_ids=window[None]).logits[0].float(), -1)
+    tail = -sum(float(logp[4 + j - begin - 1, ids[j]]) for j in range(pipe.block, len(ids)))
+    assert pipe.nll(ids) == pytest.approx(pipe.nll(ids[: pipe.block]) + tail, rel=1e-5)
+
+
+def test_training_windows_start_with_the_piece_header(music_model):
+    from aigc.train.music import get_batch
+
+    v = Vocab()
+    data = np.fromfile(music_model / "data" / "train.bin", dtype=np.uint16)
+    starts = np.flatnonzero(data == v.bos)
+    x, y = get_batch(data, starts, 32, 3000, seed=1, step=0)  # ~1 in 200 windows starts at a header
+    assert (x[:, 0] == v.bos).all() and all(v.kind(int(k)) == "Key" for k in x[:, 1])
+    cut = (y[:, 0] == -100).numpy()  # windows that began inside a piece: no loss on the header
+    assert cut.any() and (y[cut, :4] == -100).all() and (x[cut, 5:] == y[cut, 4:-1]).all()
+    whole = ~cut  # windows that began at a piece's start are plain shifted copies
+    assert whole.any() and (x[whole, 1:] == y[whole, :-1]).all()
+    again, _ = get_batch(data, starts, 32, 3000, seed=1, step=0)
+    assert (again == x).all()
 
 
 def test_midi_and_wav_rendering():

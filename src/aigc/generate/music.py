@@ -216,17 +216,22 @@ class MusicPipeline:
     def nll(self, ids: list[int]) -> float:
         """Total negative log-likelihood (nats) of ``ids[1:]``, each token given the ones before it.
 
-        Pieces longer than the model's block are scored in windows that overlap by half a block, so
-        every token after the first block has at least half a block of context.
+        The first block is scored in one pass. Past it, each window is the piece's header followed by
+        the previous half block and the next tokens (the context the model was trained with and
+        generates with), so every later token has at least half a block of context.
         """
+        header = 4  # <bos> Key TimeSig Tempo
         x = torch.tensor(ids)
-        total, pos, keep = 0.0, 1, self.block - self.block // 2
+        logp = torch.log_softmax(self.model(input_ids=x[: self.block][None]).logits[0, :-1].float(), -1)  # (T-1, V)
+        total = -float(logp.gather(1, x[1: self.block, None]).sum())
+        pos = min(len(ids), self.block)
         while pos < len(ids):
-            begin = 0 if pos == 1 else max(0, pos - keep)
-            end = min(len(ids), begin + self.block)
-            logp = torch.log_softmax(self.model(input_ids=x[begin:end][None]).logits[0, :-1].float(), -1)  # (T-1, V)
-            token_nll = -logp.gather(1, x[begin + 1: end, None])[:, 0]  # entry j scores ids[begin + 1 + j]
-            total += float(token_nll[pos - begin - 1:].sum())
+            begin = pos - self.block // 2  # >= header, since pos >= block
+            end = min(len(ids), begin + self.block - header)
+            window = torch.cat([x[:header], x[begin:end]])
+            logp = torch.log_softmax(self.model(input_ids=window[None]).logits[0].float(), -1)  # (T, V)
+            rows = torch.arange(header - 1 + pos - begin, header - 1 + end - begin)  # row r predicts window[r + 1]
+            total -= float(logp[rows, x[pos:end]].sum())
             pos = end
         return total
 

@@ -4,6 +4,10 @@ One explicit loop, the text engine's recipe (AdamW, warmup + cosine, clipping, b
 the CPU has it, fixed validation batches, best-checkpoint keeping, early stopping, exact resume: the
 batch and dropout noise of step ``s`` depend only on (seed, s)).
 
+Windows: random crops of the token stream, as for text, except that a crop starting inside a piece
+has the piece's header (key, time signature, tempo) put in front, so the key conditions every token and
+not only a piece's first block (see ``get_batch``).
+
 Augmentation: every training piece is encoded in each transposition of the dataset's range (default
 -5..+6 semitones) that stays in the piano range, with its key token moved along, so the model sees all
 keys and the key control works for any of them. Validation pieces are scored as written.
@@ -36,7 +40,7 @@ from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
 from aigc.train import common
-from aigc.train.lm import DataConfig, LoopConfig, _make_optimizer, get_batch
+from aigc.train.lm import DataConfig, LoopConfig, _make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,32 @@ class MusicTrainConfig:
     model: LMConfig = field(default_factory=lambda: LMConfig(block_size=512))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+
+
+HEADER = 4  # <bos> Key TimeSig Tempo: the tokens every piece starts with
+
+
+def get_batch(data: np.ndarray, starts: np.ndarray, block: int, batch: int, seed: int, step: int,
+              micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows chosen by (seed, step, micro) only, each beginning with a piece's header.
+
+    A window that starts inside a piece gets that piece's header put in front (those positions carry
+    no loss: target -100), so every token is learnt knowing the key, time signature and tempo. Generation
+    does the same when a long context is cut: it keeps the header and the newest tokens.
+    ``starts`` holds the index of every piece's ``<bos>``.
+    """
+    rng = np.random.default_rng([seed, step, micro])
+    xs, ys = [], []
+    for s in rng.integers(0, len(data) - block - 1, size=batch):
+        p = int(starts[np.searchsorted(starts, s, side="right") - 1])  # the piece the window starts in
+        if s - p < HEADER:  # the header is (nearly) in the window already: start at it
+            x, y = data[p: p + block], data[p + 1: p + block + 1]
+        else:
+            x = np.concatenate([data[p: p + HEADER], data[s + HEADER: s + block]])
+            y = np.concatenate([np.full(HEADER, -100), data[s + HEADER + 1: s + block + 1]])
+        xs.append(x.astype(np.int64))
+        ys.append(y.astype(np.int64))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))  # (B, T) each
 
 
 def encode_pieces(pieces, vocab, transpose: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -145,6 +175,8 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     precision = common.resolve_precision(loop.precision)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
+    bos = tokenizer.bos_token_id
+    train_starts, val_starts = np.flatnonzero(train_ids == bos), np.flatnonzero(val_ids == bos)
     block = cfg.model.block_size
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) < block + 2:
@@ -183,7 +215,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = [loss_of(*get_batch(val_ids, block, loop.batch_size, loop.seed + 1, i)).item() for i in range(loop.eval_batches)]
+        losses = [loss_of(*get_batch(val_ids, val_starts, block, loop.batch_size, loop.seed + 1, i)).item() for i in range(loop.eval_batches)]
         model.train()
         return float(np.mean(losses))
 
@@ -199,7 +231,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
         torch.manual_seed(loop.seed * 1_000_003 + step)
         total = 0.0
         for micro in range(loop.grad_accum):
-            loss = loss_of(*get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro))
+            loss = loss_of(*get_batch(train_ids, train_starts, block, loop.batch_size, loop.seed, step, micro))
             (loss / loop.grad_accum).backward()
             total += loss.item() / loop.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
