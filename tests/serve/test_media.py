@@ -1,5 +1,6 @@
 """Music and video jobs through the API: create (202), poll, fetch signed files, metering per second."""
 import base64
+import os
 import time
 
 import httpx
@@ -133,16 +134,24 @@ def test_prepaid_without_credit_is_refused_and_recovery_releases_holds(media_ser
     org, key = tenant(media_server.sessions, "broke", "prepaid")
     r = httpx.post(f"{media_server.url}/v1/audio/generations", headers=H(key), json={"model": "chorales", "bars": 4})
     assert r.status_code == 402
+    import subprocess
+    import sys
+
     org, _ = tenant(media_server.sessions, "crashed", "payg")
+    runner = media_server.service.jobs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    owners = {"ab": f"{runner.host}:{gone}", "cd": f"{runner.host}:{os.getppid()}", "ef": "another-host:1"}
     with media_server.sessions.begin() as s:
-        s.add(Job(id="job_" + "ab" * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="running",
-                  params={}, held=5000))
-        s.get(Organization, org).reserved = 5000
-    assert media_server.service.jobs.recover() == 1
+        for tag, owner in owners.items():  # a dead process here, a live one here, a process on another host
+            s.add(Job(id="job_" + tag * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="running",
+                      params={}, held=5000, owner=owner))
+        s.get(Organization, org).reserved = 15000
+    assert runner.recover() == 1
     with media_server.sessions() as s:
         job = s.get(Job, "job_" + "ab" * 12)
         assert job.status == "failed" and "stopped" in job.error
-        assert s.get(Organization, org).reserved == 0
+        assert [s.get(Job, "job_" + t * 12).status for t in ("cd", "ef")] == ["running", "running"]
+        assert s.get(Organization, org).reserved == 10000
 
 
 def test_sniff_recognises_audio_and_video():

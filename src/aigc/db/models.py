@@ -228,6 +228,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(64), default="")
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)  # queued | running | succeeded | failed
+    owner: Mapped[str] = mapped_column(String(200), default="")  # host:pid of the server process that runs it
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

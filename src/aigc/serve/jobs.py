@@ -4,12 +4,14 @@
 hold on the most it can cost) and returns at once; a worker renders it, signs the files, writes them
 under ``HOME/media/<job id>/`` and settles it: the charge per second of output, the generation log
 and its audit entry and the job's final status commit in one transaction. Jobs left queued or running
-by a stopped server are failed at the next start and their holds released.
+by a stopped server process on this host are failed when a server starts here and their holds
+released; jobs run by live processes (or by other hosts sharing the database) are left alone.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,21 +46,39 @@ class Outcome:
     compute_s: float
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 class JobRunner:
     def __init__(self, service, workers: int = 1):
         self.service = service
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="aigc-job")
-        self.running: set[str] = set()
-        self.lock = threading.Lock()
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}"
+
+    def orphaned(self, owner: str) -> bool:
+        """Whether a job's server process is gone: one on this host that no longer runs (or is this
+        process, which is only starting), or no owner at all. Other hosts' jobs are theirs to settle."""
+        host, _, pid = owner.rpartition(":")
+        if not host:
+            return True
+        return host == self.host and (owner == self.owner or not pid.isdigit() or not _alive(int(pid)))
 
     def recover(self) -> int:
-        """Fail the jobs a previous server left unfinished and release what they held."""
+        """Fail the jobs a stopped server process left unfinished and release what they held."""
         s = self.service
         with s.sessions() as db:
             from aigc.db.models import Job
 
             stale = db.query(Job).filter(Job.status.in_(("queued", "running"))).all()
-            rows = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.kind, j.held) for j in stale]
+            rows = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.kind, j.held) for j in stale if self.orphaned(j.owner)]
         for job_id, org_id, key_id, model, version, kind, held in rows:
             who = _Payer(org_id, key_id)
             with s.billing.engine.begin() as conn:
@@ -71,8 +91,6 @@ class JobRunner:
 
     def submit(self, job_id: str, principal, model: str, version: str, endpoint: str, hold, actor: str,
                work: Callable[[], Outcome]) -> None:
-        with self.lock:
-            self.running.add(job_id)
         self.pool.submit(self._run, job_id, principal, model, version, endpoint, hold, actor, work)
 
     def _run(self, job_id, principal, model, version, endpoint, hold, actor, work) -> None:
@@ -107,19 +125,6 @@ class JobRunner:
             log.exception("job settle failed", extra={"job": job_id})
             with s.billing.engine.begin() as conn:
                 _finish(conn, job_id, "failed", None, "internal error while recording the job")
-        finally:
-            with self.lock:
-                self.running.discard(job_id)
-
-    def wait(self, timeout: float = 600.0) -> bool:
-        """Block until no job is running (for shutdown and tests)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if not self.running:
-                    return True
-            time.sleep(0.05)
-        return False
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=False)

@@ -142,6 +142,7 @@ async def _create(service, p, request: Request, kind: str, entry, body, prompt: 
         params["primer_sha256"] = hashlib.sha256(body.primer.encode()).hexdigest()
     with service.sessions() as db:
         job = Job(id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind, model=entry.id, model_version=entry.version,
+                  owner=service.jobs.owner,
                   status="queued", params=params, held=hold.amount, created_at=utcnow())
         db.add(job)
         db.commit()

@@ -23,6 +23,7 @@ def upgrade() -> None:
     sa.Column('model', sa.String(length=200), nullable=False),
     sa.Column('model_version', sa.String(length=64), nullable=False),
     sa.Column('status', sa.String(length=20), nullable=False),
+    sa.Column('owner', sa.String(length=200), nullable=False),
     sa.Column('params', sa.JSON(), nullable=False),
     sa.Column('result', sa.JSON(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
