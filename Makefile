@@ -71,7 +71,7 @@ demo: $(STAMP)
 	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image $(DEMO)/music --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

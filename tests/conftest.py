@@ -1,6 +1,10 @@
+import contextlib
+import io
 import os
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +13,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 AIGC = [sys.executable, "-m", "aigc.cli"]
+# One torch thread in every test and every process a test starts: results do not depend on how many cores
+# the machine has or how busy it is (float sums, and so trained weights, depend on the thread count).
+os.environ["AIGC_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
+def wait_for(check, what: str, timeout: float = 120.0, interval: float = 0.05, proc=None):
+    """Poll ``check()`` until it returns something truthy and return that. Past ``timeout`` seconds, or as
+    soon as ``proc`` (a subprocess the wait depends on) has exited, fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            output = proc.stderr.read()[-3000:] if proc.stderr else ""
+            raise AssertionError(f"waiting for {what}: the process exited with {proc.returncode}\n{output}")
+        try:
+            result = check()
+        except Exception as e:  # a server not listening yet, a file not written yet
+            result, last_error = None, e
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +60,29 @@ def tiny_run(tmp_path_factory, pydoc_corpus) -> Path:
     prepare_run(cfg, run)
     train(cfg, run)
     return run
+
+
+def run_cli(*args, ok=True, stdin=None):
+    """`aigc ARGS...` in this process (the same entry point as the console script, without paying the imports each time)."""
+    from aigc import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdin
+    sys.argv = ["aigc", *map(str, args)]
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv, sys.stdin = saved
+    res = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if ok:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 TINY_IMAGE = Path(__file__).parents[1] / "src/aigc/configs/image/tiny.yaml"

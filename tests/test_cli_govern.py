@@ -1,33 +1,7 @@
 """Governance from the command line: watermarked text and images, verify, audit, policy, keys, retention."""
-import contextlib
-import io
 import json
-import sys
-from types import SimpleNamespace
 
-
-
-def run(*args, ok=True, stdin=None):
-    """`aigc ARGS...` in this process (the same entry point as the console script, without paying the imports each time)."""
-    from aigc import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, sys.stdin
-    sys.argv = ["aigc", *map(str, args)]
-    if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv, sys.stdin = saved
-    res = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-    if ok:
-        assert res.returncode == 0, res.stderr[-3000:]
-    return res
+from conftest import run_cli as run
 
 
 def test_text_watermark_and_verify(tmp_path, spread_model):
@@ -42,14 +16,35 @@ def test_text_watermark_and_verify(tmp_path, spread_model):
     # random text may start with "-": "--" ends the options, as for any command line
     rep = json.loads(run("verify", "--model", run_dir, "--json", "--", marked).stdout)["text_watermark"]
     assert rep["detected"] and rep["z"] > 4
-    assert not json.loads(run("verify", "--model", run_dir, "--json", "--", plain).stdout)["text_watermark"]["detected"]
+    unmarked = run("verify", "--model", run_dir, "--json", "--", plain, ok=False)
+    assert unmarked.returncode == 1 and not json.loads(unmarked.stdout)["text_watermark"]["detected"]  # the exit status is the verdict
     (tmp_path / "m.txt").write_text(marked)
     assert "DETECTED" in run("verify", tmp_path / "m.txt", "--text-file", "--model", run_dir).stdout
     assert "DETECTED" in run("verify", "-", "--model", run_dir, stdin=marked).stdout
-    short = run("verify", "--model", run_dir, "--", marked[:12]).stdout
-    assert "not detected" in short and "short texts" in short  # truncated text: a clear answer
-    assert "needs the model" in run("verify", "some text", ok=False).stderr
-    assert "no tokenizer found" in run("verify", "some text", "--model", tmp_path, ok=False).stderr
+    short = run("verify", "--model", run_dir, "--", marked[:12], ok=False)
+    assert short.returncode == 1 and "not detected" in short.stdout and "short texts" in short.stdout  # truncated text: a clear answer
+    for args, message in ((["some text"], "needs the model"), (["some text", "--model", tmp_path], "no tokenizer found")):
+        res = run("verify", *args, ok=False)
+        assert res.returncode == 2 and message in res.stderr
+
+    # Many texts in one process, one result line each; the exit status says whether all were detected.
+    rows = [{"id": "a", "text": marked}, plain, {"id": "c", "text": marked[:150]}]
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    many = run("verify", "--jsonl", tmp_path / "texts.jsonl", "--model", run_dir, "--json", ok=False)
+    lines = [json.loads(line) for line in many.stdout.splitlines()]
+    assert many.returncode == 1 and [r["target"] for r in lines] == ["a", "texts.jsonl:2", "c"]
+    assert [r["verdict"] for r in lines] == [True, False, True] and lines[0]["text_watermark"]["z"] == rep["z"]
+    (tmp_path / "good.jsonl").write_text(json.dumps(marked) + "\n")
+    assert run("verify", "--jsonl", tmp_path / "good.jsonl", tmp_path / "m.txt", "--text-file", "--model", run_dir).stdout.count("DETECTED") == 2
+    (tmp_path / "bad.jsonl").write_text(json.dumps(marked) + "\n{oops\n")
+    bad = run("verify", "--jsonl", tmp_path / "bad.jsonl", "--model", run_dir, ok=False)
+    assert bad.returncode == 2 and "bad.jsonl:2: not JSON" in bad.stderr and not bad.stdout  # checked before any result
+
+    # Another home has no key for these texts: a clear error naming it, and no key is created there.
+    other = tmp_path / "other-home"
+    res = run("verify", "--home", other, "--model", run_dir, "--", marked, ok=False)
+    assert res.returncode == 2 and "no text-watermark key in" in res.stderr and str(other) in res.stderr
+    assert not (other / "keys").exists()
 
 
 def test_images_signed_and_verified_and_admin_governance(tmp_path, image_model):
@@ -64,8 +59,12 @@ def test_images_signed_and_verified_and_admin_governance(tmp_path, image_model):
     text = run("verify", first["file"], "--db", db).stdout
     assert "C2PA: Trusted" in text and "image watermark: id" in text
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    broken = json.loads(run("verify", tmp_path / "broken.png", "--db", db, "--json").stdout)
-    assert broken["c2pa"]["state"] == "Invalid" and not broken["image_watermark"]["found"]
+    res = run("verify", tmp_path / "broken.png", "--db", db, "--json", ok=False)
+    broken = json.loads(res.stdout)
+    assert res.returncode == 1 and broken["c2pa"]["state"] == "Invalid" and not broken["image_watermark"]["found"]
+    both = run("verify", first["file"], tmp_path / "broken.png", "--db", db, ok=False)
+    assert both.returncode == 1 and both.stdout.splitlines() == [f"{first['file']}: C2PA Trusted; image watermark id {first['watermark_id']}",
+                                                                 f"{tmp_path / 'broken.png'}: C2PA Invalid; no image watermark"]
     (tmp_path / "empty.png").write_bytes(b"")
     assert "is empty" in run("verify", tmp_path / "empty.png", "--db", db, ok=False).stderr
 

@@ -31,10 +31,14 @@ def test_feature_net_scores_real_vs_broken_images(tmp_path, monkeypatch):
     real = distribution_scores(net, train.images, val.images)
     noise = distribution_scores(net, train.images, np.random.default_rng(0).integers(0, 256, val.images.shape, dtype=np.uint8))
     ones = distribution_scores(net, train.images, train.images[train.labels == 1][:200])  # one class only
+    # Gaps between distributions, not thresholds on one draw: the feature network (and so every score) changes
+    # with the seed and the thread count. Measured: FID 1.4 / 67 / 168, precision 0.89 / 0.04-0.23 / 1.0,
+    # recall 0.93 / 0.04-0.06 / 0.11 (real / noise / one class) with one and with two threads.
     assert real["fid"] < 0.1 * min(ones["fid"], noise["fid"])
     assert real["kid"] < 0.1 * min(ones["kid"], noise["kid"])
-    assert noise["precision"] < 0.1 < real["precision"]
-    assert real["recall"] > 0.5 and ones["recall"] < real["recall"]
+    assert real["precision"] > 0.7 and noise["precision"] < real["precision"] - 0.4  # noise lies off the real manifold
+    assert ones["precision"] > 0.7  # one class is real-looking ...
+    assert real["recall"] > 0.7 and max(ones["recall"], noise["recall"]) < real["recall"] - 0.4  # ... but covers little of it
 
 
 def test_shapes_adherence_exact_on_truth_and_zero_on_wrong_captions():

@@ -48,7 +48,7 @@ def test_each_kind_trains_and_samples(tmp_path, tiny_shapes, tiny_digits, kind):
         key = "loss_d" if kind == "dcgan" else "loss"
         assert all(np.isfinite(r[key]) for r in records)
         if kind != "dcgan":
-            assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+            assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6, 8, 10, 12]  # every 4 steps, and each tenth left without one
         for f in ("loss.png", "samples.png", "samples/step-000006.png", "samples/step-000012.png", "summary.json", "model/aigc_image.json"):
             assert (run / f).is_file(), f
         assert list((run / "tb").iterdir())
@@ -68,7 +68,8 @@ def test_loss_goes_down_on_digits(tmp_path, tiny_digits):
     prepare_run(cfg, run)
     train(cfg, run)
     val = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
-    assert val[-1] < 0.9 * val[0] and val == sorted(val, reverse=True)
+    assert len(val) >= 8 and val[-1] < 0.6 * val[0]  # a curve (every 50 steps and each tenth), falling
+    assert max(val[len(val) // 2:]) < min(val[:2])  # the second half lies below the start, whatever the noise
 
 
 @pytest.mark.parametrize("kind", ["dcgan", "ddpm"])

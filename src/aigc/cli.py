@@ -200,19 +200,47 @@ def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None,
     return cfg, run
 
 
-def _training_progress(total: int, transient: bool, keys: tuple[str, ...]):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _training_progress(transient: bool, keys: tuple[str, ...]):
+    """A bar over the run's progress (0..1: steps or the time budget, whichever ends it first), with an ETA."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), console=err, transient=transient)
-    task = bar.add_task("train", total=total, info="")
+    bar = Progress(TextColumn("[bold]training"), BarColumn(), TaskProgressColumn(), TextColumn("step {task.fields[step]}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   console=err, transient=transient)
+    task = bar.add_task("train", total=1.0, info="", step=0)
     last: dict = {}
 
-    def progress(step: int, total: int, record: dict) -> None:
+    def progress(step: int, done: float, record: dict) -> None:
         last.update({k: v for k, v in record.items() if k in keys})
-        bar.update(task, completed=step, total=total, info=" ".join(f"{k} {v:.4f}" for k, v in last.items()))
+        bar.update(task, completed=done, step=step, info=" ".join(f"{k} {v:.4f}" for k, v in last.items()))
 
     return bar, progress
+
+
+def _train(modality: str, train_fn, cfg, run: Path, resume: bool, as_json: bool, keys: tuple[str, ...]) -> dict:
+    """Run a training loop under a progress bar. Ctrl-C or SIGTERM: the loop checkpoints the step it is on,
+    this prints the command that continues it and exits 130."""
+    import shlex
+
+    if resume and not (run / "checkpoints" / "last.pt").is_file():
+        err.print(f"{run} has no checkpoint yet: starting from step 0", markup=False, highlight=False)
+    bar, progress = _training_progress(as_json, keys)
+    with bar:
+        summary = train_fn(cfg, run, resume=resume, progress=progress)
+    summary["run"] = str(run)
+    if summary.get("stopped") == "interrupted":
+        if as_json:
+            _emit_json(summary)
+        err.print(f"interrupted at step {summary['steps']}: checkpoint saved. Resume with: "
+                  f"aigc train {modality} --resume --run {shlex.quote(str(run))}", markup=False, highlight=False)
+        raise typer.Exit(130)
+    return summary
+
+
+def _stopped(summary: dict) -> str:
+    from aigc.train.common import STOP_REASONS
+
+    return STOP_REASONS.get(summary.get("stopped", ""), summary.get("stopped", ""))
 
 
 @train_app.command("text", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -229,15 +257,12 @@ def train_text(
     from aigc.train.lm import TextTrainConfig, prepare_run, train
 
     cfg, run = _run_config(TextTrainConfig, ctx.args, config, data, run, resume, overwrite, "text", prepare_run)
-    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss"))
-    with bar:
-        summary = train(cfg, run, resume=resume, progress=progress)
-    summary["run"] = str(run)
+    summary = _train("text", train, cfg, run, resume, as_json, ("loss", "val_loss"))
     if as_json:
         _emit_json(summary)
     else:
-        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({summary['stopped']}); "
-                  f"best val loss {summary['best_val_loss']:.4f}; run directory: {run}")
+        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({_stopped(summary)}); "
+                  f"best val loss {summary['best_val_loss']:.4f}; run directory: {run}", markup=False, highlight=False)
 
 
 @train_app.command("image", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -254,16 +279,13 @@ def train_image(
     from aigc.train.image import ImageTrainConfig, prepare_run, train
 
     cfg, run = _run_config(ImageTrainConfig, ctx.args, config, data, run, resume, overwrite, "image", prepare_run)
-    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss", "loss_d", "loss_g"))
-    with bar:
-        summary = train(cfg, run, resume=resume, progress=progress)
-    summary["run"] = str(run)
+    summary = _train("image", train, cfg, run, resume, as_json, ("loss", "val_loss", "loss_d", "loss_g"))
     if as_json:
         _emit_json(summary)
     else:
         val = f"; best val loss {summary['best_val_loss']:.4f}" if "best_val_loss" in summary else ""
-        out.print(f"trained {summary['kind']} for {summary['steps']} steps in {summary['elapsed_s']} s{val}; "
-                  f"samples: {run / 'samples.png'}; run directory: {run}")
+        out.print(f"trained {summary['kind']} for {summary['steps']} steps in {summary['elapsed_s']} s ({_stopped(summary)}){val}; "
+                  f"samples: {run / 'samples.png'}; run directory: {run}", markup=False, highlight=False)
 
 
 @train_app.command("music", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -281,15 +303,12 @@ def train_music(
 
     _quiet_libraries()
     cfg, run = _run_config(MusicTrainConfig, ctx.args, config, data, run, resume, overwrite, "music", prepare_run)
-    bar, progress = _training_progress(cfg.train.max_steps, as_json, ("loss", "val_loss"))
-    with bar:
-        summary = train(cfg, run, resume=resume, progress=progress)
-    summary["run"] = str(run)
+    summary = _train("music", train, cfg, run, resume, as_json, ("loss", "val_loss"))
     if as_json:
         _emit_json(summary)
     else:
-        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({summary['stopped']}); "
-                  f"best val loss {summary['best_val_loss']:.4f} nats/token; run directory: {run}")
+        out.print(f"trained {summary['steps']} steps in {summary['elapsed_s']} s ({_stopped(summary)}); "
+                  f"best val loss {summary['best_val_loss']:.4f} nats/token; run directory: {run}", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- generate
@@ -763,7 +782,7 @@ def serve(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Run directories to serve, as PATH or NAME=PATH (id: the folder name).")] = None,
     models_dir: Annotated[Optional[Path], typer.Option(help="Serve every run directory in this folder.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).", min=1, max=65535)] = 8000,
     db: DbOpt = None,
     home: Annotated[Optional[Path], typer.Option(help="Data folder (database, generated images); default ~/.aigc.")] = None,
     echo_model: Annotated[Optional[list[str]], typer.Option(help="Also serve a stub text model under this id (for gateway load tests).")] = None,
@@ -776,13 +795,59 @@ def serve(
     from aigc.serve.app import create_app, setup_logging
     from aigc.serve.registry import Registry
 
+    import threading
+    import time
+
+    from aigc import threads
+
     settings = _settings(db, home=home, max_batch=max_batch)
+    _check_port_free(host, port)
     setup_logging(settings.log_json)
     registry = Registry.from_paths(list(runs or []), models_dir or settings.models_dir, echo_model,
                                    memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens)
+    threads.configure()
     application = create_app(settings, registry)
-    err.print(f"serving {', '.join(registry.entries)} on http://{host}:{port}/v1 (database: {settings.resolved_database_url()})")
-    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=shutdown_timeout, access_log=False))
+    main_thread = threading.current_thread()
+
+    def announce() -> None:  # only once the socket listens: a failed start never claims to serve
+        while not server.started and main_thread.is_alive():
+            time.sleep(0.05)
+        if server.started:
+            err.print(f"serving {', '.join(registry.entries)} on http://{host}:{port}/v1 (database: "
+                      f"{settings.resolved_database_url()}); Ctrl-C stops it", markup=False, highlight=False)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits when it cannot bind (the port taken since the check) or startup failed
+        if e.code:
+            raise UserError(f"the server did not start on {host}:{port} (see the log above)") from None
+        raise
+    if not server.started and not server.should_exit:
+        raise UserError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error before anything loads when the port is taken (uvicorn would fail after the models loaded)."""
+    import errno
+    import socket
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except PermissionError:
+            raise UserError(f"--port {port}: not allowed for this user (ports below 1024 need privileges)") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port} is in use on {host} (another server?): stop it or pick another port") from None
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 
 @plan_app.command("create")
@@ -969,64 +1034,144 @@ admin_app.add_typer(c2pa_app, name="c2pa")
 
 @app.command("verify")
 def verify(
-    target: Annotated[str, typer.Argument(help="A file (PNG, JPEG, WAV, MP4), a text file with --text-file, or the text itself (after -- if it starts with -); - reads stdin.")],
+    targets: Annotated[Optional[list[str]], typer.Argument(help="Files (PNG, JPEG, WAV, MP4), text files with --text-file, or texts (after -- if one starts with -); - reads stdin.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Text run whose tokenizer scores the text (repeatable).")] = None,
     org: Annotated[Optional[str], typer.Option(help="Score the text with this organisation's watermark key (default: this machine's CLI key).")] = None,
-    text_file: Annotated[bool, typer.Option("--text-file", help="TARGET is a text file to score, not a media file.")] = False,
+    text_file: Annotated[bool, typer.Option("--text-file", help="TARGETS are text files to score, not media files.")] = False,
+    jsonl: Annotated[Optional[Path], typer.Option(help="Score every text of this JSONL file: a JSON string or {\"text\": ..., \"id\": ...} per line.")] = None,
     threshold: Annotated[float, typer.Option(help="z-score above which text counts as watermarked.")] = 4.0,
+    home: Annotated[Optional[Path], typer.Option(help="Data folder whose keys and CA the content was made with (default: $AIGC_HOME or ~/.aigc).")] = None,
     db: DbOpt = None, as_json: JsonOpt = False,
 ):
-    """Report the text watermark z-score, the image watermark payload (and its generation) and the C2PA state."""
+    """Report the text watermark z-score, the image watermark payload (and its generation) and the C2PA state.
+
+    Exit status: 0 when every target is detected (text) or carries a valid signature or watermark (files),
+    1 when one is not, 2 on an error. Several targets, or --jsonl, print one result line each."""
     from aigc.govern import records
-    from aigc.govern.c2pa import Provenance
+    from aigc.govern.c2pa import anchors_from_settings
 
-    settings = _settings(db)
-    path = Path(target)
-    is_file = target != "-" and path.is_file()
-    if target == "-":
-        content: str | bytes = sys.stdin.read()
-    elif is_file:
-        content = path.read_bytes()
-        if text_file:
-            try:
-                content = content.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path} is not UTF-8 text") from None
-    else:
-        if text_file:
-            raise UserError(f"file not found: {path}")
-        content = target
-    if isinstance(content, bytes):
-        if not content:
-            raise UserError(f"{path} is empty")
-        anchors = Provenance.from_settings(settings).trust_anchors
-        sessions = _open_sessions(db)
-        try:
-            with sessions() as s:
-                report = records.verify_file(content, anchors, s, None, operator=True)
-        finally:
+    settings = _settings(db, home=home)
+    items = _verify_items(list(targets or []), jsonl, text_file)
+    texts = [it for it in items if isinstance(it["content"], str)]
+    candidates = _watermark_scorers(settings, model, org, db) if texts else []
+    sessions = _existing_db(settings) if len(texts) < len(items) else None
+    results = []
+    try:
+        for it in items:
+            if isinstance(it["content"], str):
+                report = {"text_watermark": records.verify_text(it["content"], candidates, threshold)}
+                ok = bool(report["text_watermark"].get("detected"))
+            else:
+                if sessions is None:
+                    report = records.verify_file(it["content"], anchors_from_settings(settings), None, None, operator=True)
+                else:
+                    with sessions() as s:
+                        report = records.verify_file(it["content"], anchors_from_settings(settings), s, None, operator=True)
+                ok = report["c2pa"]["state"] in ("Trusted", "Valid") or bool(report.get("image_watermark", {}).get("found"))
+            results.append((it["label"], report, ok))
+    finally:
+        if sessions is not None:
             sessions.kw["bind"].dispose()
+    if len(results) == 1 and jsonl is None:
+        report = results[0][1]
+        if as_json:
+            _emit_json(report)
+        else:
+            _print_verdict(report)
     else:
-        from transformers import AutoTokenizer
+        for label, report, ok in results:
+            if as_json:
+                print(json.dumps({"target": label, "verdict": ok, **report}, ensure_ascii=False, default=str))
+            else:
+                out.print(f"{label}: {_one_line_verdict(report)}", markup=False, highlight=False)
+    if not all(ok for _, _, ok in results):
+        raise typer.Exit(1)
 
-        from aigc.govern.crypto import secret
-        from aigc.govern.text_watermark import tenant_key
 
-        if not model:
-            raise UserError("scoring text needs the model that wrote it: --model RUN")
-        wm_secret = secret(settings.home, "text-watermark")
-        tenant = _db_do(db, lambda s: crud_org_id(s, org)) if org else "local"
-        cands = []
-        for run in model:
-            folder = run / "model" if (run / "model").is_dir() else run
-            if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
-                raise UserError(f"{run}: no tokenizer found (expected a text run)")
-            cands.append((run.name, AutoTokenizer.from_pretrained(str(folder)), tenant_key(wm_secret, tenant)))
-        report = {"text_watermark": records.verify_text(content, cands, threshold)}
-    if as_json:
-        _emit_json(report)
-        return
-    _print_verdict(report)
+def _verify_items(targets: list[str], jsonl: Path | None, text_file: bool) -> list[dict]:
+    """What `aigc verify` checks, read and checked up front so that a bad input fails before any result."""
+    items: list[dict] = []
+    for target in targets:
+        path = Path(target)
+        if target == "-":
+            items.append({"label": "stdin", "content": sys.stdin.read()})
+        elif path.is_file():
+            data = path.read_bytes()
+            if text_file:
+                try:
+                    items.append({"label": target, "content": data.decode("utf-8")})
+                except UnicodeDecodeError:
+                    raise UserError(f"{path} is not UTF-8 text") from None
+            elif not data:
+                raise UserError(f"{path} is empty")
+            else:
+                items.append({"label": target, "content": data})
+        elif text_file:
+            raise UserError(f"file not found: {path}")
+        else:
+            items.append({"label": f"text {len(items) + 1}", "content": target})
+    if jsonl is not None:
+        if not jsonl.is_file():
+            raise UserError(f"--jsonl: file not found: {jsonl}")
+        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{jsonl}:{n}: not JSON ({e.msg})") from None
+            text = row if isinstance(row, str) else row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"{jsonl}:{n}: expected a JSON string or an object with a non-empty \"text\"")
+            label = str(row.get("id", f"{jsonl.name}:{n}")) if isinstance(row, dict) else f"{jsonl.name}:{n}"
+            items.append({"label": label, "content": text})
+    if not items:
+        raise UserError("nothing to verify: pass files, texts, - (stdin) or --jsonl FILE")
+    return items
+
+
+def _watermark_scorers(settings, model: list[Path] | None, org: str | None, db: str | None) -> list[tuple]:
+    """(model id, tokenizer, key) per --model run, with the home's existing text-watermark key."""
+    from transformers import AutoTokenizer
+
+    from aigc.govern.crypto import secret
+    from aigc.govern.text_watermark import tenant_key
+
+    if not model:
+        raise UserError("scoring text needs the model that wrote it: --model RUN")
+    wm_secret = secret(settings.home, "text-watermark", create=False)
+    tenant = _db_do(db, lambda s: crud_org_id(s, org)) if org else "local"
+    cands = []
+    for run in model:
+        folder = run / "model" if (run / "model").is_dir() else run
+        if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+            raise UserError(f"{run}: no tokenizer found (expected a text run)")
+        cands.append((run.name, AutoTokenizer.from_pretrained(str(folder)), tenant_key(wm_secret, tenant)))
+    return cands
+
+
+def _existing_db(settings):
+    """Sessions on the configured database, or None where it is an SQLite file that does not exist (verify creates nothing)."""
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite:///") and not Path(url.split("///", 1)[1]).is_file():
+        return None
+    from aigc.db.session import open_db
+
+    return open_db(url)
+
+
+def _one_line_verdict(report: dict) -> str:
+    if "text_watermark" in report:
+        t = report["text_watermark"]
+        if "z" not in t:
+            return f"text watermark: {t.get('reason')}"
+        return (f"{'DETECTED' if t['detected'] else 'not detected'} (z = {t['z']:.2f}, {t['scored_tokens']} tokens, model {t['model']})"
+                + (f"; {t['note']}" if t.get("note") else ""))
+    parts = [f"C2PA {report['c2pa']['state']}"]
+    w = report.get("image_watermark")
+    if w is not None:
+        parts.append(f"image watermark id {w['watermark_id']}" if w.get("found") else "no image watermark")
+    return "; ".join(parts)
 
 
 def crud_org_id(s, org: str) -> int:
@@ -1256,30 +1401,60 @@ def eval_moderation(
 BUILTIN_MODERATION = Path(__file__).resolve().parent / "data" / "builtin" / "moderation-labelled.jsonl"
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """Usage-error classes of the installed typer and click: typer >= 0.29 raises its own vendored copy of click's."""
+    import click
+
+    types: list[type] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        types.append(VendoredClickException)
+    except ImportError:  # an older typer raises click's own
+        pass
+    return tuple(types)
+
+
+def _usage_message(e) -> str:
+    """One line for a usage mistake: what was wrong and what is allowed."""
+    ctx = getattr(e, "ctx", None)
+    where = f" ({ctx.command_path})" if ctx is not None else ""
+    name = type(e).__name__
+    if name == "NoSuchOption" and ctx is not None:
+        allowed = sorted({o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")} | {"--help"})
+        hint = f"; did you mean {', '.join(sorted(e.possibilities))}?" if getattr(e, "possibilities", None) else ""
+        return f"no such option {e.option_name}{where}{hint}; allowed: {' '.join(allowed)}"
+    message = e.format_message().strip().splitlines()
+    text = " ".join(line.strip() for line in message if line.strip()).rstrip(".")
+    if name == "UsageError" and ctx is not None and hasattr(ctx.command, "list_commands") and "No such command" in text:
+        return f"{text}{where}; commands: {', '.join(ctx.command.list_commands(ctx))}"
+    return f"{text}{where}"
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("AIGC_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    usage_errors = _usage_error_types()
     try:
         rc = app(standalone_mode=False)  # typer.Exit(code) comes back as a return value in this mode
+        if rc == 130:
+            err.print("interrupted")
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except UserError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
-            err.print(f"error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(2)
-        raise
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `aigc` or `aigc train` alone: the help is what was asked for
+            print(e.format_message())
+            sys.exit(0)
+        err.print(f"error: {_usage_message(e)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
     image_url_ttl_s: int = 3600  # also the lifetime of music and video result URLs
     job_workers: int = 1  # threads rendering music and video jobs
+    threads: int = Field(0, ge=0, description="torch intra-op threads for every job; 0: follow the free CPU (aigc/threads.py).")
     log_json: bool = True
     # Governance (aigc/govern): production C2PA credentials and the data-encryption key ring.
     c2pa_cert: str = Field("", description="PEM file: the C2PA signing certificate chain (leaf first, no root). Empty: a local development CA.")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from dataclasses import dataclass
 
 import httpx
 import uvicorn
 
+from conftest import wait_for
 from aigc.db.session import open_db
 from aigc.db import crud
 from aigc.serve.app import create_app
@@ -47,10 +47,8 @@ def start(settings: Settings, registry: Registry) -> Live:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: server.started or not thread.is_alive(), "the test server to start", timeout=120)
+    assert server.started, "the test server's thread ended before it started"
     assert httpx.get(url + "/healthz").status_code == 200
     return Live(url, server, thread, app, settings)
 

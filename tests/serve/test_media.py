@@ -1,12 +1,12 @@
 """Music and video jobs through the API: create (202), poll, fetch signed files, metering per second."""
 import base64
 import os
-import time
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from conftest import wait_for
 from aigc.db import crud
 from aigc.db.models import Generation, Job, Organization, UsageRecord
 from tests.serve.helpers import db, start, tenant
@@ -35,15 +35,12 @@ def H(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-def wait(server, key, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait(server, key, job_id, timeout=180):
+    def finished():
         r = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=H(key))
         assert r.status_code == 200, r.text
-        if r.json()["status"] in ("succeeded", "failed"):
-            return r.json()
-        time.sleep(0.1)
-    raise AssertionError("job did not finish")
+        return r.json() if r.json()["status"] in ("succeeded", "failed") else None
+    return wait_for(finished, f"job {job_id} to finish", timeout=timeout, interval=0.1)
 
 
 def test_music_job(media_server):

@@ -10,6 +10,7 @@ import httpx
 from sqlalchemy import select
 
 from aigc.db.models import UsageRecord
+from conftest import wait_for
 from tests.serve.conftest import seed_billing
 from tests.serve.helpers import db, free_port, tenant
 
@@ -27,12 +28,7 @@ def test_sigterm_under_load_loses_nothing(tmp_path, text_model):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, f"aigc serve to answer {url}/readyz", timeout=180, proc=proc)
         body = {"model": "rand", "prompt": "x", "max_tokens": 100, "temperature": 0}
 
         def one(i):

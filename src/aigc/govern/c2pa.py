@@ -144,10 +144,8 @@ class Provenance:
     def from_settings(cls, settings) -> "Provenance":
         cert, key, signer = settings.c2pa_cert, settings.c2pa_key, settings.c2pa_signer
         alg = settings.c2pa_alg.lower()
-        anchors = _read(settings.c2pa_trust_anchors) if settings.c2pa_trust_anchors else ""
+        anchors = anchors_from_settings(settings)
         dev = Path(settings.home) / "c2pa"
-        if (dev / "root-ca.pem").is_file():
-            anchors += (dev / "root-ca.pem").read_text()
         if cert:
             callback = None
             if signer:
@@ -206,6 +204,15 @@ class Provenance:
 
     def verify(self, data: bytes, mime: str | None = None) -> Verdict:
         return verify(data, mime, self.trust_anchors)
+
+
+def anchors_from_settings(settings) -> str:
+    """The PEM trust anchors verification uses: AIGC_C2PA_TRUST_ANCHORS and the home's development CA (never created here)."""
+    anchors = _read(settings.c2pa_trust_anchors) if settings.c2pa_trust_anchors else ""
+    dev_root = Path(settings.home) / "c2pa" / "root-ca.pem"
+    if dev_root.is_file():
+        anchors += dev_root.read_text()
+    return anchors
 
 
 def verify(data: bytes, mime: str | None = None, trust_anchors: str = "") -> Verdict:

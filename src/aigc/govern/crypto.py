@@ -34,10 +34,14 @@ def _private_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def secret(home: Path, name: str) -> bytes:
-    """A named 32-byte server secret under HOME/keys (created on first use): watermark keys derive from these."""
+def secret(home: Path, name: str, create: bool = True) -> bytes:
+    """A named 32-byte server secret under HOME/keys (created on first use unless ``create`` is off: a checker
+    must never mint a key, or it scores with a key nothing was marked with): watermark keys derive from these."""
     path = Path(home) / "keys" / f"{name}.key"
     if not path.is_file():
+        if not create:
+            raise UserError(f"no {name} key in {home} ({path} is missing): use the home that generated the content "
+                            "(AIGC_HOME or --home)")
         _private_write(path, pysecrets.token_bytes(32))
     data = path.read_bytes()
     if len(data) < 16:

@@ -7,20 +7,107 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``total`` (flat after it)."""
+@dataclass
+class Budget:
+    """What ends a run, steps or seconds (whichever comes first), and how far along it is (0..1).
+
+    With a time budget the schedule runs on time: progress is the larger of the step and time
+    fractions, so the cosine reaches its floor when the budget does, and the loop stops at the first
+    step boundary past it. The progress never jumps back, so a progress bar over it does not either.
+    """
+
+    max_steps: int
+    max_seconds: float = 0.0
+
+    def progress(self, step: int, elapsed: float) -> float:
+        done = step / self.max_steps
+        if self.max_seconds:
+            done = max(done, elapsed / self.max_seconds)
+        return min(1.0, done)
+
+    def reason(self, step: int, elapsed: float) -> str:
+        """"steps" or "budget" once the run is over, else ""."""
+        if step >= self.max_steps:
+            return "steps"
+        if self.max_seconds and elapsed >= self.max_seconds:
+            return "budget"
+        return ""
+
+
+STOP_REASONS = {"steps": "reached train.max_steps", "budget": "reached the time budget (train.max_seconds)",
+                "early_stop": "early stop: no improvement in train.patience evaluations", "interrupted": "interrupted"}
+
+
+def cosine_lr(step: int, progress: float, lr: float, min_lr: float, warmup: int, warmup_end: float) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at progress 1.
+
+    ``warmup_end`` is the progress at which warmup ended (``warmup / max_steps`` for a run counted
+    in steps), so the decay spans exactly what is left of the run.
+    """
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
-    if step >= total:
-        return min_lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    span = max(1e-9, 1.0 - warmup_end)
+    done = min(1.0, max(0.0, (progress - warmup_end) / span))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - min_lr)
+
+
+def scheduled_lr(state: dict, budget: Budget, step: int, progress: float, lr: float, min_lr: float, warmup: int) -> float:
+    """The rate of the step about to run. Counted in steps, warmup ends at ``warmup / max_steps`` (so a run
+    extended on resume follows the longer schedule exactly); on a time budget, where it ends is known only
+    then, and is kept in ``state`` (saved with checkpoints)."""
+    if not budget.max_seconds:
+        return cosine_lr(step, progress, lr, min_lr, warmup, min(1.0, warmup / budget.max_steps))
+    if step >= warmup and "warmup_end" not in state:
+        state["warmup_end"] = progress
+    return cosine_lr(step, progress, lr, min_lr, warmup, state.get("warmup_end", 0.0))
+
+
+def eval_due(state: dict, step: int, interval: int, previous: float, final: bool = False) -> bool:
+    """Whether to evaluate after this step: at the end, every ``interval`` steps, and when the run passes
+    another tenth of itself with no evaluation in the last tenth, so a short or time-budgeted run still
+    draws a validation curve of about ten points. Records the evaluation in ``state``."""
+    done = state["progress"]
+    due = final or step % interval == 0 or (int(done * 10) > int(previous * 10) and done - state.get("eval_progress", 0.0) >= 0.1 - 1e-9)
+    if due:
+        state["eval_progress"] = done
+    return due
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while a loop runs: the loop finishes its step, writes a checkpoint
+    and returns with ``stopped: "interrupted"``; a second signal stops at once (KeyboardInterrupt).
+
+    Handlers can only be installed in the main thread; elsewhere the signals keep their defaults.
+    """
+
+    def __init__(self):
+        self.received = ""
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
 
 
 def cpu_has_bf16() -> bool:
@@ -73,6 +160,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def log_axis(values: list[float]) -> bool:
+    """A log y-axis when the positive values span more than a decade (an ELBO falling from 3000 to
+    40 is a flat line after its first steps on a linear axis)."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    return len(positive) == len(values) and len(positive) > 1 and max(positive) / min(positive) > 10
+
+
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "", ylabel: str = "loss (nats/token)",
               series: tuple[tuple[str, str], ...] = (("loss", "train"),)) -> None:
     """Training series and the validation loss against step, written as a PNG."""
@@ -84,12 +178,17 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "", ylabel: str = 
     records = read_jsonl(metrics_path)
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    shown = [v for _, v in val]
     for key, label in series:
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), label=label, linewidth=0.8, alpha=0.8)
+            shown += [v for _, v in points]
     if val:
-        ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
+        ax.plot(*zip(*val), label="validation", marker="o", markersize=3, linewidth=1.5)
+    if log_axis(shown):
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from aigc import threads
 from aigc.models.diffusion import DiffusionModel, build_scheduler, build_unet
 from aigc.train import common
-from aigc.train.image import (ImageTrainConfig, ema_update, fit_schedule, get_batch, load_run_data, run_meta, sample_grid,
+from aigc.train.image import (ImageTrainConfig, ema_update, get_batch, load_run_data, run_meta, sample_grid,
                               save_model, step_generator)
 
 
@@ -44,15 +45,14 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "best_val": float("inf")}
+    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        if not loop.max_seconds:
-            state["max_steps"] = loop.max_steps
+        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
         common.truncate_metrics(metrics_path, state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -85,44 +85,54 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     step = state["step"]
     t_start = time.perf_counter() - state["elapsed"]
     t_last, last_step = time.perf_counter(), step
-    while step < state["max_steps"]:
-        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x0, cond = get_batch(train_data, loop.batch_size, loop.seed, step)
-        loss = loss_on(model, x0, cond, step_generator(loop.seed, step), dcfg.cond_drop)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model, dcfg.ema, step)
-        step += 1
-        now = time.perf_counter()
-        state["step"], state["elapsed"] = step, now - t_start
-        record = {"step": step, "loss": round(loss.item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
-        if step % 10 == 0 or step == 1:
-            record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
-            t_last, last_step = now, step
-        fit_schedule(state, loop, step)
-        finished = step >= state["max_steps"]
-        if step % loop.eval_interval == 0 or finished:
-            record["val_loss"] = round(evaluate(), 6)
-            state["best_val"] = min(state["best_val"], record["val_loss"])
-            writer.add_scalar("val/loss", record["val_loss"], step)
-        common.append_jsonl(metrics_path, record)
-        writer.add_scalar("train/loss", record["loss"], step)
-        writer.add_scalar("train/lr", lr, step)
-        if step % loop.checkpoint_interval == 0 or finished:
-            save(step)
-            common.atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
-            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
-        if step % loop.sample_interval == 0 or finished:
-            sample_grid(ImagePipeline(ema, meta, dict(scheduler.config)), run_dir, step, loop.samples, loop.seed, writer)
-        if progress:
-            progress(step, state["max_steps"], record)
+    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            done = budget.progress(step, time.perf_counter() - t_start)
+            lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x0, cond = get_batch(train_data, loop.batch_size, loop.seed, step)
+            loss = loss_on(model, x0, cond, step_generator(loop.seed, step), dcfg.cond_drop)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(ema, model, dcfg.ema, step)
+            step += 1
+            now = time.perf_counter()
+            state["step"], state["elapsed"] = step, now - t_start
+            record = {"step": step, "loss": round(loss.item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
+            if step % 10 == 0 or step == 1:
+                record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
+                t_last, last_step = now, step
+            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
+            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            state["stopped"] = reason
+            finished = bool(reason)
+            evaluate_now = reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=finished)
+            if evaluate_now:
+                record["val_loss"] = round(evaluate(), 6)
+                state["best_val"] = min(state["best_val"], record["val_loss"])
+                writer.add_scalar("val/loss", record["val_loss"], step)
+            common.append_jsonl(metrics_path, record)
+            writer.add_scalar("train/loss", record["loss"], step)
+            writer.add_scalar("train/lr", lr, step)
+            if step % loop.checkpoint_interval == 0 or finished:
+                save(step)
+                common.atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+            if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):
+                sample_grid(ImagePipeline(ema, meta, dict(scheduler.config)), run_dir, step, loop.samples, loop.seed, writer)
+            if progress:
+                progress(step, state["progress"], record)
+            if finished:
+                break
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
-    return {"kind": "ddpm", "steps": step, "elapsed_s": round(state["elapsed"], 2), "best_val_loss": state["best_val"],
+    return {"kind": "ddpm", "steps": step, "elapsed_s": round(state["elapsed"], 2),
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps", "best_val_loss": state["best_val"],
             "precision": precision, "condition": meta.condition, "parameters": sum(p.numel() for p in model.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from aigc import threads
 from aigc.models.dcgan import Discriminator, Generator, init_weights
 from aigc.train import common
-from aigc.train.image import (ImageTrainConfig, ema_update, fit_schedule, get_batch, load_run_data, run_meta, sample_grid,
+from aigc.train.image import (ImageTrainConfig, ema_update, get_batch, load_run_data, run_meta, sample_grid,
                               save_model, step_generator)
 
 
@@ -69,14 +70,13 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0}
+    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": ""}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             module.load_state_dict(ckpt[key])
         state = ckpt["state"]
-        if not loop.max_seconds:
-            state["max_steps"] = loop.max_steps
+        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
         common.truncate_metrics(metrics_path, state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -92,64 +92,72 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     step = state["step"]
     t_start = time.perf_counter() - state["elapsed"]
     t_last, last_step = time.perf_counter(), step
-    while step < state["max_steps"]:
-        warm = min(1.0, (step + 1) / loop.warmup_steps) if loop.warmup_steps else 1.0
-        for group in opt_g.param_groups:
-            group["lr"] = loop.lr * warm
-        for group in opt_d.param_groups:
-            group["lr"] = (gcfg.d_lr or loop.lr) * warm
-        gen = step_generator(loop.seed, step)
-        for k in range(gcfg.d_steps):
-            real, cond = get_batch(data, loop.batch_size, loop.seed, step, k)
+    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            warm = min(1.0, (step + 1) / loop.warmup_steps) if loop.warmup_steps else 1.0
+            for group in opt_g.param_groups:
+                group["lr"] = loop.lr * warm
+            for group in opt_d.param_groups:
+                group["lr"] = (gcfg.d_lr or loop.lr) * warm
+            gen = step_generator(loop.seed, step)
+            for k in range(gcfg.d_steps):
+                real, cond = get_batch(data, loop.batch_size, loop.seed, step, k)
+                z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)
+                with autocast:
+                    with torch.no_grad():
+                        fake = G(z, cond)
+                    d_real, d_fake = D(real, cond).float(), D(fake.float(), cond).float()
+                loss_d = d_loss_fn(gcfg.loss, d_real, d_fake, gcfg.label_smoothing)
+                penalty = torch.zeros(())
+                if gcfg.gradient_penalty != "none":
+                    penalty = gradient_penalty(gcfg.gradient_penalty, D, real, fake, cond, gen)
+                    loss_d = loss_d + gcfg.gp_weight * penalty
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
             z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)
             with autocast:
-                with torch.no_grad():
-                    fake = G(z, cond)
-                d_real, d_fake = D(real, cond).float(), D(fake.float(), cond).float()
-            loss_d = d_loss_fn(gcfg.loss, d_real, d_fake, gcfg.label_smoothing)
-            penalty = torch.zeros(())
+                loss_g = g_loss_fn(gcfg.loss, D(G(z, cond), cond).float())
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            if gcfg.ema:
+                ema_update(G_ema, G, gcfg.ema, step)
+            step += 1
+            now = time.perf_counter()
+            state["step"], state["elapsed"] = step, now - t_start
+            record = {"step": step, "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
+                      "d_real": round(d_real.mean().item(), 4), "d_fake": round(d_fake.mean().item(), 4),
+                      "lr": loop.lr * warm}
             if gcfg.gradient_penalty != "none":
-                penalty = gradient_penalty(gcfg.gradient_penalty, D, real, fake, cond, gen)
-                loss_d = loss_d + gcfg.gp_weight * penalty
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)
-        with autocast:
-            loss_g = g_loss_fn(gcfg.loss, D(G(z, cond), cond).float())
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        if gcfg.ema:
-            ema_update(G_ema, G, gcfg.ema, step)
-        step += 1
-        now = time.perf_counter()
-        state["step"], state["elapsed"] = step, now - t_start
-        record = {"step": step, "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
-                  "d_real": round(d_real.mean().item(), 4), "d_fake": round(d_fake.mean().item(), 4),
-                  "lr": loop.lr * warm}
-        if gcfg.gradient_penalty != "none":
-            record["penalty"] = round(penalty.item(), 5)
-        if step % 10 == 0 or step == 1:
-            record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
-            t_last, last_step = now, step
-        fit_schedule(state, loop, step)
-        finished = step >= state["max_steps"]
-        common.append_jsonl(metrics_path, record)
-        for key in ("loss_d", "loss_g", "d_real", "d_fake"):
-            writer.add_scalar(f"train/{key}", record[key], step)
-        if step % loop.checkpoint_interval == 0 or finished:
-            save(step)
-            common.atomic_torch_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
-                                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "state": dict(state)}, ckpt_path)
-            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss",
-                             series=(("loss_d", "discriminator"), ("loss_g", "generator")))
-        if step % loop.sample_interval == 0 or finished:
-            sample_grid(ImagePipeline(G_ema if gcfg.ema else copy.deepcopy(G), meta), run_dir, step, loop.samples, loop.seed, writer)
-        if progress:
-            progress(step, state["max_steps"], record)
+                record["penalty"] = round(penalty.item(), 5)
+            if step % 10 == 0 or step == 1:
+                record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
+                t_last, last_step = now, step
+            state["progress"] = budget.progress(step, state["elapsed"])
+            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            state["stopped"] = reason
+            finished = bool(reason)
+            common.append_jsonl(metrics_path, record)
+            for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+                writer.add_scalar(f"train/{key}", record[key], step)
+            if step % loop.checkpoint_interval == 0 or finished:
+                save(step)
+                common.atomic_torch_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+                                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "state": dict(state)}, ckpt_path)
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss",
+                                 series=(("loss_d", "discriminator"), ("loss_g", "generator")))
+            if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):
+                sample_grid(ImagePipeline(G_ema if gcfg.ema else copy.deepcopy(G), meta), run_dir, step, loop.samples, loop.seed, writer)
+            if progress:
+                progress(step, state["progress"], record)
+            if finished:
+                break
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
-    return {"kind": "dcgan", "steps": step, "elapsed_s": round(state["elapsed"], 2), "precision": precision,
+    return {"kind": "dcgan", "steps": step, "elapsed_s": round(state["elapsed"], 2),
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps", "precision": precision,
             "condition": meta.condition, "parameters": sum(p.numel() for p in G.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}

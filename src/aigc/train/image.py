@@ -26,6 +26,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from aigc import threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.dcgan import DCGANConfig
@@ -52,7 +53,7 @@ class ImageLoopConfig:
     min_lr: float = 2e-5  # cosine floor (VAE, diffusion); GANs keep a constant rate
     warmup_steps: int = 100
     max_steps: int = 5000
-    max_seconds: float = 0.0  # wall-clock budget; 0 = none. The schedule is fitted to it as the run goes.
+    max_seconds: float = 0.0  # wall-clock budget; 0 = none. With one, the LR schedule runs on time and ends with it.
     grad_clip: float = 1.0  # VAE and diffusion; 0 disables
     eval_interval: int = 250  # validation loss (VAE, diffusion)
     eval_batches: int = 4
@@ -60,7 +61,7 @@ class ImageLoopConfig:
     samples: int = 64  # images in a grid
     checkpoint_interval: int = 250
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
-    threads: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = follow the free CPU (aigc/threads.py)
     seed: int = 1337
 
     def validate(self) -> None:
@@ -141,13 +142,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
             e.lerp_(p, 1.0 - decay)
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
-
-
-def fit_schedule(state: dict, loop: ImageLoopConfig, step: int) -> None:
-    """With a time budget, set the end of the schedule to the steps that fit at the pace so far."""
-    if loop.max_seconds and step > 0 and step % 10 == 0:
-        pace = state["elapsed"] / step
-        state["max_steps"] = min(loop.max_steps, max(step + 1, int(loop.max_seconds / pace)))
 
 
 # ---------------------------------------------------------------- run directory
@@ -249,8 +243,7 @@ def train(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False,
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text(encoding="utf-8"))
     cfg.model.condition = resolve_condition(cfg.model.condition, manifest)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads.configure(cfg.train.threads)
     if cfg.model.kind == "dcgan":
         from aigc.train.gan import fit
     elif cfg.model.kind == "vae":

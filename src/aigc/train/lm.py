@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aigc import threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
@@ -83,7 +84,7 @@ class LoopConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     max_steps: int = 2000
-    max_seconds: float = 0.0  # wall-clock budget; 0 = none. The schedule is fitted to it as the run goes.
+    max_seconds: float = 0.0  # wall-clock budget; 0 = none. With one, the LR schedule runs on time and ends with it.
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -95,7 +96,7 @@ class LoopConfig:
     min_delta: float = 0.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the step: ~30 s up front, then faster steps
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads; 0 = follow the free CPU (aigc/threads.py)
     seed: int = 1337
     samples: int = 3  # samples written to samples.txt at the end
     sample_tokens: int = 200
@@ -255,8 +256,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
 
     run_dir = Path(run_dir)
     loop = cfg.train
-    if loop.threads:
-        torch.set_num_threads(loop.threads)
+    threads.configure(loop.threads)
     precision = common.resolve_precision(loop.precision)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
@@ -282,8 +282,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 trainable[name].copy_(tensor)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        if not loop.max_seconds:  # the config may have been extended (--train.max_steps) since
-            state["max_steps"] = loop.max_steps
+        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
         common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
     else:  # a fresh start, or a resume of a run killed before its first checkpoint
@@ -319,68 +318,69 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
 
     model.train()
     step = state["step"]
+    budget = common.Budget(state["max_steps"], loop.max_seconds)
     t_start = time.perf_counter() - state["elapsed"]
     tokens_per_step = loop.batch_size * loop.grad_accum * block
     t_last, last_log_step = time.perf_counter(), step
-    while step < state["max_steps"]:
-        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
-        total = 0.0
-        for micro in range(loop.grad_accum):
-            x, y = get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro)
-            embeds = emb_layer(x)  # (B, T, C)
-            if cfg.adversarial.enabled:
-                embeds.retain_grad()
-            loss = compiled(embeds, y)
-            (loss / loop.grad_accum).backward()
-            if cfg.adversarial.enabled:
-                grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
-                adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
-                (adv_loss / loop.grad_accum).backward()
-            total += loss.item() / loop.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["step"] = step
-        now = time.perf_counter()
-        state["elapsed"] = now - t_start
-        record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
-        if step % 10 == 0 or step == 1:
-            record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
-            t_last, last_log_step = now, step
-        if loop.max_seconds and step > 0 and step % 25 == 0:
-            # Fit the schedule to the time budget: remaining steps at the pace measured so far.
-            pace = state["elapsed"] / step
-            state["max_steps"] = min(loop.max_steps, max(step + 1, int(loop.max_seconds / pace)))
-        finished = step >= state["max_steps"]
-        if step % loop.eval_interval == 0 or finished:
-            val = evaluate()
-            record["val_loss"] = round(val, 6)
-            if val < state["best_val"] - loop.min_delta:
-                state["best_val"], state["bad_evals"] = val, 0
-                save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
-                record["best"] = True
-            else:
-                state["bad_evals"] += 1
-                if loop.patience and state["bad_evals"] >= loop.patience:
-                    state["stopped"] = f"early stop: no improvement in {loop.patience} evaluations"
-                    finished = True
-        common.append_jsonl(metrics_path, record)
-        writer.add_scalar("train/loss", total, step)
-        writer.add_scalar("train/lr", lr, step)
-        if "val_loss" in record:
-            writer.add_scalar("val/loss", record["val_loss"], step)
-            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
-        if step % loop.checkpoint_interval == 0 or finished:
-            checkpoint()
-        if progress:
-            progress(step, state["max_steps"], record)
-        if finished:
-            break
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            done = budget.progress(step, time.perf_counter() - t_start)
+            lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
+            total = 0.0
+            for micro in range(loop.grad_accum):
+                x, y = get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro)
+                embeds = emb_layer(x)  # (B, T, C)
+                if cfg.adversarial.enabled:
+                    embeds.retain_grad()
+                loss = compiled(embeds, y)
+                (loss / loop.grad_accum).backward()
+                if cfg.adversarial.enabled:
+                    grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
+                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
+                    adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
+                    (adv_loss / loop.grad_accum).backward()
+                total += loss.item() / loop.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            now = time.perf_counter()
+            state["elapsed"] = now - t_start
+            record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
+            if step % 10 == 0 or step == 1:
+                record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
+                t_last, last_log_step = now, step
+            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
+            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=bool(reason)):
+                val = evaluate()
+                record["val_loss"] = round(val, 6)
+                if val < state["best_val"] - loop.min_delta:
+                    state["best_val"], state["bad_evals"] = val, 0
+                    save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    record["best"] = True
+                else:
+                    state["bad_evals"] += 1
+                    if loop.patience and state["bad_evals"] >= loop.patience:
+                        reason = reason or "early_stop"
+            state["stopped"] = reason
+            common.append_jsonl(metrics_path, record)
+            writer.add_scalar("train/loss", total, step)
+            writer.add_scalar("train/lr", lr, step)
+            if "val_loss" in record:
+                writer.add_scalar("val/loss", record["val_loss"], step)
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+            if step % loop.checkpoint_interval == 0 or reason:
+                checkpoint()
+            if progress:
+                progress(step, state["progress"], record)
+            if reason:
+                break
     writer.close()
     if not (run_dir / "model").is_dir():
         save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
@@ -395,9 +395,9 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "tokens_per_s": round(float(np.median(rates))) if rates else None,
-        "stopped": state["stopped"] or "max_steps",
+        "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps",
     }
-    if loop.samples:
+    if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.text import SamplingParams, TextGenerator
 
         gen = TextGenerator.from_path(run_dir)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aigc import threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
@@ -170,8 +171,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
 
     run_dir = Path(run_dir)
     loop = cfg.train
-    if loop.threads:
-        torch.set_num_threads(loop.threads)
+    threads.configure(loop.threads)
     precision = common.resolve_precision(loop.precision)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
@@ -196,8 +196,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        if not loop.max_seconds:
-            state["max_steps"] = loop.max_steps
+        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
         common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
     else:
@@ -221,58 +220,61 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
 
     model.train()
     step = state["step"]
+    budget = common.Budget(state["max_steps"], loop.max_seconds)
     t_start = time.perf_counter() - state["elapsed"]
     tokens_per_step = loop.batch_size * loop.grad_accum * block
     t_last, last_log_step = time.perf_counter(), step
-    while step < state["max_steps"]:
-        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(loop.seed * 1_000_003 + step)
-        total = 0.0
-        for micro in range(loop.grad_accum):
-            loss = loss_of(*get_batch(train_ids, train_starts, block, loop.batch_size, loop.seed, step, micro))
-            (loss / loop.grad_accum).backward()
-            total += loss.item() / loop.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["step"] = step
-        now = time.perf_counter()
-        state["elapsed"] = now - t_start
-        record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
-        if step % 10 == 0 or step == 1:
-            record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
-            t_last, last_log_step = now, step
-        if loop.max_seconds and step % 25 == 0:
-            state["max_steps"] = min(loop.max_steps, max(step + 1, int(loop.max_seconds / (state["elapsed"] / step))))
-        finished = step >= state["max_steps"]
-        if step % loop.eval_interval == 0 or finished:
-            val = evaluate()
-            record["val_loss"] = round(val, 6)
-            if val < state["best_val"] - loop.min_delta:
-                state["best_val"], state["bad_evals"] = val, 0
-                meta.step = step
-                save_model(model, tokenizer, meta, run_dir / "model")
-                record["best"] = True
-            else:
-                state["bad_evals"] += 1
-                if loop.patience and state["bad_evals"] >= loop.patience:
-                    state["stopped"] = f"early stop: no improvement in {loop.patience} evaluations"
-                    finished = True
-        common.append_jsonl(metrics_path, record)
-        writer.add_scalar("train/loss", total, step)
-        writer.add_scalar("train/lr", lr, step)
-        if "val_loss" in record:
-            writer.add_scalar("val/loss", record["val_loss"], step)
-            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
-        if step % loop.checkpoint_interval == 0 or finished:
-            common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
-        if progress:
-            progress(step, state["max_steps"], record)
-        if finished:
-            break
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            done = budget.progress(step, time.perf_counter() - t_start)
+            lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(loop.seed * 1_000_003 + step)
+            total = 0.0
+            for micro in range(loop.grad_accum):
+                loss = loss_of(*get_batch(train_ids, train_starts, block, loop.batch_size, loop.seed, step, micro))
+                (loss / loop.grad_accum).backward()
+                total += loss.item() / loop.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            now = time.perf_counter()
+            state["elapsed"] = now - t_start
+            record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
+            if step % 10 == 0 or step == 1:
+                record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
+                t_last, last_log_step = now, step
+            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
+            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=bool(reason)):
+                val = evaluate()
+                record["val_loss"] = round(val, 6)
+                if val < state["best_val"] - loop.min_delta:
+                    state["best_val"], state["bad_evals"] = val, 0
+                    meta.step = step
+                    save_model(model, tokenizer, meta, run_dir / "model")
+                    record["best"] = True
+                else:
+                    state["bad_evals"] += 1
+                    if loop.patience and state["bad_evals"] >= loop.patience:
+                        reason = reason or "early_stop"
+            state["stopped"] = reason
+            common.append_jsonl(metrics_path, record)
+            writer.add_scalar("train/loss", total, step)
+            writer.add_scalar("train/lr", lr, step)
+            if "val_loss" in record:
+                writer.add_scalar("val/loss", record["val_loss"], step)
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
+            if step % loop.checkpoint_interval == 0 or reason:
+                common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+            if progress:
+                progress(step, state["progress"], record)
+            if reason:
+                break
     writer.close()
     if not (run_dir / "model").is_dir():
         meta.step = step
@@ -288,9 +290,9 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": int(len(train_ids)),
         "tokens_per_s": round(float(np.median(rates))) if rates else None,
-        "stopped": state["stopped"] or "max_steps",
+        "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps",
     }
-    if loop.samples:
+    if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.music import MusicParams, MusicPipeline
 
         pipe = MusicPipeline.from_run(run_dir)

@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
+from aigc import threads
 from aigc.models.vae import VAE, kl_divergence
 from aigc.train import common
-from aigc.train.image import (ImageTrainConfig, fit_schedule, get_batch, load_run_data, run_meta, sample_grid, save_model,
+from aigc.train.image import (ImageTrainConfig, get_batch, load_run_data, run_meta, sample_grid, save_model,
                               step_generator)
 
 
@@ -36,14 +37,13 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "best_val": float("inf")}
+    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        if not loop.max_seconds:
-            state["max_steps"] = loop.max_steps
+        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
         common.truncate_metrics(metrics_path, state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -76,45 +76,55 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     step = state["step"]
     t_start = time.perf_counter() - state["elapsed"]
     t_last, last_step = time.perf_counter(), step
-    while step < state["max_steps"]:
-        lr = common.cosine_lr(step, loop.lr, loop.min_lr, loop.warmup_steps, state["max_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        beta = vcfg.beta * (min(1.0, step / vcfg.kl_warmup_steps) if vcfg.kl_warmup_steps else 1.0)
-        x, cond = get_batch(train_data, loop.batch_size, loop.seed, step)
-        loss, rec, kl = losses(x, cond, step_generator(loop.seed, step), beta)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        state["step"], state["elapsed"] = step, now - t_start
-        record = {"step": step, "loss": round(loss.item(), 4), "recon": round(rec.item(), 4), "kl": round(kl.item(), 4),
-                  "beta": round(beta, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
-        if step % 10 == 0 or step == 1:
-            record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
-            t_last, last_step = now, step
-        fit_schedule(state, loop, step)
-        finished = step >= state["max_steps"]
-        if step % loop.eval_interval == 0 or finished:
-            record["val_loss"] = round(evaluate(), 4)
-            state["best_val"] = min(state["best_val"], record["val_loss"])
-            writer.add_scalar("val/loss", record["val_loss"], step)
-        common.append_jsonl(metrics_path, record)
-        for key in ("loss", "recon", "kl"):
-            writer.add_scalar(f"train/{key}", record[key], step)
-        if step % loop.checkpoint_interval == 0 or finished:
-            save(step)
-            common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
-            common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="negative ELBO (nats/image)")
-        if step % loop.sample_interval == 0 or finished:
-            sample_grid(ImagePipeline(model, meta), run_dir, step, loop.samples, loop.seed, writer)
-            model.train()
-        if progress:
-            progress(step, state["max_steps"], record)
+    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            done = budget.progress(step, time.perf_counter() - t_start)
+            lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            beta = vcfg.beta * (min(1.0, step / vcfg.kl_warmup_steps) if vcfg.kl_warmup_steps else 1.0)
+            x, cond = get_batch(train_data, loop.batch_size, loop.seed, step)
+            loss, rec, kl = losses(x, cond, step_generator(loop.seed, step), beta)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            state["step"], state["elapsed"] = step, now - t_start
+            record = {"step": step, "loss": round(loss.item(), 4), "recon": round(rec.item(), 4), "kl": round(kl.item(), 4),
+                      "beta": round(beta, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
+            if step % 10 == 0 or step == 1:
+                record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
+                t_last, last_step = now, step
+            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
+            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            state["stopped"] = reason
+            finished = bool(reason)
+            evaluate_now = reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=finished)
+            if evaluate_now:
+                record["val_loss"] = round(evaluate(), 4)
+                state["best_val"] = min(state["best_val"], record["val_loss"])
+                writer.add_scalar("val/loss", record["val_loss"], step)
+            common.append_jsonl(metrics_path, record)
+            for key in ("loss", "recon", "kl"):
+                writer.add_scalar(f"train/{key}", record[key], step)
+            if step % loop.checkpoint_interval == 0 or finished:
+                save(step)
+                common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="negative ELBO (nats/image)")
+            if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):
+                sample_grid(ImagePipeline(model, meta), run_dir, step, loop.samples, loop.seed, writer)
+                model.train()
+            if progress:
+                progress(step, state["progress"], record)
+            if finished:
+                break
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
-    return {"kind": "vae", "steps": step, "elapsed_s": round(state["elapsed"], 2), "best_val_loss": state["best_val"],
+    return {"kind": "vae", "steps": step, "elapsed_s": round(state["elapsed"], 2),
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps", "best_val_loss": state["best_val"],
             "precision": precision, "condition": meta.condition, "parameters": sum(p.numel() for p in model.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}
