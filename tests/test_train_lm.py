@@ -32,8 +32,9 @@ def test_run_directory_has_standard_checkpoint_and_logs(tiny_run):
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[-1]["loss"] < records[0]["loss"] - 0.5  # it learns
-    # every eval_interval (10) steps, and at each tenth of the run that had no evaluation in the tenth before it
-    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 10, 16, 20, 24, 28, 30, 36, 40]
+    # every eval_interval (10) steps, and at a tenth of the run left without one while evaluations (2/3 of a step
+    # each here) cost at most a tenth of the steps run
+    assert [r["step"] for r in records if "val_loss" in r] == [8, 10, 20, 28, 30, 40]
     # Plain transformers loads it, with no project code imported.
     code = (
         "import sys, torch\n"

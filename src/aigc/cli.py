@@ -41,6 +41,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _use_threads() -> None:
+    """The CPU thread policy for a command that computes (aigc/threads.py): follow the free CPU unless set."""
+    from aigc import threads
+
+    threads.configure()
+
+
 def _emit_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
 
@@ -342,6 +349,7 @@ def generate_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
 ):
     """Generate text from a trained run, from a prompt or a vertical template."""
+    _use_threads()
     from aigc.generate import templates
     from aigc.generate.text import SamplingParams, TextGenerator
 
@@ -400,6 +408,7 @@ def generate_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
+    _use_threads()
     import numpy as np
 
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
@@ -471,6 +480,7 @@ def generate_music(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate music: MIDI plus WAV audio, unconditionally or continuing a primer, with key, length and tempo controls."""
+    _use_threads()
     import hashlib
 
     from aigc.config import from_dict
@@ -553,6 +563,7 @@ def generate_video(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Compose a video: storyboard -> key frames -> latent interpolation -> soundtrack -> H.264 + AAC MP4 (C2PA-signed)."""
+    _use_threads()
     from dataclasses import asdict
 
     from aigc.config import from_dict
@@ -615,6 +626,7 @@ def eval_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """Perplexity, bits/char, BLEU, ROUGE and diversity; writes eval/report.{json,md} in the run."""
+    _use_threads()
     from aigc.eval.text import evaluate_run
 
     with err.status("evaluating"):
@@ -643,6 +655,7 @@ def eval_music(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """NLL per token, note and 16th step on held-out pieces; pitch-class, density, key and polyphony statistics."""
+    _use_threads()
     from aigc.eval.music import evaluate_run
 
     _quiet_libraries()
@@ -673,6 +686,7 @@ def eval_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """FID, KID, precision/recall and conditional accuracy; writes eval/report.{json,md} and eval/samples.png."""
+    _use_threads()
     from aigc.eval.image import evaluate_run
 
     with err.status("evaluating (the feature network is trained once per dataset and cached)"):
@@ -1354,6 +1368,7 @@ def train_moderation(
     threshold: Annotated[float, typer.Option(help="Probability at which the classifier fires.")] = 0.5,
 ):
     """Train the moderation classifier: sentence embeddings (offline all-MiniLM-L6-v2) + logistic regression."""
+    _use_threads()
     from aigc.govern import moderation as m
 
     rows = m.read_labelled(data or BUILTIN_MODERATION)
@@ -1377,6 +1392,7 @@ def eval_moderation(
     as_json: JsonOpt = False,
 ):
     """Precision and recall of the rules (and a classifier) on a labelled set."""
+    _use_threads()
     from aigc.govern import moderation as m
 
     rows = m.read_labelled(data or BUILTIN_MODERATION)

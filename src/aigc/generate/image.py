@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aigc import threads
 from aigc.errors import UserError
 
 META = "aigc_image.json"
@@ -236,6 +237,7 @@ class ImagePipeline:
         gen = torch.Generator().manual_seed(seed)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
+            threads.adapt()
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
             pred = self.model.guided(x, tt, c, null, guidance)
             kwargs = {"generator": gen} if sampler == "ddpm" else {"eta": 0.0}
@@ -251,6 +253,7 @@ class ImagePipeline:
         cond, labels = self.conditions(n, classes, captions)
         out = []
         for start in range(0, n, batch_size):
+            threads.adapt()
             stop = min(n, start + batch_size)
             z = self.latents(list(range(seed + start, seed + stop)))
             c = None if cond is None else cond[start:stop]

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aigc import threads
 from aigc.data.music import (BOS, Grammar, Piece, Vocab, bar_ticks, key_name, parse_key, tempo_bucket,
                              ticks_to_seconds, TIME_SIGNATURES)
 from aigc.errors import UserError
@@ -183,6 +184,7 @@ class MusicPipeline:
         history, ctx = list(prefix), list(prefix)  # every token so far / the tokens the KV cache covers
         cache, fed, generated = DynamicCache(), 0, 0
         while generated < max_tokens:
+            threads.adapt()
             if len(ctx) >= self.block:  # the model never saw positions past its block: keep the header + the newest tokens
                 ctx = ctx[:4] + ctx[-(window - 4):]
                 cache, fed = DynamicCache(), 0

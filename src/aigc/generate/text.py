@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from aigc import threads
 from aigc.errors import UserError
 from aigc.govern import text_watermark
 from aigc.govern.text_watermark import Watermark
@@ -337,6 +338,7 @@ class TextGenerator:
         active = list(range(B))
         history = [list(ids[-8:]) for ids in seqs]  # the watermark's context
         for step in range(params.max_new_tokens):
+            threads.adapt()
             if params.watermark is not None:
                 logits = text_watermark.bias(logits[:, :vocab], [params.watermark] * B, history)
             filtered = apply_sampling(logits[:, :vocab], params, seen)

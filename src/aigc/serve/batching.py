@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from aigc import threads
 from aigc.generate.text import LlamaDecoder, SamplingParams, TextGenerator, _Stream
 from aigc.govern import text_watermark
 from aigc.govern.text_watermark import Watermark
@@ -182,6 +183,7 @@ class TextEngine:
 
     @torch.inference_mode()
     def _step(self) -> None:
+        threads.adapt()
         t0 = time.perf_counter()
         rows = [r for r, s in enumerate(self.slots) if s is not None]
         R = rows[-1] + 1  # rows 0..R-1: slots are filled lowest first, so this is a view, never a copy

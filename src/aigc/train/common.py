@@ -71,14 +71,19 @@ def scheduled_lr(state: dict, budget: Budget, step: int, progress: float, lr: fl
     return cosine_lr(step, progress, lr, min_lr, warmup, state.get("warmup_end", 0.0))
 
 
-def eval_due(state: dict, step: int, interval: int, previous: float, final: bool = False) -> bool:
+def eval_due(state: dict, step: int, interval: int, previous: float, cost: float, final: bool = False) -> bool:
     """Whether to evaluate after this step: at the end, every ``interval`` steps, and when the run passes
     another tenth of itself with no evaluation in the last tenth, so a short or time-budgeted run still
-    draws a validation curve of about ten points. Records the evaluation in ``state``."""
+    draws a validation curve of about ten points. Those extra evaluations stop where all evaluations
+    would cost more than a tenth of the steps run (``cost``: one evaluation's price in training steps,
+    about eval_batches / 3 as a forward pass is a third of a training step); counted in steps, not
+    seconds, so where they fall is the same in a resumed run. Records the evaluation in ``state``."""
     done = state["progress"]
-    due = final or step % interval == 0 or (int(done * 10) > int(previous * 10) and done - state.get("eval_progress", 0.0) >= 0.1 - 1e-9)
+    extra = (int(done * 10) > int(previous * 10) and done - state.get("eval_progress", 0.0) >= 0.1 - 1e-9
+             and (state.get("evals", 0) + 1) * cost <= 0.1 * step)
+    due = final or step % interval == 0 or extra
     if due:
-        state["eval_progress"] = done
+        state["eval_progress"], state["evals"] = done, state.get("evals", 0) + 1
     return due
 
 

@@ -111,7 +111,8 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
             state["stopped"] = reason
             finished = bool(reason)
-            evaluate_now = reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=finished)
+            evaluate_now = reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, loop.eval_batches / 3,
+                                                                   final=finished)
             if evaluate_now:
                 record["val_loss"] = round(evaluate(), 6)
                 state["best_val"] = min(state["best_val"], record["val_loss"])

@@ -251,5 +251,6 @@ def train(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False,
     else:
         from aigc.train.diffusion import fit
     summary = fit(cfg, run_dir, resume=resume, progress=progress)
+    summary["threads"] = threads.current().to_dict()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

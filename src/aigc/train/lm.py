@@ -357,7 +357,8 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 t_last, last_log_step = now, step
             previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
             reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
-            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, final=bool(reason)):
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, loop.eval_batches / (3 * loop.grad_accum),
+                                                                  final=bool(reason)):
                 val = evaluate()
                 record["val_loss"] = round(val, 6)
                 if val < state["best_val"] - loop.min_delta:
@@ -395,6 +396,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "tokens_per_s": round(float(np.median(rates))) if rates else None,
+        "threads": threads.current().to_dict(),
         "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps",
     }
     if loop.samples and summary["stopped"] != "interrupted":
