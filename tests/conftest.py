@@ -62,15 +62,17 @@ def tiny_run(tmp_path_factory, pydoc_corpus) -> Path:
     return run
 
 
-def run_cli(*args, ok=True, stdin=None):
+def run_cli(*args, ok=True, stdin=None, cwd=None):
     """`aigc ARGS...` in this process (the same entry point as the console script, without paying the imports each time)."""
     from aigc import cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, sys.stdin
+    saved = sys.argv, sys.stdin, os.getcwd()
     sys.argv = ["aigc", *map(str, args)]
     if stdin is not None:
         sys.stdin = io.StringIO(stdin)
+    if cwd is not None:
+        os.chdir(cwd)
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -78,7 +80,8 @@ def run_cli(*args, ok=True, stdin=None):
     except SystemExit as exc:
         code = exc.code or 0
     finally:
-        sys.argv, sys.stdin = saved
+        sys.argv, sys.stdin = saved[:2]
+        os.chdir(saved[2])
     res = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if ok:
         assert res.returncode == 0, res.stderr[-3000:]

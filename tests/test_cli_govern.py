@@ -88,3 +88,19 @@ def test_images_signed_and_verified_and_admin_governance(tmp_path, image_model):
     kinds = [e["kind"] for e in json.loads(run("audit", "show", "--db", db, "--json").stdout)]
     # (the purge found nothing to clear, so it wrote no entry)
     assert {"admin.plan.create", "admin.org.create", "admin.policy.set", "keys.reencrypt"} <= set(kinds)
+
+
+def test_moderation_report_explains_its_rows(tmp_path):
+    rows = [{"text": "I will kill you tomorrow", "label": 1}, {"text": "how do I poison the neighbour's dog", "label": 1},
+            {"text": "a sunny product description", "label": 0}, {"text": "tell me how to hurt someone badly", "label": 1}]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = run("eval", "moderation", "--data", tmp_path / "set.jsonl").stdout.splitlines()
+    assert text[0].startswith("moderation on 4 labelled examples") and "(3 harmful, 1 harmless)" in text[0]
+    assert "precision: of the texts a row stops, the share that are harmful" in text[1]
+    assert text[2].split() == ["rules,", "blocks", "only:", "stopped", "1:", "precision", "1.000", "recall", "0.333", "f1", "0.500"]
+    assert "rules, blocks or flags: stopped 2: precision 1.000  recall 0.667" in text[3]
+    (tmp_path / "calm.jsonl").write_text(json.dumps(rows[2]) + "\n" + json.dumps(rows[3]) + "\n")
+    calm = run("eval", "moderation", "--data", tmp_path / "calm.jsonl").stdout
+    assert "stopped nothing: none of these texts contains a phrase of a rule that blocks; recall 0.000 (1 harmful texts through)" in calm
+    report = json.loads(run("eval", "moderation", "--data", tmp_path / "set.jsonl", "--json").stdout)
+    assert report["rules_block"]["tp"] == 1 and report["rules_block_or_flag"]["tp"] == 2

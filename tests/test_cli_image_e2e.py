@@ -1,57 +1,62 @@
-"""The image workflow through the command line: prepare -> train -> resume -> generate -> eval."""
+"""The image workflow through the command line: prepare -> train -> resume -> generate -> eval.
+
+The commands run in this process through the CLI's entry point (`aigc.cli:main`, what the console script
+calls): the imports are paid once. tests/test_cli_errors.py runs it in a real process too.
+"""
 import json
-import subprocess
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from conftest import AIGC
+from conftest import run_cli
 
 
-def run(*args, env=None, ok=True):
-    res = subprocess.run([*AIGC, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
-    if ok:
-        assert res.returncode == 0, res.stderr[-3000:]
-    return res
+def run(*args, ok=True):
+    return run_cli(*args, ok=ok)
 
 
-def test_image_workflow(tmp_path):
-    import os
-
-    env = {**os.environ, "AIGC_CACHE_DIR": str(tmp_path / "cache")}
+def test_image_workflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
     data, runs = tmp_path / "shapes", tmp_path / "run"
-    res = run("data", "prepare", "--builtin", "shapes", "--size", "8", "--count", "200", "--out", data, "--json", env=env)
+    res = run("data", "prepare", "--builtin", "shapes", "--size", "8", "--count", "200", "--out", data, "--json")
     manifest = json.loads(res.stdout)
     assert manifest["kind"] == "image" and manifest["images"]["read"] == 200
 
-    run("train", "image", "tiny", "--data", data, "--run", runs, "--train.max_steps=6", env=env)
-    res = run("train", "image", "--run", runs, "--resume", "--train.max_steps=12", "--json", env=env)
+    run("train", "image", "tiny", "--data", data, "--run", runs, "--train.max_steps=6")
+    res = run("train", "image", "--run", runs, "--resume", "--train.max_steps=12", "--json")
     assert json.loads(res.stdout)["steps"] == 12
     steps = [json.loads(line)["step"] for line in (runs / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
 
     out = tmp_path / "gen"
     res = run("generate", "image", runs, "--caption", "a small red circle at top left", "--n", "3", "--seed", "4",
-              "--size", "64", "--out", out, "--json", env=env)
+              "--size", "64", "--out", out, "--json")
     files = json.loads(res.stdout)["images"]
     assert [f["seed"] for f in files] == [4, 5, 6]
     img = Image.open(files[0]["file"])
     assert img.size == (64, 64) and img.mode == "RGB"
-    assert (out / "grid.png").is_file()
+    grid = json.loads(res.stdout)["grid"]
+    assert grid == str(out / "grid-000004.png") and Path(grid).is_file()
+    first = Path(files[0]["file"]).read_bytes()
+    again = json.loads(run("generate", "image", runs, "--caption", "a small red circle at top left", "--n", "1", "--seed", "4",
+                           "--size", "64", "--out", out, "--json").stdout)
+    assert again["images"][0]["file"] == str(out / "000004-2.png") and again["grid"] == str(out / "grid-000004-2.png")
+    assert Path(files[0]["file"]).read_bytes() == first  # the same seed again never replaces an earlier file
     run("generate", "image", runs, "--caption", "a large blue square in the center", "--interpolate", "1", "2",
-        "--frames", "4", "--gif", "--out", out, env=env)
+        "--frames", "4", "--gif", "--out", out)
     strip = np.asarray(Image.open(out / "interpolate-1-2.png"))
     assert strip.shape == (256, 4 * 256, 3) and Image.open(out / "interpolate-1-2.gif").n_frames == 6
 
-    res = run("eval", "image", runs, "--n", "16", "--feature-steps", "30", "--json", env=env)
+    res = run("eval", "image", runs, "--n", "16", "--feature-steps", "30", "--json")
     report = json.loads(res.stdout)
     assert report["scores"]["generated_images"] == 16 and report["scores"]["fid"] > 0
     assert set(report["conditional_accuracy"]) >= {"class", "colour", "shape", "position"}
     assert (runs / "eval" / "report.md").is_file() and (runs / "eval" / "samples.png").is_file()
 
-    bad = run("generate", "image", runs, "--caption", "a purple hexagon", ok=False, env=env)
+    bad = run("generate", "image", runs, "--caption", "a purple hexagon", ok=False)
     assert bad.returncode == 2 and "never saw these caption words: hexagon" in bad.stderr
-    bad = run("train", "image", "nope", "--data", data, ok=False, env=env)
+    bad = run("train", "image", "nope", "--data", data, ok=False)
     assert bad.returncode == 2 and "config not found: nope" in bad.stderr and "ddpm-shapes" in bad.stderr
-    bad = run("data", "prepare", tmp_path / "missing", "--kind", "image", "--out", tmp_path / "x", ok=False, env=env)
+    bad = run("data", "prepare", tmp_path / "missing", "--kind", "image", "--out", tmp_path / "x", ok=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "no such file" in bad.stderr

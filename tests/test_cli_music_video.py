@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from test_cli_govern import run
+from conftest import run_cli as run
 
 
 def test_music_and_video_workflow(tmp_path, image_model, text_model):
@@ -24,6 +24,9 @@ def test_music_and_video_workflow(tmp_path, image_model, text_model):
     pieces = json.loads(run("generate", "music", music, "--bars", "2", "--key", "E minor", "--tempo", "90", "--n", "2",
                             "--seed", "5", "--synth", "builtin", "--out", out, "--json").stdout)["pieces"]
     assert [p["seed"] for p in pieces] == [5, 6] and all(p["key"] == "E minor" and p["tempo"] == 90 for p in pieces)
+    again = json.loads(run("generate", "music", music, "--bars", "1", "--seed", "5", "--synth", "builtin", "--out", out,
+                           "--json").stdout)["pieces"][0]
+    assert (again["midi"], again["wav"]) == (str(out / "music-000005-2.mid"), str(out / "music-000005-2.wav"))  # nothing replaced
     verdict = json.loads(run("verify", pieces[0]["wav"], "--json").stdout)
     assert verdict["kind"] == "audio/wav" and verdict["c2pa"]["state"] == "Trusted"
     cont = json.loads(run("generate", "music", music, "--primer", pieces[0]["midi"], "--bars", "1", "--out", out / "more",

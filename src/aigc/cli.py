@@ -48,6 +48,22 @@ def _use_threads() -> None:
     threads.configure()
 
 
+def _stage_progress(transient: bool = True):
+    """A bar per stage of a long job (evaluation): ``progress(stage, done, total)`` creates and moves them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), console=err, transient=transient)
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return bar, progress
+
+
 def _emit_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
 
@@ -240,7 +256,7 @@ def _train(modality: str, train_fn, cfg, run: Path, resume: bool, as_json: bool,
             _emit_json(summary)
         err.print(f"interrupted at step {summary['steps']}: checkpoint saved. Resume with: "
                   f"aigc train {modality} --resume --run {shlex.quote(str(run))}", markup=False, highlight=False)
-        raise typer.Exit(130)
+        sys.exit(130)  # not typer.Exit: main() says "interrupted" for a 130 that nothing has explained
     return summary
 
 
@@ -369,7 +385,8 @@ def generate_text(
     params = from_dict(SamplingParams, settings)
     if watermark:
         params.watermark = _local_mark()
-    gen = TextGenerator.from_path(run)
+    with err.status("loading the model"):
+        gen = TextGenerator.from_path(run)
     if as_json or not stream:
         outs = gen.generate([prompt], params)
         if as_json:
@@ -412,6 +429,7 @@ def generate_image(
     import numpy as np
 
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
+    from aigc.govern.delivery import unused_path
 
     if size < 0 or size > 4096:
         raise UserError(f"--size must be between 0 and 4096, got {size}")
@@ -420,16 +438,18 @@ def generate_image(
     out_dir.mkdir(parents=True, exist_ok=True)
     deliver = size or pipe.meta.size
     written = []
+    grid_path = None
     if interpolate:
         a, b = interpolate
-        strip = pipe.interpolate(a, b, frames, classes=cls, captions=caption, steps=steps, guidance=guidance)
+        with err.status(f"interpolating {frames} frames"):
+            strip = pipe.interpolate(a, b, frames, classes=cls, captions=caption, steps=steps, guidance=guidance)
         big = [upscale(f, deliver, upscale_method) for f in strip]
-        path = out_dir / f"interpolate-{a}-{b}.png"
-        save_png(grid(np.stack(big), ncol=frames, pad=0), path)
-        written.append({"file": str(path), "seeds": [a, b], "frames": frames})
+        stem = unused_path(out_dir, f"interpolate-{a}-{b}", (".png", ".gif"))
+        save_png(grid(np.stack(big), ncol=frames, pad=0), stem.with_name(stem.name + ".png"))
+        written.append({"file": str(stem.with_name(stem.name + ".png")), "seeds": [a, b], "frames": frames})
         if gif:
-            save_gif(big, out_dir / f"interpolate-{a}-{b}.gif")
-            written.append({"file": str(out_dir / f"interpolate-{a}-{b}.gif")})
+            save_gif(big, stem.with_name(stem.name + ".gif"))
+            written.append({"file": str(stem.with_name(stem.name + ".gif"))})
     else:
         with err.status(f"generating {n} images"):
             images, labels = pipe.generate(n=n, seed=seed, classes=cls, captions=caption, steps=steps, guidance=guidance, sampler=sampler)
@@ -440,7 +460,7 @@ def generate_image(
         provenance = Provenance.from_settings(_settings())
         version = pipe_version(run)
         for i, (img, label) in enumerate(zip(images, labels)):
-            path = out_dir / f"{seed + i:06d}.png"
+            path = unused_path(out_dir, f"{seed + i:06d}").with_suffix(".png")
             params = {"Steps": steps, "CFG scale": guidance, "Sampler": sampler, "Seed": seed + i, "Size": f"{deliver}x{deliver}",
                       "Model": run.name, "Model hash": version}
             done = finish_png(to_pil(upscale(img, deliver, upscale_method)), watermark=True,
@@ -451,9 +471,10 @@ def generate_image(
             tmp.replace(path)
             written.append({"file": str(path), "seed": seed + i, "condition": label, "watermark_id": done.watermark_id,
                             "c2pa": done.signed})
-        save_png(grid(images, ncol=min(8, n)), out_dir / "grid.png")
+        grid_path = unused_path(out_dir, f"grid-{seed:06d}").with_suffix(".png")
+        save_png(grid(images, ncol=min(8, n)), grid_path)
     if as_json:
-        _emit_json({"run": str(run), "images": written, "grid": str(out_dir / "grid.png") if not interpolate else None})
+        _emit_json({"run": str(run), "images": written, "grid": str(grid_path) if grid_path else None})
         return
     for w in written:
         out.print(f"{w['file']}" + (f"  ({w['condition']})" if w.get("condition") else ""), markup=False, highlight=False)
@@ -486,6 +507,7 @@ def generate_music(
     from aigc.config import from_dict
     from aigc.data.music import read_score
     from aigc.generate.music import MusicParams, MusicPipeline, key_label, render_wav
+    from aigc.govern.delivery import unused_path
 
     _quiet_libraries()
     if n < 1 or n > 100:
@@ -514,7 +536,7 @@ def generate_music(
         params.primer = primer_piece
         with err.status(f"composing piece {i + 1} of {n}"):
             result = pipe.generate(params)
-        stem = out_dir / f"music-{seed + i:06d}"
+        stem = unused_path(out_dir, f"music-{seed + i:06d}", (".mid", ".wav"))
         midi = result.midi_bytes()
         result.write_midi(stem.with_suffix(".mid"))
         entry = {"midi": str(stem.with_suffix(".mid")), "seed": seed + i, "key": key_label(result.piece), "tempo": result.tempo,
@@ -629,9 +651,10 @@ def eval_text(
     _use_threads()
     from aigc.eval.text import evaluate_run
 
-    with err.status("evaluating"):
+    bar, progress = _stage_progress()
+    with bar:
         report = evaluate_run(run, str(references) if references else None, n_pairs=pairs, n_samples=samples,
-                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed, progress=progress)
     if as_json:
         _emit_json(report)
         return
@@ -661,8 +684,9 @@ def eval_music(
     _quiet_libraries()
     if samples < 1 or bars < 1:
         raise UserError("--samples and --bars must be >= 1")
-    with err.status("evaluating"):
-        report = evaluate_run(run, n_samples=samples, bars=bars, seed=seed, max_pieces=max_pieces)
+    bar, progress = _stage_progress()
+    with bar:
+        report = evaluate_run(run, n_samples=samples, bars=bars, seed=seed, max_pieces=max_pieces, progress=progress)
     if as_json:
         _emit_json(report)
         return
@@ -689,8 +713,9 @@ def eval_image(
     _use_threads()
     from aigc.eval.image import evaluate_run
 
-    with err.status("evaluating (the feature network is trained once per dataset and cached)"):
-        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance, feature_steps=feature_steps)
+    bar, progress = _stage_progress()
+    with bar:
+        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance, feature_steps=feature_steps, progress=progress)
     if as_json:
         _emit_json(report)
         return
@@ -1408,10 +1433,24 @@ def eval_moderation(
     if as_json:
         _emit_json(report)
         return
-    for name in ("rules_block", "rules_block_or_flag", "classifier"):
-        if name in report:
-            r = report[name]
-            out.print(f"{name}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  f1 {r['f1']:.3f}  ({r['n']} examples)")
+    harmful = sum(labels)
+    source = str(data) if data else "the built-in bilingual labelled set"
+    out.print(f"moderation on {len(test)} labelled examples of {source} ({harmful} harmful, {len(test) - harmful} harmless)"
+              f"{'; its test split' if any(r['split'] == 'test' for r in rows) else ''}", markup=False, highlight=False)
+    out.print("  precision: of the texts a row stops, the share that are harmful; recall: of the harmful texts, "
+              "the share it stops", markup=False, highlight=False)
+    rows_shown = (("rules_block", "rules, blocks only"), ("rules_block_or_flag", "rules, blocks or flags"), ("classifier", "classifier"))
+    for name, title in rows_shown:
+        if name not in report:
+            continue
+        r = report[name]
+        stopped = r["tp"] + r["fp"]
+        if stopped == 0:
+            detail = (f"stopped nothing: none of these texts contains a phrase of a rule that {'blocks' if name == 'rules_block' else 'acts'}; "
+                      f"recall 0.000 ({harmful} harmful texts through)")
+        else:
+            detail = f"stopped {stopped}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  f1 {r['f1']:.3f}"
+        out.print(f"  {title + ':':<24}{detail}", markup=False, highlight=False)
 
 
 BUILTIN_MODERATION = Path(__file__).resolve().parent / "data" / "builtin" / "moderation-labelled.jsonl"
@@ -1452,7 +1491,7 @@ def main() -> None:
     _quiet_libraries()
     usage_errors = _usage_error_types()
     try:
-        rc = app(standalone_mode=False)  # typer.Exit(code) comes back as a return value in this mode
+        rc = app(prog_name="aigc", standalone_mode=False)  # typer.Exit(code) comes back as a return value in this mode
         if rc == 130:
             err.print("interrupted")
         if isinstance(rc, int) and rc:

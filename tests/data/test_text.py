@@ -80,6 +80,8 @@ def test_length_filters(tmp_path):
     ("f.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"f\.jsonl:2: field 'text' not found \(fields: body\)"),
     ("j.jsonl", b'{"text": "a"}\n{"text": \n', r"j\.jsonl:2: not valid JSON"),
     ("c.csv", b"a,b\n1,2\n", r"c\.csv:1: column 'text' not found \(columns: a, b\)"),
+    ("q.csv", b'text,n\nfine,1\n"multi\nline, closed",2\n"never closed,3\nnext,4\nlast,5\n', r"q\.csv:5: a quote opened on this line never closes"),
+    ("s.csv", b'text,n\nfine,1\n"closed"then more,2\n', r"s\.csv:3: malformed CSV"),
     ("e.txt", b"   \n\n\t\n", r"no documents left"),
     ("x.pdf", b"%PDF", r"unsupported file type '\.pdf'"),
 ])

@@ -123,18 +123,29 @@ def _read_jsonl(text: str, path: str, field_name: str) -> Iterator[Document]:
 
 
 def _read_csv(text: str, path: str, field_name: str) -> Iterator[Document]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+    # strict: a quote that never closes is an error, not a field swallowing the rest of the file
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error as e:
+        raise UserError(f"{path}:1: malformed CSV header ({e})") from None
     if field_name not in columns:
         raise UserError(f"{path}:1: column {field_name!r} not found (columns: {', '.join(columns) or 'none'}); choose one with --field")
-    try:
-        for row in reader:
-            value = row.get(field_name)
-            if value is None:
-                raise UserError(f"{path}:{reader.line_num}: row has no value for column {field_name!r}")
-            yield Document(value, path, reader.line_num)
-    except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    while True:
+        start = reader.line_num + 1  # the line the next row starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise UserError(f"{path}:{start}: a quote opened on this line never closes (the rest of the file would be "
+                                "one field); close or escape it (\"\" inside a quoted field)") from None
+            raise UserError(f"{path}:{start}: malformed CSV ({e})") from None
+        value = row.get(field_name)
+        if value is None:
+            raise UserError(f"{path}:{start}: row has no value for column {field_name!r}")
+        yield Document(value, path, start)
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:

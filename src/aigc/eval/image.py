@@ -26,11 +26,13 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from aigc import threads
 from aigc.errors import UserError
 
 FEATURE_NET_VERSION = 1
@@ -83,7 +85,8 @@ def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
 
 
-def train_feature_net(train, val, manifest: dict, steps: int = 400, seed: int = 0, batch: int = 64) -> tuple[FeatureNet, dict]:
+def train_feature_net(train, val, manifest: dict, steps: int = 400, seed: int = 0, batch: int = 64,
+                      progress: Callable[[str, int, int], None] | None = None) -> tuple[FeatureNet, dict]:
     """Train the network on the training split; return it and its held-out accuracies."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -97,7 +100,10 @@ def train_feature_net(train, val, manifest: dict, steps: int = 400, seed: int = 
     x_all = _float(train.images)
     t_all = {k: torch.from_numpy(v).long() for k, v in targets.items()}
     net.train()
-    for _ in range(steps):
+    for step in range(steps):
+        threads.adapt()
+        if progress and step % 10 == 0:
+            progress("training the feature network (once per dataset)", step, steps)
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
         x = x_all[idx]
         x = x + 0.03 * torch.randn(x.shape, generator=g)  # generated images are noisier than real ones
@@ -109,6 +115,8 @@ def train_feature_net(train, val, manifest: dict, steps: int = 400, seed: int = 
         loss.backward()
         opt.step()
         sched.step()
+    if progress:
+        progress("training the feature network (once per dataset)", steps, steps)
     net.eval()
     val_targets = {}
     for k, v in _targets(val, manifest).items():  # val attribute values index the training vocabulary
@@ -139,7 +147,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIGC_CACHE_DIR") or Path.home() / ".cache" / "aigc")
 
 
-def get_feature_net(data_dir: Path, steps: int = 400, seed: int = 0) -> tuple[FeatureNet, dict]:
+def get_feature_net(data_dir: Path, steps: int = 400, seed: int = 0,
+                    progress: Callable[[str, int, int], None] | None = None) -> tuple[FeatureNet, dict]:
     """The dataset's feature network, from the cache or trained now (and cached)."""
     from aigc.data.images import load_prepared
 
@@ -154,7 +163,7 @@ def get_feature_net(data_dir: Path, steps: int = 400, seed: int = 0) -> tuple[Fe
         return net, blob["info"]
     train, val, manifest = load_prepared(data_dir)
     started = time.time()
-    net, info = train_feature_net(train, val, manifest, steps=steps, seed=seed)
+    net, info = train_feature_net(train, val, manifest, steps=steps, seed=seed, progress=progress)
     info.update({"id": key, "train_seconds": round(time.time() - started, 1)})
     path.parent.mkdir(parents=True, exist_ok=True)
     from aigc.train.common import atomic_torch_save
@@ -243,8 +252,9 @@ def conditional_accuracy(net: FeatureNet, info: dict, images: np.ndarray, reques
 # ---------------------------------------------------------------- a run
 
 def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 feature_steps: int = 400) -> dict:
-    """Generate n images from the run and score them; writes eval/report.{json,md} and eval/samples.png."""
+                 feature_steps: int = 400, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Generate n images from the run and score them; writes eval/report.{json,md} and eval/samples.png.
+    ``progress(stage, done, total)`` hears how each stage advances."""
     from aigc.data.images import load_prepared
     from aigc.generate.image import ImagePipeline, grid, save_png
 
@@ -255,28 +265,31 @@ def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | Non
         raise UserError(f"n must be >= 4 for FID/KID, got {n}")
     pipe = ImagePipeline.from_run(run)
     train, val, manifest = load_prepared(run / "data")
-    net, info = get_feature_net(run / "data", steps=feature_steps)
+    net, info = get_feature_net(run / "data", steps=feature_steps, progress=progress)
     started = time.time()
+    made = (lambda done: progress("generating images", done, n)) if progress else None
     meta = pipe.meta
     requested: dict[str, list] = {}
     if meta.condition == "class":
         classes = [meta.classes[i % len(meta.classes)] for i in range(n)]
-        images, _ = pipe.generate(n=n, seed=seed, classes=classes, steps=steps, guidance=guidance)
+        images, _ = pipe.generate(n=n, seed=seed, classes=classes, steps=steps, guidance=guidance, progress=made)
         requested["class"] = [meta.classes.index(c) for c in classes]
         labels = classes
     elif meta.condition == "caption":
         records = (val.records or train.records)
         picks = [records[i % len(records)] for i in range(n)]
         captions = [r["caption"] for r in picks]
-        images, _ = pipe.generate(n=n, seed=seed, captions=captions, steps=steps, guidance=guidance)
+        images, _ = pipe.generate(n=n, seed=seed, captions=captions, steps=steps, guidance=guidance, progress=made)
         if manifest.get("classes"):
             requested["class"] = [manifest["classes"].index(r["class"]) for r in picks]
         for attr in manifest.get("attributes", []):
             requested[attr] = [r["attributes"][attr] for r in picks]
         labels = captions
     else:
-        images, labels = pipe.generate(n=n, seed=seed, steps=steps, guidance=guidance)
+        images, labels = pipe.generate(n=n, seed=seed, steps=steps, guidance=guidance, progress=made)
     gen_seconds = time.time() - started
+    if progress:
+        progress("scoring: FID, KID, precision/recall, accuracy", 0, 1)
     report = {
         "run": str(run), "kind": meta.kind, "condition": meta.condition, "step": meta.step, "seed": seed,
         "size": meta.size, "sampling": {"steps": steps, "guidance": guidance} if meta.kind == "ddpm" else {},
@@ -291,6 +304,8 @@ def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | Non
             report["shapes_checker"] = shapes_adherence(images, labels)
         else:
             report["shapes_checker_skipped"] = "the exact checker needs RGB images of at least 32x32"
+    if progress:
+        progress("scoring: FID, KID, precision/recall, accuracy", 1, 1)
     out = run / "eval"
     out.mkdir(exist_ok=True)
     save_png(grid(images[:64], ncol=8), out / "samples.png")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -63,9 +64,11 @@ def statistics(pieces: list[Piece], reference_hist: np.ndarray | None = None) ->
     return out
 
 
-def likelihood(pipe, pieces: list[Piece], vocab: Vocab) -> dict:
+def likelihood(pipe, pieces: list[Piece], vocab: Vocab, progress: Callable[[str, int, int], None] | None = None) -> dict:
     total, tokens, notes, steps = 0.0, 0, 0, 0
-    for p in pieces:
+    for i, p in enumerate(pieces):
+        if progress:
+            progress("held-out likelihood (pieces)", i, len(pieces))
         ids = vocab.encode(p)
         total += pipe.nll(ids)
         tokens += len(ids) - 1
@@ -90,8 +93,10 @@ def _read_pieces(path: Path) -> list[Piece]:
     return [Piece(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def evaluate_run(run_dir: str | Path, n_samples: int = 8, bars: int = 8, seed: int = 0, max_pieces: int = 0) -> dict:
-    """Evaluate a music run; writes eval/report.json and eval/report.md in the run directory."""
+def evaluate_run(run_dir: str | Path, n_samples: int = 8, bars: int = 8, seed: int = 0, max_pieces: int = 0,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Evaluate a music run; writes eval/report.json and eval/report.md in the run directory.
+    ``progress(stage, done, total)`` hears how each stage advances."""
     from aigc.errors import UserError
     from aigc.generate.music import MusicParams, MusicPipeline
 
@@ -105,16 +110,22 @@ def evaluate_run(run_dir: str | Path, n_samples: int = 8, bars: int = 8, seed: i
         val = val[:max_pieces]
     started = time.perf_counter()
     vocab = Vocab()
-    lik = likelihood(pipe, val, vocab)
+    lik = likelihood(pipe, val, vocab, progress)
+    if progress:
+        progress("held-out likelihood (pieces)", len(val), len(val))
     train_hist = pitch_class_histogram(train)
     samples, matched, seconds, gen_s = [], 0, 0.0, 0.0
     for i in range(n_samples):
+        if progress:
+            progress("composing samples", i, n_samples)
         key = EVAL_KEYS[i % len(EVAL_KEYS)]
         result = pipe.generate(MusicParams(bars=bars, key=key, seed=seed + i))
         samples.append(result.piece)
         matched += estimate_key(result.piece) == parse_key(key)
         seconds += result.seconds
         gen_s += result.elapsed_s
+    if progress:
+        progress("composing samples", n_samples, n_samples)
     report = {
         "run": str(run_dir),
         "likelihood": lik,

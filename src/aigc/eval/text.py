@@ -13,6 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ def is_chinese(texts: list[str]) -> bool:
 
 
 @torch.no_grad()
-def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int = 0, batch: int = 8) -> dict:
+def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int = 0, batch: int = 8,
+               progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Perplexity and bits/char of a token stream, scoring the second half of half-overlapping windows."""
     if max_tokens and len(ids) > max_tokens:
         n_chars = int(n_chars * max_tokens / len(ids))
@@ -59,6 +61,8 @@ def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int
     total, count = 0.0, 0
     model.eval()
     for i in range(0, len(windows), batch):
+        if progress:
+            progress("held-out likelihood (windows)", i, len(windows))
         rows = [(s, skip) for s, skip in windows[i : i + batch] if s + 1 < n]
         lens = [min(block, n - 1 - s) for s, _ in rows]
         length = max(lens)
@@ -71,6 +75,8 @@ def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
         total += loss.item()
         count += int((y != -100).sum())
+    if progress:
+        progress("held-out likelihood (windows)", len(windows), len(windows))
     nats = total / max(1, count)
     return {"tokens": count, "characters": n_chars, "nats_per_token": nats, "perplexity": math.exp(min(nats, 50)),
             "bits_per_char": total / max(1, n_chars) / math.log(2)}
@@ -135,9 +141,25 @@ def write_report(report: dict, out_dir: Path) -> None:
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def _generate(gen, prompts: list[str], params, stage: str, progress) -> list:
+    """gen.generate, reporting finished sequences to ``progress``."""
+    done: dict = {}
+    total = len(prompts) * params.n
+    if progress:
+        progress(stage, 0, total)
+    for b, _, completion in gen.stream(prompts, params):
+        if completion is not None:
+            done[b] = completion
+            if progress:
+                progress(stage, len(done), total)
+    return [done[b] for b in sorted(done)]
+
+
 def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: int = 20, n_samples: int = 8,
-                 max_new_tokens: int = 100, max_tokens: int = 200_000, seed: int = 0, prompt: str = "") -> dict:
-    """Evaluate a run's best model; writes eval/report.json and eval/report.md in the run directory."""
+                 max_new_tokens: int = 100, max_tokens: int = 200_000, seed: int = 0, prompt: str = "",
+                 progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Evaluate a run's best model; writes eval/report.json and eval/report.md in the run directory.
+    ``progress(stage, done, total)`` hears how each stage advances."""
     from aigc.errors import UserError
     from aigc.generate.text import SamplingParams, TextGenerator
 
@@ -151,7 +173,7 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
     if val_bin.is_file():
         meta = json.loads((run_dir / "data" / "val.json").read_text())
         ids = np.fromfile(val_bin, dtype=meta["dtype"])
-        report["likelihood"] = likelihood(model, ids, meta["characters"], block, max_tokens)
+        report["likelihood"] = likelihood(model, ids, meta["characters"], block, max_tokens, progress=progress)
 
     pairs: list[tuple[str, str]] = []
     source = ""
@@ -178,14 +200,16 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
                 pairs.append((t[:cut], gen.tokenizer.decode(cont)))
         source = "held-out document continuations"
     if pairs:
-        outs = gen.generate([p for p, _ in pairs], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed))
+        outs = _generate(gen, [p for p, _ in pairs], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed),
+                         "continuing held-out prompts", progress)
         hyps = [o.text for o in outs]
         refs = [r for _, r in pairs]
         r = rouge(hyps, refs)
         report["reference"] = {"pairs": len(pairs), "source": source, "bleu": bleu(hyps, refs),
                                "bleu_tokenizer": "zh" if is_chinese(refs) else "13a", **r}
     if n_samples:
-        outs = gen.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n_samples))
+        outs = _generate(gen, [prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n_samples),
+                         "samples for diversity", progress)
         samples = [o.text for o in outs]
         report["diversity"] = {"samples": len(samples), "distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2),
                                "self_bleu": self_bleu(samples)}

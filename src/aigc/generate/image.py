@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -246,8 +247,8 @@ class ImagePipeline:
 
     def generate(self, n: int = 8, seed: int = 0, classes: list[str] | None = None, captions: list[str] | None = None,
                  steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-                 batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-        """n images (n, H, W, C) uint8 and their condition labels."""
+                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
+        """n images (n, H, W, C) uint8 and their condition labels; ``progress(done)`` hears each finished batch."""
         if n < 1:
             raise UserError(f"n must be >= 1, got {n}")
         cond, labels = self.conditions(n, classes, captions)
@@ -258,6 +259,8 @@ class ImagePipeline:
             z = self.latents(list(range(seed + start, seed + stop)))
             c = None if cond is None else cond[start:stop]
             out.append(to_uint8(self.decode(z, c, steps, guidance, sampler, seed + start)))
+            if progress:
+                progress(stop)
         return np.concatenate(out), labels
 
     def interpolate(self, seed_a: int, seed_b: int, frames: int = 8, classes: list[str] | None = None,

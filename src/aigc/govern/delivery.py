@@ -10,10 +10,21 @@ from __future__ import annotations
 import io
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from aigc.govern import image_watermark
+
+
+def unused_path(folder: Path, stem: str, suffixes: tuple[str, ...] = (".png",)) -> Path:
+    """``folder/stem`` (no suffix), or ``stem-2``, ``stem-3``, ... : the first name free for every suffix, so a new
+    file never replaces an earlier one (the same seed twice gives two files)."""
+    candidate, n = stem, 1
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return folder / candidate
 
 
 def parameters_text(prompt: str, params: dict) -> str:

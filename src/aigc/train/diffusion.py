@@ -103,7 +103,8 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             step += 1
             now = time.perf_counter()
             state["step"], state["elapsed"] = step, now - t_start
-            record = {"step": step, "loss": round(loss.item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4)}
+            record = {"step": step, "time_s": round(state["elapsed"], 3), "loss": round(loss.item(), 6), "lr": lr,
+                      "grad_norm": round(float(grad_norm), 4)}
             if step % 10 == 0 or step == 1:
                 record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
                 t_last, last_step = now, step

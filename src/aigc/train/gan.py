@@ -128,7 +128,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             step += 1
             now = time.perf_counter()
             state["step"], state["elapsed"] = step, now - t_start
-            record = {"step": step, "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
+            record = {"step": step, "time_s": round(state["elapsed"], 3), "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
                       "d_real": round(d_real.mean().item(), 4), "d_fake": round(d_fake.mean().item(), 4),
                       "lr": loop.lr * warm}
             if gcfg.gradient_penalty != "none":

@@ -244,7 +244,8 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
             state["step"] = step
             now = time.perf_counter()
             state["elapsed"] = now - t_start
-            record = {"step": step, "loss": round(total, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6)}
+            record = {"step": step, "time_s": round(state["elapsed"], 3), "loss": round(total, 6), "lr": lr,
+                      "grad_norm": round(float(grad_norm), 6)}
             if step % 10 == 0 or step == 1:
                 record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
                 t_last, last_log_step = now, step
