@@ -34,6 +34,7 @@ from aigc import threads
 from aigc.data.music import (BOS, Grammar, Piece, Vocab, bar_ticks, key_name, parse_key, tempo_bucket,
                              ticks_to_seconds, TIME_SIGNATURES)
 from aigc.errors import UserError
+from aigc.generate.text import cache_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,8 @@ class MusicPipeline:
             if len(ctx) >= self.block:  # the model never saw positions past its block: keep the header + the newest tokens
                 ctx = ctx[:4] + ctx[-(window - 4):]
                 cache, fed = DynamicCache(), 0
-            out = self.model(input_ids=torch.tensor([ctx[fed:]]), past_key_values=cache, use_cache=True)
-            cache, fed = out.past_key_values, len(ctx)
+            out = self.model(input_ids=torch.tensor([ctx[fed:]]), use_cache=True, **cache_kwargs(self.model, cache))
+            fed = len(ctx)  # the cache was extended in place
             logits = out.logits[0, -1]
             if len(history) == 1:  # after <bos> alone: the model picks the key; time signature and tempo are set
                 mask = np.zeros(len(v), dtype=bool)

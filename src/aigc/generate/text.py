@@ -200,6 +200,15 @@ class LlamaDecoder:
         return self._norm(x) @ self.head  # (B, V)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The KV-cache argument of ``model.forward``: ``cache`` in newer transformers (where ``past_key_values``
+    warns on every call), ``past_key_values`` before. The cache object is updated in place either way."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 class HFDecoder:
     """Any causal LM through its own forward and a DynamicCache (general, slower per token)."""
 
@@ -211,6 +220,7 @@ class HFDecoder:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        self.cache_arg = cache_kwargs(self.model, self.cache)
         self.mask = torch.zeros(batch, 0, dtype=torch.long)
         self.positions = torch.zeros(batch, dtype=torch.long)
 
@@ -220,7 +230,7 @@ class HFDecoder:
         self.mask = torch.cat([self.mask, new], dim=1)
         pos = (self.positions[:, None] + new.cumsum(1) - 1).clamp_min(0)
         self.positions = pos[:, -1] + 1
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos, use_cache=True, **self.cache_arg)
         return out.logits[:, -1].float()
 
 

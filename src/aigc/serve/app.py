@@ -130,7 +130,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        log.info("server started", extra={"models": list(registry.entries), "database": sessions.kw["bind"].url.render_as_string(hide_password=True)})
+        log.info("server starting", extra={"models": list(registry.entries), "database": sessions.kw["bind"].url.render_as_string(hide_password=True)})
         service.jobs.recover()
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
