@@ -29,17 +29,17 @@ demo: $(STAMP)
 	# One data folder for the whole demo: database, watermark secrets, data keys and the development C2PA CA.
 	rm -rf $(DEMO)/home
 	$(BIN)/aigc data prepare --builtin pydoc --out $(DEMO)/corpus --overwrite
-	# Time budgets: the learning-rate schedule runs on time and ends with the budget (about 7 minutes of training in all).
-	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite --train.max_seconds=75
+	# Time budgets: the learning-rate schedule runs on time and ends with the budget (4.7 minutes of training in all).
+	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite --train.max_seconds=70
 	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1 | tee $(DEMO)/sample.txt
 	$(BIN)/aigc eval text $(DEMO)/text
 	$(BIN)/aigc data prepare --builtin shapes --out $(DEMO)/shapes --overwrite
-	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=60
+	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=90
 	$(BIN)/aigc generate image $(DEMO)/image --caption "a large red circle in the center" --caption "a small blue square at top left" --n 2 --seed 1
 	$(BIN)/aigc eval image $(DEMO)/image --n 300
 	# Music: Bach chorales from music21's corpus -> a small event-token transformer -> MIDI + WAV.
 	$(BIN)/aigc data prepare --builtin chorales --count 100 --out $(DEMO)/chorales --overwrite
-	$(BIN)/aigc train music chorale-small --data $(DEMO)/chorales --run $(DEMO)/music --overwrite --train.max_seconds=135
+	$(BIN)/aigc train music chorale-small --data $(DEMO)/chorales --run $(DEMO)/music --overwrite --train.max_seconds=120
 	$(BIN)/aigc generate music $(DEMO)/music --bars 8 --key "G major" --seed 1
 	$(BIN)/aigc eval music $(DEMO)/music --samples 4
 	# Video: a storyboard of three scenes, key frames and latent interpolation, the music model's soundtrack, H.264 + AAC.
