@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/aigc data prepare --builtin shapes --out $(DEMO)/shapes --overwrite
 	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=90
 	$(BIN)/aigc generate image $(DEMO)/image --caption "a large red circle in the center" --caption "a small blue square at top left" --n 2 --seed 1
-	$(BIN)/aigc eval image $(DEMO)/image --n 300
+	$(BIN)/aigc eval image $(DEMO)/image --n 300 --feature-steps 200
 	# Music: Bach chorales from music21's corpus -> a small event-token transformer -> MIDI + WAV.
 	$(BIN)/aigc data prepare --builtin chorales --count 100 --out $(DEMO)/chorales --overwrite
 	$(BIN)/aigc train music chorale-small --data $(DEMO)/chorales --run $(DEMO)/music --overwrite --train.max_seconds=120

@@ -43,7 +43,7 @@ class Budget:
         return ""
 
 
-STOP_REASONS = {"steps": "reached train.max_steps", "budget": "reached the time budget (train.max_seconds)",
+STOP_REASONS = {"steps": "reached train.max_steps", "budget": "used the train.max_seconds budget",
                 "early_stop": "early stop: no improvement in train.patience evaluations", "interrupted": "interrupted"}
 
 
