@@ -58,3 +58,10 @@ def test_the_console_entry_point_too(tmp_path):
     res = subprocess.run([*AIGC, "generate", "text", "RUN", "--temperature", "hot"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: Invalid value for '--temperature'")
+
+
+@pytest.mark.parametrize("value, message", [("abc", "AIGC_THREADS: Input should be a valid integer"),
+                                            ("-1", "AIGC_THREADS: Input should be greater than or equal to 0")])
+def test_a_bad_setting_is_one_line(tmp_path, monkeypatch, value, message):
+    monkeypatch.setenv("AIGC_THREADS", value)
+    assert one_line_error("generate", "text", tmp_path / "nowhere").startswith(f"error: bad setting: {message}")

@@ -145,7 +145,7 @@ def _prepare_images(inputs: list[Path], out_dir: Path, builtin: list[str] | None
 
 def _prepare_music(inputs: list[Path], out_dir: Path, builtin: list[str] | None, count: int, transpose: str,
                    val_fraction: float, seed: int, overwrite: bool, as_json: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from aigc.config import from_dict
     from aigc.data.music import MusicPrepareOptions, prepare
@@ -156,7 +156,8 @@ def _prepare_music(inputs: list[Path], out_dir: Path, builtin: list[str] | None,
         raise UserError(f"--transpose: write LOW:HIGH in semitones, e.g. -5:6 (got {transpose!r})") from None
     limit = count if count != 5000 else 0  # 5000 is the option's default (for shapes): all chorales
     opts = from_dict(MusicPrepareOptions, {"val_fraction": val_fraction, "seed": seed, "limit": limit, "transpose": [low, high]})
-    bar = Progress(TextColumn("[bold]reading scores"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    bar = Progress(TextColumn("[bold]reading scores"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), console=err, transient=True)
     task = bar.add_task("read", total=None)
     with bar:
         manifest = prepare(inputs, out_dir, opts, builtin=builtin, overwrite=overwrite,
@@ -1490,6 +1491,7 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("AIGC_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     usage_errors = _usage_error_types()
+    from pydantic import ValidationError
     try:
         rc = app(prog_name="aigc", standalone_mode=False)  # typer.Exit(code) comes back as a return value in this mode
         if rc == 130:
@@ -1502,6 +1504,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
+    except ValidationError as e:  # a bad AIGC_* setting
+        problems = "; ".join(f"AIGC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        err.print(f"error: bad setting: {problems}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
     except SystemExit:
         raise
     except usage_errors as e:

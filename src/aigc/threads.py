@@ -120,8 +120,9 @@ def explicit_threads(requested: int = 0) -> tuple[int, str] | None:
         return requested, f"set by the config ({requested})"
     from aigc.settings import Settings
 
-    if Settings().threads:
-        return Settings().threads, f"AIGC_THREADS={Settings().threads}"
+    configured = Settings().threads
+    if configured:
+        return configured, f"AIGC_THREADS={configured}"
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp), f"OMP_NUM_THREADS={omp}"
