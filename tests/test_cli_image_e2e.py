@@ -9,11 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import run_cli
-
-
-def run(*args, ok=True):
-    return run_cli(*args, ok=ok)
+from conftest import run_cli as run
 
 
 def test_image_workflow(tmp_path, monkeypatch):

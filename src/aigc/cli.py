@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from aigc import threads  # the CPU thread policy: every command that computes calls threads.configure()
 from aigc.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AIGC: train, evaluate and run vertical generative models on your own data.")
@@ -39,13 +40,6 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _use_threads() -> None:
-    """The CPU thread policy for a command that computes (aigc/threads.py): follow the free CPU unless set."""
-    from aigc import threads
-
-    threads.configure()
 
 
 def _stage_progress(transient: bool = True):
@@ -366,7 +360,7 @@ def generate_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
 ):
     """Generate text from a trained run, from a prompt or a vertical template."""
-    _use_threads()
+    threads.configure()
     from aigc.generate import templates
     from aigc.generate.text import SamplingParams, TextGenerator
 
@@ -426,7 +420,7 @@ def generate_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
-    _use_threads()
+    threads.configure()
     import numpy as np
 
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
@@ -502,7 +496,7 @@ def generate_music(
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate music: MIDI plus WAV audio, unconditionally or continuing a primer, with key, length and tempo controls."""
-    _use_threads()
+    threads.configure()
     import hashlib
 
     from aigc.config import from_dict
@@ -586,7 +580,7 @@ def generate_video(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Compose a video: storyboard -> key frames -> latent interpolation -> soundtrack -> H.264 + AAC MP4 (C2PA-signed)."""
-    _use_threads()
+    threads.configure()
     from dataclasses import asdict
 
     from aigc.config import from_dict
@@ -649,7 +643,7 @@ def eval_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """Perplexity, bits/char, BLEU, ROUGE and diversity; writes eval/report.{json,md} in the run."""
-    _use_threads()
+    threads.configure()
     from aigc.eval.text import evaluate_run
 
     bar, progress = _stage_progress()
@@ -679,7 +673,7 @@ def eval_music(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """NLL per token, note and 16th step on held-out pieces; pitch-class, density, key and polyphony statistics."""
-    _use_threads()
+    threads.configure()
     from aigc.eval.music import evaluate_run
 
     _quiet_libraries()
@@ -711,7 +705,7 @@ def eval_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """FID, KID, precision/recall and conditional accuracy; writes eval/report.{json,md} and eval/samples.png."""
-    _use_threads()
+    threads.configure()
     from aigc.eval.image import evaluate_run
 
     bar, progress = _stage_progress()
@@ -837,8 +831,6 @@ def serve(
 
     import threading
     import time
-
-    from aigc import threads
 
     settings = _settings(db, home=home, max_batch=max_batch)
     _check_port_free(host, port)
@@ -1095,6 +1087,7 @@ def verify(
     texts = [it for it in items if isinstance(it["content"], str)]
     candidates = _watermark_scorers(settings, model, org, db) if texts else []
     sessions = _existing_db(settings) if len(texts) < len(items) else None
+    anchors = anchors_from_settings(settings) if len(texts) < len(items) else ""
     results = []
     try:
         for it in items:
@@ -1103,10 +1096,10 @@ def verify(
                 ok = bool(report["text_watermark"].get("detected"))
             else:
                 if sessions is None:
-                    report = records.verify_file(it["content"], anchors_from_settings(settings), None, None, operator=True)
+                    report = records.verify_file(it["content"], anchors, None, None, operator=True)
                 else:
                     with sessions() as s:
-                        report = records.verify_file(it["content"], anchors_from_settings(settings), s, None, operator=True)
+                        report = records.verify_file(it["content"], anchors, s, None, operator=True)
                 ok = report["c2pa"]["state"] in ("Trusted", "Valid") or bool(report.get("image_watermark", {}).get("found"))
             results.append((it["label"], report, ok))
     finally:
@@ -1394,7 +1387,7 @@ def train_moderation(
     threshold: Annotated[float, typer.Option(help="Probability at which the classifier fires.")] = 0.5,
 ):
     """Train the moderation classifier: sentence embeddings (offline all-MiniLM-L6-v2) + logistic regression."""
-    _use_threads()
+    threads.configure()
     from aigc.govern import moderation as m
 
     rows = m.read_labelled(data or BUILTIN_MODERATION)
@@ -1418,7 +1411,7 @@ def eval_moderation(
     as_json: JsonOpt = False,
 ):
     """Precision and recall of the rules (and a classifier) on a labelled set."""
-    _use_threads()
+    threads.configure()
     from aigc.govern import moderation as m
 
     rows = m.read_labelled(data or BUILTIN_MODERATION)

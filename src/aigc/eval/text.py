@@ -141,18 +141,8 @@ def write_report(report: dict, out_dir: Path) -> None:
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
-def _generate(gen, prompts: list[str], params, stage: str, progress) -> list:
-    """gen.generate, reporting finished sequences to ``progress``."""
-    done: dict = {}
-    total = len(prompts) * params.n
-    if progress:
-        progress(stage, 0, total)
-    for b, _, completion in gen.stream(prompts, params):
-        if completion is not None:
-            done[b] = completion
-            if progress:
-                progress(stage, len(done), total)
-    return [done[b] for b in sorted(done)]
+def _stage(progress: Callable[[str, int, int], None] | None, stage: str) -> Callable[[int, int], None] | None:
+    return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
 def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: int = 20, n_samples: int = 8,
@@ -200,16 +190,16 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
                 pairs.append((t[:cut], gen.tokenizer.decode(cont)))
         source = "held-out document continuations"
     if pairs:
-        outs = _generate(gen, [p for p, _ in pairs], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed),
-                         "continuing held-out prompts", progress)
+        outs = gen.generate([p for p, _ in pairs], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed),
+                            progress=_stage(progress, "continuing held-out prompts"))
         hyps = [o.text for o in outs]
         refs = [r for _, r in pairs]
         r = rouge(hyps, refs)
         report["reference"] = {"pairs": len(pairs), "source": source, "bleu": bleu(hyps, refs),
                                "bleu_tokenizer": "zh" if is_chinese(refs) else "13a", **r}
     if n_samples:
-        outs = _generate(gen, [prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n_samples),
-                         "samples for diversity", progress)
+        outs = gen.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n_samples),
+                            progress=_stage(progress, "samples for diversity"))
         samples = [o.text for o in outs]
         report["diversity"] = {"samples": len(samples), "distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2),
                                "self_bleu": self_bleu(samples)}

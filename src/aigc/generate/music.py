@@ -34,7 +34,7 @@ from aigc import threads
 from aigc.data.music import (BOS, Grammar, Piece, Vocab, bar_ticks, key_name, parse_key, tempo_bucket,
                              ticks_to_seconds, TIME_SIGNATURES)
 from aigc.errors import UserError
-from aigc.generate.text import cache_kwargs
+from aigc.generate.text import cache_arg
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,13 @@ class MusicPipeline:
         window = max(8, self.block - self.block // 4)
         history, ctx = list(prefix), list(prefix)  # every token so far / the tokens the KV cache covers
         cache, fed, generated = DynamicCache(), 0, 0
+        cache_name = cache_arg(self.model)
         while generated < max_tokens:
             threads.adapt()
             if len(ctx) >= self.block:  # the model never saw positions past its block: keep the header + the newest tokens
                 ctx = ctx[:4] + ctx[-(window - 4):]
                 cache, fed = DynamicCache(), 0
-            out = self.model(input_ids=torch.tensor([ctx[fed:]]), use_cache=True, **cache_kwargs(self.model, cache))
+            out = self.model(input_ids=torch.tensor([ctx[fed:]]), use_cache=True, **{cache_name: cache})
             fed = len(ctx)  # the cache was extended in place
             logits = out.logits[0, -1]
             if len(history) == 1:  # after <bos> alone: the model picks the key; time signature and tempo are set

@@ -20,7 +20,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,13 +200,12 @@ class LlamaDecoder:
         return self._norm(x) @ self.head  # (B, V)
 
 
-def cache_kwargs(model, cache) -> dict:
-    """The KV-cache argument of ``model.forward``: ``cache`` in newer transformers (where ``past_key_values``
-    warns on every call), ``past_key_values`` before. The cache object is updated in place either way."""
+def cache_arg(model) -> str:
+    """The name of ``model.forward``'s KV-cache argument: ``cache`` in newer transformers (where
+    ``past_key_values`` warns on every call), ``past_key_values`` before. The cache is updated in place either way."""
     import inspect
 
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class HFDecoder:
@@ -220,7 +219,7 @@ class HFDecoder:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
-        self.cache_arg = cache_kwargs(self.model, self.cache)
+        self.cache_arg = {cache_arg(self.model): self.cache}
         self.mask = torch.zeros(batch, 0, dtype=torch.long)
         self.positions = torch.zeros(batch, dtype=torch.long)
 
@@ -381,15 +380,22 @@ class TextGenerator:
             # Finished rows keep decoding (cheap at these sizes) so the batch stays rectangular.
             logits = self.decoder.forward(nxt[:, None])
 
-    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None) -> list[Completion]:
-        """Completions for every prompt, ``params.n`` each, ordered prompt by prompt."""
+    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Completions for every prompt, ``params.n`` each, ordered prompt by prompt; ``progress(done, total)``
+        hears each finished sequence."""
         params = params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
+        total = len(prompts) * params.n
+        if progress:
+            progress(0, total)
         out: dict[int, Completion] = {}
         for b, _, done in self.stream(prompts, params):
             if done is not None:
                 out[b] = done
+                if progress:
+                    progress(len(out), total)
         return [out[b] for b in sorted(out)]
 
 

@@ -71,6 +71,14 @@ def scheduled_lr(state: dict, budget: Budget, step: int, progress: float, lr: fl
     return cosine_lr(step, progress, lr, min_lr, warmup, state.get("warmup_end", 0.0))
 
 
+def end_of_step(state: dict, budget: Budget, signals: "StopSignals") -> tuple[float, str]:
+    """After a step: the progress before it, and what ends the run now ("" while it goes on). The new
+    progress is kept in ``state`` (checkpoints carry it)."""
+    previous = state.get("progress", 0.0)
+    state["progress"] = budget.progress(state["step"], state["elapsed"])
+    return previous, "interrupted" if signals.received else budget.reason(state["step"], state["elapsed"])
+
+
 def eval_due(state: dict, step: int, interval: int, previous: float, cost: float, final: bool = False) -> bool:
     """Whether to evaluate after this step: at the end, every ``interval`` steps, and when the run passes
     another tenth of itself with no evaluation in the last tenth, so a short or time-budgeted run still

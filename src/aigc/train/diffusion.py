@@ -45,14 +45,14 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
+    state = {"step": 0, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
+        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
         common.truncate_metrics(metrics_path, state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -85,7 +85,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     step = state["step"]
     t_start = time.perf_counter() - state["elapsed"]
     t_last, last_step = time.perf_counter(), step
-    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    budget = common.Budget(loop.max_steps, loop.max_seconds)
     with common.StopSignals() as signals:
         while not budget.reason(step, state["elapsed"]):
             threads.adapt()
@@ -108,13 +108,10 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             if step % 10 == 0 or step == 1:
                 record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
                 t_last, last_step = now, step
-            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
-            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            previous, reason = common.end_of_step(state, budget, signals)
             state["stopped"] = reason
             finished = bool(reason)
-            evaluate_now = reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, loop.eval_batches / 3,
-                                                                   final=finished)
-            if evaluate_now:
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, loop.eval_batches / 3, final=finished):
                 record["val_loss"] = round(evaluate(), 6)
                 state["best_val"] = min(state["best_val"], record["val_loss"])
                 writer.add_scalar("val/loss", record["val_loss"], step)
@@ -135,6 +132,6 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
     return {"kind": "ddpm", "steps": step, "elapsed_s": round(state["elapsed"], 2),
-            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps", "best_val_loss": state["best_val"],
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]), "best_val_loss": state["best_val"],
             "precision": precision, "condition": meta.condition, "parameters": sum(p.numel() for p in model.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}

@@ -70,13 +70,13 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": ""}
+    state = {"step": 0, "elapsed": 0.0, "stopped": ""}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             module.load_state_dict(ckpt[key])
         state = ckpt["state"]
-        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
+        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
         common.truncate_metrics(metrics_path, state["step"])
     else:
         metrics_path.unlink(missing_ok=True)
@@ -92,7 +92,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     step = state["step"]
     t_start = time.perf_counter() - state["elapsed"]
     t_last, last_step = time.perf_counter(), step
-    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    budget = common.Budget(loop.max_steps, loop.max_seconds)
     with common.StopSignals() as signals:
         while not budget.reason(step, state["elapsed"]):
             threads.adapt()
@@ -136,8 +136,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             if step % 10 == 0 or step == 1:
                 record["images_per_s"] = round(loop.batch_size * (step - last_step) / max(1e-9, now - t_last), 1)
                 t_last, last_step = now, step
-            state["progress"] = budget.progress(step, state["elapsed"])
-            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
+            _, reason = common.end_of_step(state, budget, signals)
             state["stopped"] = reason
             finished = bool(reason)
             common.append_jsonl(metrics_path, record)
@@ -158,6 +157,6 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
     return {"kind": "dcgan", "steps": step, "elapsed_s": round(state["elapsed"], 2),
-            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps", "precision": precision,
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]), "precision": precision,
             "condition": meta.condition, "parameters": sum(p.numel() for p in G.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}

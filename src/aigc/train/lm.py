@@ -274,7 +274,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     ckpt_dir.mkdir(exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "max_steps": loop.max_steps, "elapsed": 0.0, "stopped": ""}
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
@@ -282,7 +282,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 trainable[name].copy_(tensor)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        state["max_steps"], state["stopped"] = loop.max_steps, ""  # the budget may have been extended (--train.max_steps)
+        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
         common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
     else:  # a fresh start, or a resume of a run killed before its first checkpoint
@@ -318,7 +318,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
 
     model.train()
     step = state["step"]
-    budget = common.Budget(state["max_steps"], loop.max_seconds)
+    budget = common.Budget(loop.max_steps, loop.max_seconds)
     t_start = time.perf_counter() - state["elapsed"]
     tokens_per_step = loop.batch_size * loop.grad_accum * block
     t_last, last_log_step = time.perf_counter(), step
@@ -356,10 +356,9 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             if step % 10 == 0 or step == 1:
                 record["tokens_per_s"] = round(tokens_per_step * (step - last_log_step) / max(1e-9, now - t_last))
                 t_last, last_log_step = now, step
-            previous, state["progress"] = state.get("progress", 0.0), budget.progress(step, state["elapsed"])
-            reason = "interrupted" if signals.received else budget.reason(step, state["elapsed"])
-            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, loop.eval_batches / (3 * loop.grad_accum),
-                                                                  final=bool(reason)):
+            previous, reason = common.end_of_step(state, budget, signals)
+            cost = loop.eval_batches / (3 * loop.grad_accum)  # an evaluation's price in training steps
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, cost, final=bool(reason)):
                 val = evaluate()
                 record["val_loss"] = round(val, 6)
                 if val < state["best_val"] - loop.min_delta:
@@ -398,7 +397,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "tokens_per_s": round(float(np.median(rates))) if rates else None,
         "threads": threads.current().to_dict(),
-        "stopped": state["stopped"] or budget.reason(step, state["elapsed"]) or "steps",
+        "stopped": state["stopped"] or budget.reason(step, state["elapsed"]),
     }
     if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.text import SamplingParams, TextGenerator
