@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aigc.govern.delivery import first_frame
 from aigc.errors import UserError
-from aigc.generate.video import (VideoParams, burn_caption, choose_condition, compose, first_frame, fit_audio, frame_plan,
+from aigc.generate.video import (VideoParams, burn_caption, choose_condition, compose, fit_audio, frame_plan,
                                  mux_mp4, probe_mp4, split_prompt)
 
 

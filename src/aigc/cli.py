@@ -17,6 +17,7 @@ from rich.console import Console
 
 from aigc import threads  # the CPU thread policy: every command that computes calls threads.configure()
 from aigc.errors import UserError
+from aigc.run import fingerprint, model_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AIGC: train, evaluate and run vertical generative models on your own data.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
@@ -416,6 +417,7 @@ def generate_image(
     interpolate: Annotated[Optional[tuple[int, int]], typer.Option(help="Morph between two seeds: --interpolate A B.")] = None,
     frames: Annotated[int, typer.Option(help="Frames of an interpolation.")] = 8,
     gif: Annotated[bool, typer.Option("--gif", help="Also write the interpolation as an animated GIF.")] = False,
+    image_format: Annotated[str, typer.Option("--format", help="png or jpeg (each watermarked, described and C2PA-signed).")] = "png",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
@@ -424,10 +426,14 @@ def generate_image(
     import numpy as np
 
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
+    from aigc.govern import delivery
     from aigc.govern.delivery import unused_path
 
     if size < 0 or size > 4096:
         raise UserError(f"--size must be between 0 and 4096, got {size}")
+    mime = {"png": delivery.PNG, "jpeg": delivery.JPEG, "jpg": delivery.JPEG}.get(image_format.lower())
+    if mime is None:
+        raise UserError(f"--format must be png or jpeg, got {image_format!r}")
     pipe = ImagePipeline.from_run(run)
     out_dir = out_dir or run / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,20 +456,18 @@ def generate_image(
             images, labels = pipe.generate(n=n, seed=seed, classes=cls, captions=caption, steps=steps, guidance=guidance, sampler=sampler)
         from aigc.generate.image import to_pil
         from aigc.govern.c2pa import Provenance
-        from aigc.govern.delivery import finish_png, parameters_text
 
         provenance = Provenance.from_settings(_settings())
         version = pipe_version(run)
+        suffix = delivery.SUFFIX[mime]
         for i, (img, label) in enumerate(zip(images, labels)):
-            path = unused_path(out_dir, f"{seed + i:06d}").with_suffix(".png")
+            path = unused_path(out_dir, f"{seed + i:06d}", (suffix,)).with_suffix(suffix)
             params = {"Steps": steps, "CFG scale": guidance, "Sampler": sampler, "Seed": seed + i, "Size": f"{deliver}x{deliver}",
                       "Model": run.name, "Model hash": version}
-            done = finish_png(to_pil(upscale(img, deliver, upscale_method)), watermark=True,
-                              parameters=parameters_text(label or "", params), provenance=provenance,
-                              manifest=provenance.manifest(path.name, run.name, version, {"seed": seed + i}))
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(done.data)
-            tmp.replace(path)
+            done = delivery.finish(to_pil(upscale(img, deliver, upscale_method)), mime, watermark=True,
+                                   parameters=delivery.parameters_text(label or "", params), provenance=provenance,
+                                   claim=delivery.Claim(path.name, run.name, version, {"seed": seed + i}))
+            done.save(path)
             written.append({"file": str(path), "seed": seed + i, "condition": label, "watermark_id": done.watermark_id,
                             "c2pa": done.signed})
         grid_path = unused_path(out_dir, f"grid-{seed:06d}").with_suffix(".png")
@@ -502,6 +506,7 @@ def generate_music(
     from aigc.config import from_dict
     from aigc.data.music import read_score
     from aigc.generate.music import MusicParams, MusicPipeline, key_label, render_wav
+    from aigc.govern import delivery
     from aigc.govern.delivery import unused_path
 
     _quiet_libraries()
@@ -539,12 +544,10 @@ def generate_music(
                  "notes": len(result.piece.notes), "seconds": round(result.seconds, 2), "elapsed_s": round(result.elapsed_s, 2)}
         if wav:
             audio, used = render_wav(result.piece, result.tempo, result.program, synth, str(soundfont or ""))
-            manifest = provenance.manifest(stem.name + ".wav", run.name, version,
-                                           {"seed": seed + i, "midi_sha256": hashlib.sha256(midi).hexdigest()})
-            signed = provenance.sign(audio, "audio/wav", manifest)
-            tmp = stem.with_suffix(".wav.tmp")
-            tmp.write_bytes(signed)
-            tmp.replace(stem.with_suffix(".wav"))
+            delivery.finish(audio, delivery.WAV, provenance=provenance,
+                            claim=delivery.Claim(stem.name + ".wav", run.name, version,
+                                                 {"seed": seed + i, "midi_sha256": hashlib.sha256(midi).hexdigest()})
+                            ).save(stem.with_suffix(".wav"))
             entry.update(wav=str(stem.with_suffix(".wav")), synth=used, c2pa=True)
         written.append(entry)
     if as_json:
@@ -585,6 +588,7 @@ def generate_video(
 
     from aigc.config import from_dict
     from aigc.generate.video import VideoParams, compose
+    from aigc.govern import delivery
     from aigc.govern.c2pa import Provenance
 
     _quiet_libraries()
@@ -594,13 +598,10 @@ def generate_video(
     out_dir = out_dir or image_run / f"video-{seed}"
     with err.status("composing video"):
         result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite)
-    provenance = Provenance.from_settings(_settings())
-    manifest = provenance.manifest("video.mp4", image_run.name, pipe_version(image_run),
-                                   {"seed": seed, "text_run": str(text_run or ""), "music_run": str(music_run or "")})
-    signed = provenance.sign(result.mp4, "video/mp4", manifest)
-    tmp = out_dir / "video.mp4.tmp"
-    tmp.write_bytes(signed)
-    tmp.replace(out_dir / "video.mp4")
+    delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id, provenance=Provenance.from_settings(_settings()),
+                    claim=delivery.Claim("video.mp4", image_run.name, pipe_version(image_run),
+                                         {"seed": seed, "text_run": str(text_run or ""), "music_run": str(music_run or "")})
+                    ).save(out_dir / "video.mp4")
     summary = {"video": str(out_dir / "video.mp4"), "folder": str(out_dir), "frames": result.frames, "seconds": round(result.seconds, 3),
                "fps": fps, "size": size, "audio": result.audio, "watermark_id": result.watermark_id, "c2pa": True,
                "scenes": [asdict(s) for s in result.storyboard], "timings": result.timings}
@@ -616,9 +617,7 @@ def generate_video(
 
 def pipe_version(run: Path) -> str:
     """The same model version the server reports for this run."""
-    from aigc.serve.registry import entry_for
-
-    return entry_for(run).version
+    return fingerprint(run).version
 
 
 def _local_mark():
@@ -737,20 +736,13 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
 ):
     """Write a standalone HF model (LoRA adapters merged into the base weights) with its tokenizer."""
-    from aigc.data.text import atomic_output_dir, commit_output_dir
+    from aigc.data import store
     from aigc.generate.text import load_model
 
     model, tokenizer = load_model(run)
-    tmp = atomic_output_dir(out_dir, overwrite)
-    try:
+    with store.atomic_folder(out_dir, overwrite) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        commit_output_dir(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     out.print(f"exported {model.num_parameters():,} parameters to {out_dir}")
 
 
@@ -1176,7 +1168,7 @@ def _watermark_scorers(settings, model: list[Path] | None, org: str | None, db: 
     tenant = _db_do(db, lambda s: crud_org_id(s, org)) if org else "local"
     cands = []
     for run in model:
-        folder = run / "model" if (run / "model").is_dir() else run
+        folder = model_folder(run)
         if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
             raise UserError(f"{run}: no tokenizer found (expected a text run)")
         cands.append((run.name, AutoTokenizer.from_pretrained(str(folder)), tenant_key(wm_secret, tenant)))
@@ -1251,7 +1243,7 @@ def _print_verdict(report: dict) -> None:
 def audit_verify(expect_head: Annotated[Optional[str], typer.Option(help="A head hash written down earlier: also detects entries removed from the end.")] = None,
                  db: DbOpt = None, as_json: JsonOpt = False):
     """Recompute the whole hash chain; exit status 1 when anything was changed, removed or inserted."""
-    from aigc.govern import audit
+    from aigc.db import audit
 
     sessions = _open_sessions(db)
     try:
@@ -1274,7 +1266,7 @@ def audit_verify(expect_head: Annotated[Optional[str], typer.Option(help="A head
 @audit_app.command("head")
 def audit_head(db: DbOpt = None):
     """Print the newest entry's hash: keep it elsewhere and pass it to `aigc audit verify --expect-head`."""
-    from aigc.govern import audit
+    from aigc.db import audit
 
     sessions = _open_sessions(db)
     try:
@@ -1480,8 +1472,17 @@ def _usage_message(e) -> str:
     return f"{text}{where}"
 
 
+def _log_level() -> str:
+    from aigc.settings import Settings
+
+    try:
+        return Settings().log_level.upper()
+    except Exception:  # a bad AIGC_* setting: the command reports it in one line
+        return "WARNING"
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("AIGC_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     usage_errors = _usage_error_types()
     from pydantic import ValidationError

@@ -1,4 +1,4 @@
-"""Service settings: the one place that reads environment variables (prefix ``AIGC_``).
+"""Settings: the one place that reads environment variables (prefix ``AIGC_``, and OpenMP's ``OMP_NUM_THREADS``).
 
 Every field can also be passed explicitly (``Settings(database_url=...)``), which is what the CLI
 and the tests do; unknown ``AIGC_*`` variables are ignored, bad values raise a clear error.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     job_workers: int = 1  # threads rendering music and video jobs
     threads: int = Field(0, ge=0, description="torch intra-op threads for every job; 0: follow the free CPU (aigc/threads.py).")
     log_json: bool = True
+    log_level: str = Field("WARNING", description="Logging level of the CLI (the server logs at INFO).")
+    cache_dir: Path | None = Field(None, description="Cache of derived artefacts (image feature networks); empty: ~/.cache/aigc.")
+    # OpenMP's own variable, read here so that this stays the one reader of the environment.
+    omp_num_threads: str = Field("", validation_alias=AliasChoices("OMP_NUM_THREADS"), description="OpenMP's thread count, if set.")
     # Governance (aigc/govern): production C2PA credentials and the data-encryption key ring.
     c2pa_cert: str = Field("", description="PEM file: the C2PA signing certificate chain (leaf first, no root). Empty: a local development CA.")
     c2pa_key: str = Field("", description="PEM file: the private key of c2pa_cert.")

@@ -120,10 +120,11 @@ def explicit_threads(requested: int = 0) -> tuple[int, str] | None:
         return requested, f"set by the config ({requested})"
     from aigc.settings import Settings
 
-    configured = Settings().threads
+    settings = Settings()
+    configured = settings.threads
     if configured:
         return configured, f"AIGC_THREADS={configured}"
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    omp = settings.omp_num_threads.strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp), f"OMP_NUM_THREADS={omp}"
     return None

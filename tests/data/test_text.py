@@ -112,8 +112,9 @@ def test_builtin_corpora():
     from aigc.data.builtin import load
 
     docs, source = load("tang")
-    assert len(docs) > 1000 and docs[0].text.startswith("《") and source["sha256"]
+    text, where, line = docs[0]
+    assert len(docs) > 1000 and text.startswith("《") and where == "builtin:tang" and line >= 1 and source["sha256"]
     docs, _ = load("pydoc")
-    assert sum(len(d.text) for d in docs) > 400_000
+    assert sum(len(text) for text, _, _ in docs) > 400_000
     with pytest.raises(UserError, match="unknown built-in corpus"):
         load("wiki")

@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from aigc.db import crud
 from aigc.db.session import open_db
-from aigc.govern import audit
+from aigc.db import audit
 
 
 def test_admin_actions_are_chained_and_tampering_is_found(database_url):

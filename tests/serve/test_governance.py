@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 from sqlalchemy import text
 
-from aigc.govern import audit, records
+from aigc.db import audit
+from aigc.govern import records
 from tests.serve.conftest import seed_billing
 from tests.serve.helpers import add_key, db, start, tenant
 

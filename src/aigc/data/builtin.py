@@ -17,14 +17,12 @@ HERE = Path(__file__).parent / "builtin"
 NAMES = ("pydoc", "tang")
 
 
-def load(name: str):
-    """Return (documents, source record) for built-in corpus ``name``."""
-    from aigc.data.text import Document
-
+def load(name: str) -> tuple[list[tuple[str, str, int]], dict]:
+    """Return ([(text, source, line)], source record) for built-in corpus ``name``."""
     if name == "pydoc":
         from pydoc_data import topics
 
-        docs = [Document(topics.topics[key], f"builtin:pydoc/{key}", 1) for key in sorted(topics.topics)]
+        docs = [(topics.topics[key], f"builtin:pydoc/{key}", 1) for key in sorted(topics.topics)]
         raw = json.dumps(topics.topics, sort_keys=True).encode()
     elif name == "tang":
         path = HERE / "tang-sample.jsonl"
@@ -34,7 +32,7 @@ def load(name: str):
             poem = json.loads(line)
             if len(poem["text"]) < 10 or not poem["title"]:  # a few entries of the source are empty fragments
                 continue
-            docs.append(Document(f"《{poem['title']}》\n{poem['text']}", "builtin:tang", i))
+            docs.append((f"《{poem['title']}》\n{poem['text']}", "builtin:tang", i))
     else:
         raise UserError(f"unknown built-in corpus {name!r} (available: {', '.join(NAMES)})")
     source = {"path": f"builtin:{name}", "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "documents": len(docs)}

@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from aigc.data import store
 from aigc.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -226,14 +226,12 @@ def _write_split(folder: Path, split: str, items: list[Item], classes: list[str]
 def prepare(inputs: list[str | Path], out: str | Path, opts: ImagePrepareOptions | None = None,
             builtin: list[str] | None = None, overwrite: bool = False) -> dict:
     """Read, convert, split and write an image dataset atomically; return the manifest."""
-    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir
-
     opts = opts or ImagePrepareOptions()
     opts.validate()
     out = Path(out)
     if not inputs and not builtin:
         raise UserError("nothing to prepare: give image folders or --builtin digits|shapes")
-    check_writable(out, overwrite)
+    store.check_writable(out, overwrite)
     started = time.time()
     items: list[Item] = []
     skipped: list[dict] = []
@@ -261,16 +259,11 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: ImagePrepareOptions
     train, val = _split(items, opts)
     channels = 3 if opts.mode == "rgb" else 1
 
-    tmp = atomic_output_dir(out, overwrite)
-    try:
+    with store.atomic_folder(out, overwrite) as tmp:
         for split, part in (("train", train), ("val", val)):
             _write_split(tmp, split, part, classes, channels, opts.size)
         manifest = {
-            "kind": "image",
-            "format": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - started, 3),
-            "options": asdict(opts),
+            **store.manifest("image", started, opts),
             "size": opts.size,
             "channels": channels,
             "classes": classes,
@@ -280,14 +273,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: ImagePrepareOptions
             "sources": sources,
             "images": {"read": len(items) + len(skipped), "skipped": len(skipped), "train": len(train), "val": len(val)},
             "skipped": skipped,
-            "files": {n: hashlib.sha256((tmp / n).read_bytes()).hexdigest()
-                      for n in ("train.npz", "val.npz", "train.jsonl", "val.jsonl")},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        store.write_manifest(tmp, manifest, ("train.npz", "val.npz", "train.jsonl", "val.jsonl"))
     return manifest
 
 
@@ -305,12 +292,7 @@ class ImageSplit:
 def load_prepared(path: str | Path) -> tuple[ImageSplit, ImageSplit, dict]:
     """Read a prepared image folder: (train, val, manifest)."""
     p = Path(path)
-    manifest_path = p / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{p}: not a prepared dataset (no manifest.json); run `aigc data prepare --kind image` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("kind") != "image":
-        raise UserError(f"{p}: a prepared {manifest.get('kind', 'unknown')} dataset, not an image one")
+    manifest = store.read_manifest(p, "image")
     splits = []
     for split in ("train", "val"):
         with np.load(p / f"{split}.npz") as z:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from aigc.data import store
 from aigc.errors import UserError
 
 TICKS_PER_QUARTER = 4  # 16th-note grid
@@ -488,8 +488,6 @@ def _split_score(source: str, seed: int) -> float:
 def prepare(inputs: list[str | Path], out: str | Path, opts: MusicPrepareOptions | None = None,
             builtin: list[str] | None = None, overwrite: bool = False, progress=lambda done, total: None) -> dict:
     """Read scores, split by source, write the note lists and a manifest atomically; return the manifest."""
-    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir
-
     opts = opts or MusicPrepareOptions()
     opts.validate()
     out = Path(out)
@@ -499,7 +497,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: MusicPrepareOptions
         if name != "chorales":
             raise UserError(f"unknown built-in music {name!r} (available: chorales)")
     files = expand_score_inputs(inputs)
-    check_writable(out, overwrite)
+    store.check_writable(out, overwrite)
     started = time.time()
     jobs: list[tuple[Path, str]] = []
     sources = []
@@ -538,19 +536,14 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: MusicPrepareOptions
     if opts.val_fraction > 0 and not val and len(train) > 1:
         val = [train.pop()]
     vocab = Vocab()
-    tmp = atomic_output_dir(out, overwrite)
-    try:
+    with store.atomic_folder(out, overwrite) as tmp:
         for split, part in (("train", train), ("val", val)):
             with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as f:
                 for p in part:
                     f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
         tokens = [len(vocab.encode(p)) for p in pieces]
         manifest = {
-            "kind": "music",
-            "format": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - started, 3),
-            "options": asdict(opts),
+            **store.manifest("music", started, opts),
             "ticks_per_quarter": TICKS_PER_QUARTER,
             "vocab_size": len(vocab),
             "sources": sources,
@@ -561,13 +554,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: MusicPrepareOptions
             "modes": _count(p.mode for p in pieces),
             "augment": {"transpose": list(opts.transpose)},
             "skipped": skipped,
-            "files": {n: hashlib.sha256((tmp / n).read_bytes()).hexdigest() for n in ("train.jsonl", "val.jsonl")},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        store.write_manifest(tmp, manifest, ("train.jsonl", "val.jsonl"))
     return manifest
 
 
@@ -581,12 +569,7 @@ def _count(values) -> dict:
 def load_prepared(path: str | Path) -> tuple[list[Piece], list[Piece], dict]:
     """Read a prepared music folder: (train pieces, val pieces, manifest)."""
     p = Path(path)
-    manifest_path = p / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{p}: not a prepared dataset (no manifest.json); run `aigc data prepare --kind music` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("kind") != "music":
-        raise UserError(f"{p}: a prepared {manifest.get('kind', 'unknown')} dataset, not a music one")
+    manifest = store.read_manifest(p, "music")
     splits = []
     for split in ("train", "val"):
         with (p / f"{split}.jsonl").open(encoding="utf-8") as f:

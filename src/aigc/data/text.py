@@ -15,19 +15,18 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
-from aigc.errors import UserError
+from aigc.data import store
 from aigc.data.pii import Scrubber
+from aigc.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -346,32 +345,6 @@ def _write_jsonl(path: Path, docs: list[Document]) -> None:
             f.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
 
 
-def check_writable(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-
-
-def atomic_output_dir(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written and return a fresh temp folder beside it to fill first."""
-    check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    """Move a filled temp folder into place; the old content is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | None = None, builtin: list[str] | None = None,
             overwrite: bool = False, log: callable = lambda msg: None) -> dict:
     """Run the whole preparation and write OUT atomically; return the manifest."""
@@ -383,13 +356,13 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     if not inputs and not builtin:
         raise UserError("nothing to prepare: give input files/folders or --builtin NAME")
     files = expand_inputs(inputs)
-    check_writable(out, overwrite)  # before the reading work, not only after it
+    store.check_writable(out, overwrite)  # before the reading work, not only after it
     started = time.time()
     docs: list[Document] = []
     sources: list[dict] = []
     for name in builtin or []:
         bdocs, source = builtin_corpora.load(name)
-        docs.extend(bdocs)
+        docs.extend(Document(*d) for d in bdocs)
         sources.append(source)
     for f in files:
         fdocs, source = read_file(f, opts)
@@ -398,39 +371,26 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         log(f"read {f}: {len(fdocs)} documents")
     train, val, steps = process(docs, opts, log)
 
-    tmp = atomic_output_dir(out, overwrite)
-    try:
+    with store.atomic_folder(out, overwrite) as tmp:
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "val.jsonl", val)
         all_text_chars = sum(len(d.text) for d in train + val)
         manifest = {
-            "kind": "text",
-            "format": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - started, 3),
-            "options": asdict(opts),
+            **store.manifest("text", started, opts),
             "sources": sources,
             "steps": steps,
             "documents": {"read": len(docs), "train": len(train), "val": len(val)},
             "characters": {"train": sum(len(d.text) for d in train), "val": sum(len(d.text) for d in val)},
             "cjk_fraction": round(sum(cjk_fraction(d.text) * len(d.text) for d in train + val) / max(1, all_text_chars), 4),
-            "files": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in ("train.jsonl", "val.jsonl")},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        store.write_manifest(tmp, manifest, ("train.jsonl", "val.jsonl"))
     return manifest
 
 
 def load_prepared(path: str | Path) -> tuple[list[str], list[str], dict]:
     """Read a prepared corpus folder: (train texts, val texts, manifest)."""
     p = Path(path)
-    manifest_path = p / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{p}: not a prepared corpus (no manifest.json); run `aigc data prepare` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = store.read_manifest(p, "text")
     texts = {}
     for split in ("train", "val"):
         with (p / f"{split}.jsonl").open(encoding="utf-8") as f:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Organization, Plan, Price, UsageRollup, User, utcnow
+from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Generation, Job, Organization, Plan, Price, UsageRollup, User, utcnow
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
@@ -20,7 +21,7 @@ ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("aigc_actor", defaul
 
 
 def _audit(s: Session, action: str, org_id: int | None, subject: str, data: dict) -> None:
-    from aigc.govern import audit
+    from aigc.db import audit
 
     audit.append_session(s, f"admin.{action}", ACTOR.get(), org_id, subject, data)
 
@@ -434,3 +435,72 @@ def usage_report(s: Session, group_by: list[str], start: dt.date | None = None, 
                  revenue=revenue, compute_s=round(float(row["compute_s"]), 3), cost=cost, margin=round(revenue - cost, 6))
         out.append(r)
     return out
+
+
+# ---------------------------------------------------------------- governance on the request path (Core: hot path)
+
+_POLICY = text("SELECT policy, moderation FROM organizations WHERE id = :i")
+_BLOCKED = text("SELECT sha256 FROM blocked_outputs")
+
+
+def ping(sessions) -> None:
+    """Raise if the database does not answer."""
+    with sessions() as s:
+        s.execute(text("SELECT 1"))
+
+
+def tenant_policy(conn, org_id: int) -> tuple[dict | None, str | None]:
+    """(the organisation's policy overrides, its moderation rules as YAML); (None, None) for an unknown id."""
+    row = conn.execute(_POLICY, {"i": org_id}).first()
+    raw, rules = row if row is not None else (None, None)
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    return raw, rules
+
+
+def blocked_digests(conn) -> set[str]:
+    """SHA-256 of every output taken down."""
+    return {h for (h,) in conn.execute(_BLOCKED)}
+
+
+def insert_generation(conn, row: dict) -> None:
+    """One row of the generation log (``db.models.Generation``'s columns)."""
+    conn.execute(Generation.__table__.insert(), row)
+
+
+# ---------------------------------------------------------------- jobs
+
+def create_job(s: Session, **fields):
+    job = Job(status="queued", created_at=utcnow(), **fields)
+    s.add(job)
+    s.flush()
+    return job
+
+
+def get_job(s: Session, job_id: str, org_id: int | None):
+    """The job, if it exists and belongs to ``org_id`` (None: any tenant's)."""
+    job = s.get(Job, job_id)
+    if job is None or (org_id is not None and job.org_id != org_id):
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(s: Session, org_id: int | None, limit: int) -> list:
+    q = select(Job)
+    if org_id is not None:
+        q = q.where(Job.org_id == org_id)
+    return list(s.scalars(q.order_by(Job.created_at.desc()).limit(limit)).all())
+
+
+def unfinished_jobs(s: Session) -> list:
+    return list(s.scalars(select(Job).where(Job.status.in_(("queued", "running")))).all())
+
+
+def start_job(conn, job_id: str) -> None:
+    t = Job.__table__  # Core on typed columns, so the JSON result is encoded for either database
+    conn.execute(update(t).where(t.c.id == job_id).values(status="running", started_at=utcnow()))
+
+
+def finish_job(conn, job_id: str, status: str, result: dict | None, error: str | None) -> None:
+    t = Job.__table__
+    conn.execute(update(t).where(t.c.id == job_id).values(status=status, result=result, error=error, finished_at=utcnow()))

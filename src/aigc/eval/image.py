@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -144,7 +143,9 @@ def features(net: FeatureNet, images: np.ndarray, batch: int = 256) -> torch.Ten
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AIGC_CACHE_DIR") or Path.home() / ".cache" / "aigc")
+    from aigc.settings import Settings
+
+    return Settings().cache_dir or Path.home() / ".cache" / "aigc"
 
 
 def get_feature_net(data_dir: Path, steps: int = 400, seed: int = 0,

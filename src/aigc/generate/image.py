@@ -12,7 +12,6 @@ latents; for diffusion, of the initial noise, decoded with the deterministic DDI
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,22 +20,7 @@ import torch
 
 from aigc import threads
 from aigc.errors import UserError
-
-META = "aigc_image.json"
-
-
-@dataclass
-class ImageMeta:
-    kind: str  # dcgan | vae | ddpm
-    size: int
-    channels: int
-    condition: str  # none | class | caption
-    classes: list[str] = field(default_factory=list)
-    vocab: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)  # training captions, the default prompts of a caption model
-    config: dict = field(default_factory=dict)  # the model section (DCGANConfig / VAEConfig / DiffusionConfig)
-    step: int = 0
-
+from aigc.run import ImageMeta, model_folder
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
@@ -122,12 +106,8 @@ class ImagePipeline:
     def from_run(cls, run: str | Path) -> ImagePipeline:
         from safetensors.torch import load_file
 
-        folder = Path(run)
-        folder = folder / "model" if (folder / "model" / META).is_file() else folder
-        meta_path = folder / META
-        if not meta_path.is_file():
-            raise UserError(f"{run}: not an image run (no model/{META}); train one with `aigc train image`")
-        meta = ImageMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
+        meta = ImageMeta.load(run)
+        folder = model_folder(run)
         n_cls, n_vocab = len(meta.classes), len(meta.vocab)
         scheduler_config = None
         if meta.kind == "dcgan":
@@ -150,7 +130,7 @@ class ImagePipeline:
             model.cond.load_state_dict(load_file(folder / "conditioner.safetensors"))
             scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         else:
-            raise UserError(f"{meta_path}: unknown model kind {meta.kind!r}")
+            raise UserError(f"{run}: unknown image model kind {meta.kind!r}")
         return cls(model, meta, scheduler_config)
 
     # ------------------------------------------------------------ conditions

@@ -110,11 +110,10 @@ class MusicPipeline:
     def from_run(cls, run: str | Path) -> MusicPipeline:
         from transformers import AutoModelForCausalLM
 
-        from aigc.models.music import MusicMeta
+        from aigc.run import MusicMeta, model_folder
 
-        folder = Path(run)
-        folder = folder / "model" if (folder / "model").is_dir() else folder
-        meta = MusicMeta.load(folder)
+        meta = MusicMeta.load(run)
+        folder = model_folder(run)
         vocab = Vocab()
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         if model.config.vocab_size != len(vocab):

@@ -29,6 +29,7 @@ from aigc import threads
 from aigc.errors import UserError
 from aigc.govern import text_watermark
 from aigc.govern.text_watermark import Watermark
+from aigc.run import model_folder
 
 
 @dataclass
@@ -406,7 +407,7 @@ def load_model(path: str | Path):
     p = Path(path)
     if not p.exists():
         raise UserError(f"run directory not found: {p}")
-    folder = p / "model" if (p / "model").is_dir() else p
+    folder = model_folder(p)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -322,18 +322,6 @@ def probe_mp4(data: bytes) -> dict:
     return info
 
 
-def first_frame(data: bytes):
-    """The first decoded video frame as a PIL image."""
-    import io
-
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        for frame in c.decode(video=0):
-            return frame.to_image()
-    raise UserError("the video has no frames")
-
-
 # ---------------------------------------------------------------- the pipeline
 
 def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, text_run: str | Path | None = None,

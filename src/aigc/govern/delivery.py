@@ -1,20 +1,34 @@
-"""Finishing a generated image for delivery, in the only order that keeps every mark verifiable:
+"""Finishing a generated file for delivery: the one path the CLI and the server both take, for PNG,
+JPEG, WAV and MP4, in the only order that keeps every mark verifiable:
 
-1. the invisible watermark goes into the pixels (images of at least 256x256);
-2. generation parameters go into PNG text metadata (the ``parameters`` convention of the Stable
-   Diffusion web UIs: the prompt, then ``Key: value, ...``), when the tenant's policy allows;
-3. the C2PA manifest is signed last, over the final bytes (any later change invalidates it).
+1. the invisible watermark goes into the pixels (images of at least 256x256; a video's frames are
+   marked while they are encoded, so for MP4 this step only records the mark);
+2. generation parameters go into the file's metadata when the tenant's policy allows: a PNG text chunk
+   ``parameters`` or a JPEG EXIF UserComment, both in the Stable Diffusion web UIs' convention (the
+   prompt, then ``Key: value, ...``);
+3. the C2PA manifest is signed last, over the final bytes (any later change invalidates it);
+4. ``Delivered.save`` writes the file atomically (a reader never sees half of it).
+
+Audio has no watermark in this product yet: a WAV is signed only.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from aigc.data import store
+from aigc.errors import UserError
 from aigc.govern import image_watermark
+
+PNG, JPEG, WAV, MP4 = "image/png", "image/jpeg", "audio/wav", "video/mp4"
+SUFFIX = {PNG: ".png", JPEG: ".jpg", WAV: ".wav", MP4: ".mp4"}
+JPEG_QUALITY = 92  # the watermark (dwtDctSvd) survives down to about 75
+_USER_COMMENT, _EXIF_IFD = 0x9286, 0x8769
 
 
 def unused_path(folder: Path, stem: str, suffixes: tuple[str, ...] = (".png",)) -> Path:
@@ -33,37 +47,99 @@ def parameters_text(prompt: str, params: dict) -> str:
     return f"{prompt}\n{rest}" if prompt else rest
 
 
+def read_parameters(data: bytes) -> str | None:
+    """The ``parameters`` text a PNG or JPEG was delivered with, or None."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "PNG":
+            return img.text.get("parameters")
+        raw = img.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, bytes) and raw.startswith(b"UNICODE\0"):
+        return raw[8:].decode("utf-16-be")
+    return raw if isinstance(raw, str) else None
+
+
+@dataclass
+class Claim:
+    """What a file's C2PA manifest says: its title, the model and version that made it, and any more facts."""
+
+    title: str
+    model: str
+    version: str
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass
 class Delivered:
     data: bytes
+    mime: str
     watermark_id: int | None
     signed: bool
-    filters: list[str]
+    filters: list[str]  # what was applied, for the generation log: watermark:..., metadata:parameters, c2pa
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def save(self, path: Path) -> Path:
+        return store.write_bytes(path, self.data)
 
 
-def finish_png(img: Image.Image, *, watermark: bool, parameters: str | None, provenance=None, manifest: dict | None = None,
-               watermark_id: int | None = None) -> Delivered:
-    filters = []
+def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, parameters: str | None = None,
+           provenance=None, claim: Claim | None = None, watermark_id: int | None = None) -> Delivered:
+    """Watermark, describe, sign: ``content`` is a PIL image for PNG and JPEG, the encoded bytes for WAV and MP4.
+
+    ``provenance`` (a ``govern.c2pa.Provenance``) and ``claim`` sign the result; without them it is not signed.
+    For MP4, ``watermark_id`` is the mark its frames already carry (None: unmarked)."""
+    if mime not in SUFFIX:
+        raise UserError(f"cannot deliver {mime!r}: one of {', '.join(SUFFIX)}")
+    filters: list[str] = []
     wm_id = None
-    if watermark and min(img.size) >= image_watermark.MIN_SIDE:
-        wm_id = watermark_id if watermark_id is not None else secrets.randbits(32)
-        img = image_watermark.embed(img, wm_id)
-        filters.append("watermark:image:dwtDctSvd")
-    info = None
-    if parameters:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters)
-        filters.append("metadata:parameters")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
-    data = buf.getvalue()
+    if mime in (PNG, JPEG):
+        img = content
+        if watermark and min(img.size) >= image_watermark.MIN_SIDE:
+            wm_id = watermark_id if watermark_id is not None else secrets.randbits(32)
+            img = image_watermark.embed(img, wm_id)
+            filters.append("watermark:image:dwtDctSvd")
+        buf = io.BytesIO()
+        if mime == PNG:
+            info = None
+            if parameters:
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", parameters)
+            img.save(buf, format="PNG", pnginfo=info)
+        else:
+            exif = Image.Exif()
+            if parameters:
+                exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+            img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, exif=exif.tobytes())
+        if parameters:
+            filters.append("metadata:parameters")
+        data = buf.getvalue()
+    else:
+        if not isinstance(content, (bytes, bytearray)):
+            raise TypeError(f"{mime} content must be bytes")
+        data = bytes(content)
+        if mime == MP4 and watermark_id is not None:
+            wm_id = watermark_id
+            filters.append("watermark:image:dwtDctSvd")
     signed = False
-    if provenance is not None:
-        if manifest is not None and wm_id is not None:
+    if provenance is not None and claim is not None:
+        manifest = provenance.manifest(claim.title, claim.model, claim.version, dict(claim.extra))
+        if wm_id is not None:
             for a in manifest.get("assertions", []):
                 if a.get("label") == "org.aigc.generation":
                     a["data"]["watermark"] = "invisible (dwtDctSvd)"
-        data = provenance.sign(data, "image/png", manifest or {})
+        data = provenance.sign(data, mime, manifest)
         signed = True
         filters.append("c2pa")
-    return Delivered(data, wm_id, signed, filters)
+    return Delivered(data, mime, wm_id, signed, filters)
+
+
+def first_frame(data: bytes) -> Image.Image:
+    """The first decoded frame of an MP4 as a PIL image (a video's frames carry the image watermark)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        for frame in c.decode(video=0):
+            return frame.to_image()
+    raise UserError("the video has no frames")

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from aigc.db import crud
 from aigc.db.models import AuditEntry, BlockedOutput, Complaint, Generation, Organization, utcnow
 from aigc.errors import NotFound, UserError
-from aigc.govern import audit, c2pa, image_watermark, text_watermark
+from aigc.db import audit
+from aigc.govern import c2pa, image_watermark, text_watermark
 from aigc.govern.crypto import KeyRing
 from aigc.govern.moderation import Policy
 
@@ -134,7 +135,7 @@ def _first_frame_png(data: bytes) -> bytes | None:
     import io
 
     try:
-        from aigc.generate.video import first_frame
+        from aigc.govern.delivery import first_frame
 
         buf = io.BytesIO()
         first_frame(data).save(buf, format="PNG")

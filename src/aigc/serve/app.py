@@ -9,19 +9,15 @@ import secrets
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc.db.session import open_db
+from aigc import __version__
 from aigc.serve import errors
-from aigc.serve.billing import Billing
-from aigc.serve.governance import Governance
-from aigc.serve.metrics import Metrics
-from aigc.serve.ratelimit import RateLimiter
 from aigc.serve.registry import Registry
+from aigc.serve.service import Service
 from aigc.settings import Settings
 
 log = logging.getLogger("aigc.serve")
@@ -47,34 +43,6 @@ def setup_logging(json_logs: bool = True, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-
-
-@dataclass
-class Service:
-    """Everything a request handler needs, built once per app."""
-
-    settings: Settings
-    registry: Registry
-    sessions: object
-    billing: Billing
-    limiter: RateLimiter
-    metrics: Metrics
-    url_secret: bytes
-    governance: Governance
-    jobs: object = None  # serve.jobs.JobRunner: music and video jobs
-    key_cache: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    ready: bool = True
-
-
-def _url_secret(settings: Settings) -> bytes:
-    """The HMAC key for signed image URLs, kept in the data folder so URLs survive a restart."""
-    path = settings.home / "url-secret"
-    if not path.is_file():
-        settings.home.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(secrets.token_bytes(32))
-        path.chmod(0o600)
-    return path.read_bytes()
 
 
 class RequestContext:
@@ -119,28 +87,21 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.jobs import JobRunner
     from aigc.serve.routes import admin, chat, completions, governance, health, images, media, models, usage
 
-    sessions = open_db(settings.resolved_database_url())
-    service = Service(settings, registry, sessions, Billing(sessions, settings.gpu_second_cost if settings.device != "cpu"
-                                                             else settings.cpu_second_cost),
-                      RateLimiter(), Metrics(registry), _url_secret(settings), Governance(settings, sessions))
-    service.jobs = JobRunner(service, settings.job_workers)
+    service = Service.build(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        log.info("server starting", extra={"models": list(registry.entries), "database": sessions.kw["bind"].url.render_as_string(hide_password=True)})
+        bind = service.sessions.kw["bind"]
+        log.info("server starting", extra={"models": list(registry.entries), "database": bind.url.render_as_string(hide_password=True)})
         service.jobs.recover()
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
-        service.ready = False
-        service.jobs.close()  # running jobs finish and settle; queued ones too
-        registry.close()
-        sessions.kw["bind"].dispose()
+        service.close()
         log.info("server stopped")
 
-    app = FastAPI(title="AIGC", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="AIGC", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for models trained with aigc, with keys, plans, metering and rate limits.")
     app.state.service = service
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)

@@ -1,4 +1,8 @@
-"""Dependencies as ``Annotated`` aliases: the service, the calling principal (from the API key) and role checks."""
+"""Dependencies as ``Annotated`` aliases: the service, the calling principal (from the API key) and its role.
+
+A handler states who may call it in its signature: ``p: Generator`` (a tenant key whose role may
+generate), ``p: Operator`` (the operator token), ``p: role(("admin",), "manage keys")`` and so on;
+``PrincipalDep`` alone admits any valid key or the operator token."""
 from __future__ import annotations
 
 import hmac
@@ -12,9 +16,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from aigc.db import crud
 from aigc.db.crud import Principal
 from aigc.db.models import utcnow
-from aigc.serve.app import Service
 from aigc.serve.errors import ApiError
 from aigc.serve.registry import ModelEntry
+from aigc.serve.service import Service
 
 bearer = HTTPBearer(auto_error=False, description="An API key (sk-aigc-...) or, for /v1/admin, the operator token.")
 OPERATOR = Principal(0, "operator", 0, "*", 0, "operator", None, 10**9, 10**12, None, False, None, operator=True)
@@ -69,18 +73,33 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 GENERATE = ("admin", "developer")
 READ_USAGE = ("admin", "developer", "viewer")
+ANY_ROLE = ("admin", "developer", "viewer", "reviewer")
 
 
 def require(p: Principal, roles: tuple[str, ...], what: str) -> None:
+    """403 unless ``p`` is a tenant key whose role is one of ``roles`` (``what`` names the action in the message)."""
     if p.operator:
         raise ApiError(403, "the operator token manages tenants (/v1/admin); use a tenant's API key here", code="wrong_credentials")
     if p.role not in roles:
         raise ApiError(403, f"the {p.role} role cannot {what} (needs {' or '.join(roles)})", code="insufficient_role")
 
 
-def require_operator(p: Principal) -> None:
+def role(roles: tuple[str, ...], what: str):
+    """The principal, as a dependency that admits only tenant keys with one of ``roles``."""
+    def check(p: PrincipalDep) -> Principal:
+        require(p, roles, what)
+        return p
+    return Annotated[Principal, Depends(check)]
+
+
+def _operator(p: PrincipalDep) -> Principal:
     if not p.operator:
         raise ApiError(403, "operator endpoints need the operator token", code="operator_only")
+    return p
+
+
+Generator = role(GENERATE, "generate")
+Operator = Annotated[Principal, Depends(_operator)]
 
 
 def model_for(service: Service, p: Principal, model_id: str, kinds: tuple[str, ...]) -> ModelEntry:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from sqlalchemy import text
-
 from aigc.data.pii import Scrubber
-from aigc.db.models import Generation, utcnow
-from aigc.govern import audit, text_watermark
+from aigc.db import crud
+from aigc.db.models import utcnow
+from aigc.db import audit
+from aigc.govern import text_watermark
 from aigc.govern.crypto import KeyRing, secret
 from aigc.govern.records import DEFAULT_POLICY
 from aigc.govern.moderation import Decision, Policy, default_policy
@@ -42,6 +42,8 @@ class Tenant:
 
 @dataclass
 class GenRecord:
+    """One output in the generation log; built by ``lifecycle.Generation.record``, written by ``Governance.write``."""
+
     id: str
     request_id: str
     org_id: int
@@ -74,7 +76,6 @@ class Governance:
         self._blocked: set[str] = set()
         self._blocked_until = 0.0
         self._provenance = None
-        self._insert = Generation.__table__.insert()
 
     # ------------------------------------------------------------ per-tenant settings
 
@@ -91,10 +92,7 @@ class Governance:
         if hit is not None and hit.expires > time.monotonic():
             return hit
         with self.engine.connect() as conn:
-            row = conn.execute(text("SELECT policy, moderation FROM organizations WHERE id = :i"), {"i": org_id}).first()
-        raw_policy, rules = (row if row is not None else (None, None))
-        if isinstance(raw_policy, str):
-            raw_policy = json.loads(raw_policy)
+            raw_policy, rules = crud.tenant_policy(conn, org_id)
         policy = {**DEFAULT_POLICY, **(raw_policy or {})}
         moderation = Policy.from_yaml(rules, f"the moderation policy of organisation {org_id}") if rules else default_policy()
         t = Tenant(org_id, policy, moderation, text_watermark.tenant_key(self.text_secret, org_id), time.monotonic() + self.ttl_s)
@@ -116,7 +114,7 @@ class Governance:
         """Whether an output was taken down (the list is re-read every few seconds, and at once after a takedown here)."""
         if self._blocked_until < time.monotonic():
             with self.engine.connect() as conn:
-                self._blocked = {h for (h,) in conn.execute(text("SELECT sha256 FROM blocked_outputs"))}
+                self._blocked = crud.blocked_digests(conn)
             self._blocked_until = time.monotonic() + self.ttl_s
         return digest in self._blocked
 
@@ -138,7 +136,7 @@ class Governance:
         for r in records:
             t = self.tenant(r.org_id)
             phash = params_hash(r.params)
-            conn.execute(self._insert, {
+            crud.insert_generation(conn, {
                 "id": r.id, "request_id": r.request_id, "created_at": utcnow(),
                 "org_id": r.org_id, "key_id": r.key_id, "endpoint": r.endpoint, "kind": r.kind, "model": r.model,
                 "model_version": r.model_version, "params": r.params, "params_hash": phash,

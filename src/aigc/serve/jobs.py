@@ -17,23 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from sqlalchemy import text
-
 from aigc.db import crud
 from aigc.db.crud import Units
-from aigc.db.models import utcnow
+from aigc.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-
-def _finish(conn, job_id: str, status: str, result: dict | None, error: str | None) -> None:
-    from sqlalchemy import update
-
-    from aigc.db.models import Job
-
-    table = Job.__table__  # typed columns, so the JSON result is encoded for either database
-    conn.execute(update(table).where(table.c.id == job_id).values(status=status, result=result, error=error, finished_at=utcnow()))
 
 
 @dataclass
@@ -75,56 +63,43 @@ class JobRunner:
         """Fail the jobs a stopped server process left unfinished and release what they held."""
         s = self.service
         with s.sessions() as db:
-            from aigc.db.models import Job
-
-            stale = db.query(Job).filter(Job.status.in_(("queued", "running"))).all()
-            rows = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.kind, j.held) for j in stale if self.orphaned(j.owner)]
+            rows = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.kind, j.held) for j in crud.unfinished_jobs(db)
+                    if self.orphaned(j.owner)]
         for job_id, org_id, key_id, model, version, kind, held in rows:
             who = _Payer(org_id, key_id)
             with s.billing.engine.begin() as conn:
                 crud.settle(conn, job_id, who, model, version, f"{kind}.generations", "error", Units(), None, held, 0.0,
                             s.billing.cost_per_s)
-                _finish(conn, job_id, "failed", None, "the server stopped before the job finished")
+                crud.finish_job(conn, job_id, "failed", None, "the server stopped before the job finished")
         if rows:
             log.warning("failed unfinished jobs", extra={"jobs": len(rows)})
         return len(rows)
 
-    def submit(self, job_id: str, principal, model: str, version: str, endpoint: str, hold, actor: str,
-               work: Callable[[], Outcome]) -> None:
-        self.pool.submit(self._run, job_id, principal, model, version, endpoint, hold, actor, work)
+    def submit(self, job_id: str, generation, work: Callable[[], Outcome]) -> None:
+        """Run ``work`` on a worker; ``generation`` (a ``lifecycle.Generation`` past its hold) settles it."""
+        self.pool.submit(self._run, job_id, generation, work)
 
-    def _run(self, job_id, principal, model, version, endpoint, hold, actor, work) -> None:
+    def _run(self, job_id: str, generation, work: Callable[[], Outcome]) -> None:
         s = self.service
         with s.billing.engine.begin() as conn:
-            conn.execute(text("UPDATE jobs SET status = 'running', started_at = :now WHERE id = :id"), {"now": utcnow(), "id": job_id})
+            crud.start_job(conn, job_id)
         t0 = time.perf_counter()
         status, units, records, result, error, compute = "failed", Units(), [], None, None, 0.0
         try:
             outcome = work()
             status, units, records, result, compute = "succeeded", outcome.units, outcome.records, outcome.result, outcome.compute_s
         except Exception as exc:  # a job's failure is reported through the job, never lost
-            from aigc.errors import UserError
-
             error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             compute = time.perf_counter() - t0
             if not isinstance(exc, UserError):
                 log.exception("job failed", extra={"job": job_id})
-        write = s.governance.writer(records, actor) if records else None
-
-        def also(conn):
-            if write is not None:
-                write(conn)
-            _finish(conn, job_id, status, result, error)
-
         try:
-            charged, cost = s.billing._settle(job_id, principal, model, version, endpoint, "ok" if status == "succeeded" else "error",
-                                              units, hold, compute, also=also)
-            s.metrics.revenue.labels(model).inc(charged / 1e6)
-            s.metrics.cost.labels(model).inc(cost / 1e6)
+            generation.settle_now(job_id, "ok" if status == "succeeded" else "error", units, compute, records,
+                                  also=lambda conn: crud.finish_job(conn, job_id, status, result, error))
         except Exception:
             log.exception("job settle failed", extra={"job": job_id})
             with s.billing.engine.begin() as conn:
-                _finish(conn, job_id, "failed", None, "internal error while recording the job")
+                crud.finish_job(conn, job_id, "failed", None, "internal error while recording the job")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=False)

@@ -3,11 +3,10 @@ loaded. Models load lazily on first use into an LRU bounded by a memory budget; 
 request is never unloaded under it (the request holds its own reference).
 
 A modality plugs in with a loader in ``LOADERS`` (a literal dict, greppable) and a ``kind`` test in
-``detect_kind``.
+``aigc.run.detect_kind``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigc.errors import UserError
+from aigc.run import IMAGE, MUSIC, TEXT, detect_kind, fingerprint, require_kind
 
 log = logging.getLogger(__name__)
 
-TEXT, IMAGE, MUSIC, ECHO = "text", "image", "music", "echo"
+ECHO = "echo"  # a stub text engine for gateway tests and benchmarks
 
 
 @dataclass
@@ -34,35 +34,11 @@ class ModelEntry:
     info: dict = field(default_factory=dict)
 
 
-def detect_kind(run: Path) -> str | None:
-    model = run / "model" if (run / "model").is_dir() else run
-    if (model / "aigc_image.json").is_file():
-        return IMAGE
-    if (model / "aigc_music.json").is_file():  # before TEXT: a music model is also an HF causal LM folder
-        return MUSIC
-    if (model / "config.json").is_file() or (model / "adapter_config.json").is_file():
-        return TEXT
-    return None
-
-
-def _version(folder: Path) -> tuple[str, int, int]:
-    """(version, newest mtime, total bytes): a content-free fingerprint of the weights that changes on retraining."""
-    h, newest, total = hashlib.sha256(), 0, 0
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        newest, total = max(newest, int(st.st_mtime)), total + st.st_size
-    return h.hexdigest()[:12], newest, total
-
-
 def entry_for(run: Path, model_id: str | None = None) -> ModelEntry:
     run = Path(run)
-    kind = detect_kind(run)
-    if kind is None:
-        raise UserError(f"{run}: not a trained run (no model/config.json, model/aigc_image.json or model/aigc_music.json)")
-    folder = run / "model" if (run / "model").is_dir() else run
-    version, created, size = _version(folder)
-    return ModelEntry(model_id or run.name, kind, run, version, created, size)
+    kind = require_kind(run)
+    fp = fingerprint(run)
+    return ModelEntry(model_id or run.name, kind, run, fp.version, fp.created, fp.size_bytes)
 
 
 class Registry:

@@ -149,13 +149,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 def prepare_run(cfg: ImageTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
     """Create the run directory (atomically): config, dataset manifest and a copy of the data."""
     from aigc.data.images import load_prepared
-    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir
+    from aigc.data import store
     from aigc.models.conditioning import build_vocab
 
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
     try:
-        check_writable(run_dir, overwrite)
+        store.check_writable(run_dir, overwrite)
     except UserError:
         raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
     train, val, manifest = load_prepared(cfg.data.path)
@@ -168,8 +168,7 @@ def prepare_run(cfg: ImageTrainConfig, run_dir: Path, overwrite: bool = False) -
 
         n_layers(size)
     vocab = build_vocab([c for c in train.captions if c]) if condition == "caption" else []
-    tmp = atomic_output_dir(run_dir, overwrite)
-    try:
+    with store.atomic_folder(run_dir, overwrite) as tmp:
         (tmp / "dataset").mkdir()
         (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "data").mkdir()
@@ -179,15 +178,11 @@ def prepare_run(cfg: ImageTrainConfig, run_dir: Path, overwrite: bool = False) -
         resolved["model"]["condition"] = condition
         save_yaml(resolved, tmp / "config.yaml")
         (tmp / "data" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        commit_output_dir(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_meta(cfg: ImageTrainConfig, run_dir: Path, step: int):
     """What the pipeline needs to rebuild the model, from the run's copy of the data."""
-    from aigc.generate.image import ImageMeta
+    from aigc.run import ImageMeta
 
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text(encoding="utf-8"))
     vocab = json.loads((run_dir / "data" / "vocab.json").read_text(encoding="utf-8"))
@@ -206,22 +201,15 @@ def save_model(run_dir: Path, meta, weights: dict[str, torch.nn.Module], unet=No
     """Write model/ atomically: aigc_image.json, each module as NAME.safetensors, a diffusers UNet + scheduler."""
     from safetensors.torch import save_file
 
-    out = run_dir / "model"
-    tmp = out.with_name("model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / "aigc_image.json").write_text(json.dumps(asdict(meta), indent=2, ensure_ascii=False), encoding="utf-8")
-    for name, module in weights.items():
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
-    if unet is not None:
-        unet.save_pretrained(str(tmp / "unet"))
-        scheduler.save_pretrained(str(tmp / "scheduler"))
-    old = out.with_name("model.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    from aigc.data import store
+
+    with store.atomic_folder(run_dir / "model", overwrite=True) as tmp:
+        meta.save(tmp)
+        for name, module in weights.items():
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        if unet is not None:
+            unet.save_pretrained(str(tmp / "unet"))
+            scheduler.save_pretrained(str(tmp / "scheduler"))
 
 
 def sample_grid(pipeline, run_dir: Path, step: int, n: int, seed: int, writer=None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,18 +151,13 @@ def get_batch(data: np.ndarray, block: int, batch: int, seed: int, step: int, mi
 
 def save_model(model, tokenizer, out: Path, is_lora: bool, base_path: str = "") -> None:
     """Write an HF folder atomically (temp folder, then rename): config.json + model.safetensors + tokenizer."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if is_lora:
-        (tmp / "aigc_base.json").write_text(json.dumps({"init_path": base_path}), encoding="utf-8")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    from aigc.data import store
+
+    with store.atomic_folder(out, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if is_lora:
+            (tmp / "aigc_base.json").write_text(json.dumps({"init_path": base_path}), encoding="utf-8")
 
 
 def _make_model(cfg: TextTrainConfig, tokenizer):
@@ -207,13 +201,14 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
     an ``overwrite`` that fails keeps the old run.
     """
     from aigc.data import tokenizers
-    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir, load_prepared
+    from aigc.data import store
+    from aigc.data.text import load_prepared
     from aigc.models.lm import load_pretrained_tokenizer
 
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
     try:
-        check_writable(run_dir, overwrite)
+        store.check_writable(run_dir, overwrite)
     except UserError:
         raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
     train_texts, val_texts, manifest = load_prepared(cfg.data.path)
@@ -226,8 +221,7 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
     else:
         tokenizer = tokenizers.to_hf(tokenizers.train_tokenizer(train_texts, cfg.tokenizer.kind, cfg.tokenizer.vocab_size),
                                      model_max_length=cfg.model.block_size)
-    tmp = atomic_output_dir(run_dir, overwrite)
-    try:
+    with store.atomic_folder(run_dir, overwrite) as tmp:
         (tmp / "dataset").mkdir()
         (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -238,10 +232,6 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
             (tmp / "data" / f"{split}.json").write_text(json.dumps(
                 {"dtype": str(ids.dtype), "tokens": int(len(ids)), "documents": len(texts), "characters": sum(len(t) for t in texts)}))
         save_yaml(asdict(cfg), tmp / "config.yaml")
-        commit_output_dir(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_ids(run_dir: Path, split: str) -> np.ndarray:

@@ -99,12 +99,12 @@ def encode_pieces(pieces, vocab, transpose: tuple[int, int] = (0, 0)) -> np.ndar
 def prepare_run(cfg: MusicTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
     """Create the run directory: config, manifest, tokenizer and the encoded (augmented) pieces."""
     from aigc.data.music import Vocab, load_prepared
-    from aigc.data.text import atomic_output_dir, check_writable, commit_output_dir
+    from aigc.data import store
 
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (from `aigc data prepare --kind music`)")
     try:
-        check_writable(run_dir, overwrite)
+        store.check_writable(run_dir, overwrite)
     except UserError:
         raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
     train_pieces, val_pieces, manifest = load_prepared(cfg.data.path)
@@ -112,8 +112,7 @@ def prepare_run(cfg: MusicTrainConfig, run_dir: Path, overwrite: bool = False) -
         raise UserError(f"{cfg.data.path}: the prepared dataset has no validation pieces; prepare it with --val-fraction > 0")
     vocab = Vocab()
     transpose = tuple(manifest["augment"]["transpose"]) if cfg.augment.transpose else (0, 0)
-    tmp = atomic_output_dir(run_dir, overwrite)
-    try:
+    with store.atomic_folder(run_dir, overwrite) as tmp:
         (tmp / "dataset").mkdir()
         (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         vocab.to_hf_tokenizer(cfg.model.block_size).save_pretrained(str(tmp / "tokenizer"))
@@ -126,16 +125,12 @@ def prepare_run(cfg: MusicTrainConfig, run_dir: Path, overwrite: bool = False) -
                 {"dtype": "uint16", "tokens": int(len(ids)), "pieces": len(pieces), "transpose": list(shift),
                  "notes": sum(len(p.notes) for p in pieces)}))
         save_yaml(asdict(cfg), tmp / "config.yaml")
-        commit_output_dir(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_meta(run_dir: Path):
     """Voices, time signature and tempo most common in the training pieces."""
     from aigc.data.music import Piece
-    from aigc.models.music import MusicMeta
+    from aigc.run import MusicMeta
 
     pieces = [Piece(**json.loads(line)) for line in (run_dir / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     n_voices = Counter(len(p.voices) for p in pieces).most_common(1)[0][0]
@@ -146,17 +141,12 @@ def run_meta(run_dir: Path):
 
 def save_model(model, tokenizer, meta, out: Path) -> None:
     """Write the HF folder and its aigc_music.json atomically (a temp folder swapped into place)."""
-    from aigc.data.text import atomic_output_dir, commit_output_dir
+    from aigc.data import store
 
-    tmp = atomic_output_dir(out, overwrite=True)
-    try:
+    with store.atomic_folder(out, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         meta.save(tmp)
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_ids(run_dir: Path, split: str) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-import anyio
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -13,29 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aigc.db import crud
 from aigc.db.models import ApiKey, Organization, Plan, Price, User
-from aigc.errors import Conflict, NotFound, UserError
-from aigc.serve.app import Service
-from aigc.serve.deps import PrincipalDep, ServiceDep, require, require_operator
+from aigc.serve.deps import ANY_ROLE, Operator, ServiceDep, role
 from aigc.serve.errors import ApiError
+from aigc.serve.schemas import KeyOut, ListOf, NewKey, NewOrg, OrgOut, PlanOut, PriceOut, UserOut
 
 router = APIRouter(tags=["admin"])
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Money = Field(0.0, ge=0, le=1e9)
-
-
-async def db(service: Service, fn, *args):
-    """Run ``fn(session, *args)`` in one transaction off the event loop; user errors become 4xx."""
-    def work():
-        with service.sessions.begin() as s:
-            return fn(s, *args)
-    try:
-        return await anyio.to_thread.run_sync(work)
-    except NotFound as exc:
-        raise ApiError(404, str(exc), code="not_found") from None
-    except Conflict as exc:
-        raise ApiError(409, str(exc), code="conflict") from None
-    except UserError as exc:
-        raise ApiError(400, str(exc), code="invalid_value") from None
+OrgReader = role(ANY_ROLE, "read the organisation")
+UserLister = role(("admin", "viewer"), "list users")
+UserAdmin = role(("admin",), "manage users")
+KeyLister = role(("admin", "viewer"), "list keys")
+KeyAdmin = role(("admin",), "manage keys")
 
 
 class PlanIn(BaseModel):
@@ -97,36 +85,35 @@ class KeyIn(BaseModel):
 
 # ---------------------------------------------------------------- operator
 
-@router.post("/v1/admin/plans", status_code=201)
-async def create_plan(body: PlanIn, service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    return await db(service, lambda s: crud.plan_out(crud.create_plan(s, **body.model_dump())))
+@router.post("/v1/admin/plans", status_code=201, response_model=PlanOut)
+async def create_plan(body: PlanIn, service: ServiceDep, p: Operator) -> dict:
+    """A billing plan: subscription (monthly fee, included usage, overage), pay-as-you-go or prepaid credits."""
+    return await service.db(lambda s: crud.plan_out(crud.create_plan(s, **body.model_dump())))
 
 
-@router.get("/v1/admin/plans")
-async def list_plans(service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    return {"object": "list", "data": await db(service, lambda s: [crud.plan_out(x) for x in crud.list_all(s, Plan)])}
+@router.get("/v1/admin/plans", response_model=ListOf[PlanOut])
+async def list_plans(service: ServiceDep, p: Operator) -> dict:
+    """Every billing plan."""
+    return {"object": "list", "data": await service.db(lambda s: [crud.plan_out(x) for x in crud.list_all(s, Plan)])}
 
 
-@router.put("/v1/admin/prices")
-async def set_price(body: PriceIn, service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    out = await db(service, lambda s: crud.price_out(crud.set_price(s, **body.model_dump())))
+@router.put("/v1/admin/prices", response_model=PriceOut)
+async def set_price(body: PriceIn, service: ServiceDep, p: Operator) -> dict:
+    """Set the list price of a model (or of one version of it; ``*`` for every model)."""
+    out = await service.db(lambda s: crud.price_out(crud.set_price(s, **body.model_dump())))
     service.billing.forget_prices()
     return out
 
 
-@router.get("/v1/admin/prices")
-async def list_prices(service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    return {"object": "list", "data": await db(service, lambda s: [crud.price_out(x) for x in crud.list_all(s, Price)])}
+@router.get("/v1/admin/prices", response_model=ListOf[PriceOut])
+async def list_prices(service: ServiceDep, p: Operator) -> dict:
+    """The price book."""
+    return {"object": "list", "data": await service.db(lambda s: [crud.price_out(x) for x in crud.list_all(s, Price)])}
 
 
-@router.post("/v1/admin/organizations", status_code=201)
-async def create_org(body: OrgIn, service: ServiceDep, p: PrincipalDep) -> dict:
+@router.post("/v1/admin/organizations", status_code=201, response_model=NewOrg)
+async def create_org(body: OrgIn, service: ServiceDep, p: Operator) -> dict:
     """A tenant; with ``admin_email``, also its first admin user and an API key (shown once)."""
-    require_operator(p)
 
     def work(s):
         org = crud.create_org(s, body.name, body.plan, body.credits)
@@ -136,64 +123,63 @@ async def create_org(body: OrgIn, service: ServiceDep, p: PrincipalDep) -> dict:
             key, secret = crud.create_key(s, user, name="admin")
             out.update(user=crud.user_out(user), key=crud.key_out(key), api_key=secret)
         return out
-    return await db(service, work)
+    return await service.db(work)
 
 
-@router.get("/v1/admin/organizations")
-async def list_orgs(service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    return {"object": "list", "data": await db(service, lambda s: [crud.org_out(s, o) for o in crud.list_all(s, Organization)])}
+@router.get("/v1/admin/organizations", response_model=ListOf[OrgOut])
+async def list_orgs(service: ServiceDep, p: Operator) -> dict:
+    """Every tenant, with its balance and this period's usage."""
+    return {"object": "list", "data": await service.db(lambda s: [crud.org_out(s, o) for o in crud.list_all(s, Organization)])}
 
 
-@router.patch("/v1/admin/organizations/{org_id}")
-async def set_org_plan(org_id: Id, body: OrgPatch, service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
-    out = await db(service, lambda s: crud.org_out(s, crud.set_org_plan(s, org_id, body.plan)))
+@router.patch("/v1/admin/organizations/{org_id}", response_model=OrgOut)
+async def set_org_plan(org_id: Id, body: OrgPatch, service: ServiceDep, p: Operator) -> dict:
+    """Move a tenant to another plan."""
+    out = await service.db(lambda s: crud.org_out(s, crud.set_org_plan(s, org_id, body.plan)))
     service.key_cache.clear()
     return out
 
 
-@router.post("/v1/admin/organizations/{org_id}/credits")
-async def add_credits(org_id: Id, body: CreditsIn, service: ServiceDep, p: PrincipalDep) -> dict:
-    require_operator(p)
+@router.post("/v1/admin/organizations/{org_id}/credits", response_model=OrgOut)
+async def add_credits(org_id: Id, body: CreditsIn, service: ServiceDep, p: Operator) -> dict:
+    """Add (or, negative, remove) prepaid credits."""
 
     def work(s):
         crud.get_org(s, org_id)
         crud.add_credits(s, org_id, body.amount)
         return crud.org_out(s, crud.get_org(s, org_id))
-    return await db(service, work)
+    return await service.db(work)
 
 
 # ---------------------------------------------------------------- tenant admin
 
-@router.get("/v1/organization")
-async def my_org(service: ServiceDep, p: PrincipalDep) -> dict:
-    require(p, ("admin", "viewer", "developer", "reviewer"), "read the organisation")
-    return await db(service, lambda s: crud.org_out(s, crud.get_org(s, p.org_id)))
+@router.get("/v1/organization", response_model=OrgOut)
+async def my_org(service: ServiceDep, p: OrgReader) -> dict:
+    """The calling key's organisation."""
+    return await service.db(lambda s: crud.org_out(s, crud.get_org(s, p.org_id)))
 
 
-@router.get("/v1/organization/users")
-async def list_users(service: ServiceDep, p: PrincipalDep) -> dict:
-    require(p, ("admin", "viewer"), "list users")
-    return {"object": "list", "data": await db(service, lambda s: [crud.user_out(u) for u in crud.list_all(s, User, p.org_id)])}
+@router.get("/v1/organization/users", response_model=ListOf[UserOut])
+async def list_users(service: ServiceDep, p: UserLister) -> dict:
+    """The organisation's users."""
+    return {"object": "list", "data": await service.db(lambda s: [crud.user_out(u) for u in crud.list_all(s, User, p.org_id)])}
 
 
-@router.post("/v1/organization/users", status_code=201)
-async def create_user(body: UserIn, service: ServiceDep, p: PrincipalDep) -> dict:
-    require(p, ("admin",), "manage users")
-    return await db(service, lambda s: crud.user_out(crud.create_user(s, p.org_id, body.email, body.role)))
+@router.post("/v1/organization/users", status_code=201, response_model=UserOut)
+async def create_user(body: UserIn, service: ServiceDep, p: UserAdmin) -> dict:
+    """Add a user with a role: admin, developer, viewer or reviewer."""
+    return await service.db(lambda s: crud.user_out(crud.create_user(s, p.org_id, body.email, body.role)))
 
 
-@router.get("/v1/organization/keys")
-async def list_keys(service: ServiceDep, p: PrincipalDep) -> dict:
-    require(p, ("admin", "viewer"), "list keys")
-    return {"object": "list", "data": await db(service, lambda s: [crud.key_out(k) for k in crud.list_all(s, ApiKey, p.org_id)])}
+@router.get("/v1/organization/keys", response_model=ListOf[KeyOut])
+async def list_keys(service: ServiceDep, p: KeyLister) -> dict:
+    """The organisation's API keys (never their secrets)."""
+    return {"object": "list", "data": await service.db(lambda s: [crud.key_out(k) for k in crud.list_all(s, ApiKey, p.org_id)])}
 
 
-@router.post("/v1/organization/keys", status_code=201)
-async def create_key(body: KeyIn, service: ServiceDep, p: PrincipalDep) -> dict:
+@router.post("/v1/organization/keys", status_code=201, response_model=NewKey)
+async def create_key(body: KeyIn, service: ServiceDep, p: KeyAdmin) -> dict:
     """A new key for a user of this organisation; ``api_key`` is shown only in this response."""
-    require(p, ("admin",), "manage keys")
     unknown = [m for m in body.allowed_models or [] if m not in service.registry.entries]
     if unknown:
         raise ApiError(400, f"unknown model {unknown[0]!r} in allowed_models", code="model_not_found", param="allowed_models")
@@ -203,12 +189,12 @@ async def create_key(body: KeyIn, service: ServiceDep, p: PrincipalDep) -> dict:
         user = crud.get_user(s, p.org_id, body.user)
         key, secret = crud.create_key(s, user, body.name, body.allowed_models, body.rpm, body.tpm, expires)
         return {**crud.key_out(key), "api_key": secret}
-    return await db(service, work)
+    return await service.db(work)
 
 
-@router.delete("/v1/organization/keys/{key_id}")
-async def revoke_key(key_id: Id, service: ServiceDep, p: PrincipalDep) -> dict:
-    require(p, ("admin",), "manage keys")
-    out = await db(service, lambda s: crud.key_out(crud.revoke_key(s, p.org_id, key_id)))
+@router.delete("/v1/organization/keys/{key_id}", response_model=KeyOut)
+async def revoke_key(key_id: Id, service: ServiceDep, p: KeyAdmin) -> dict:
+    """Revoke a key: this server refuses it at once, others within a few seconds."""
+    out = await service.db(lambda s: crud.key_out(crud.revoke_key(s, p.org_id, key_id)))
     service.key_cache.clear()  # this process stops accepting it now; others within key_cache_s
     return out

@@ -8,11 +8,14 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from aigc.serve.deps import GENERATE, PrincipalDep, ServiceDep, model_for, require
+from aigc.run import TEXT
+from aigc.serve.deps import Generator, ServiceDep, model_for
 from aigc.serve.errors import ApiError
-from aigc.serve.generation import Shape, TextJob, engine_for, run_text
-from aigc.serve.registry import ECHO, TEXT
+from aigc.serve.lifecycle import engine_for
+from aigc.serve.registry import ECHO
 from aigc.serve.routes.completions import SamplingFields
+from aigc.serve.schemas import ChatCompletion
+from aigc.serve.text import Shape, TextJob, run_text
 
 router = APIRouter(tags=["text"])
 
@@ -65,9 +68,10 @@ def _usage_chunk(id_, created, model, usage):
 SHAPE = Shape("chatcmpl-", _full, _chunk, _usage_chunk)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, p: PrincipalDep):
-    require(p, GENERATE, "generate")
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                 "description": "JSON, or with stream=true server-sent events ending in data: [DONE]"}})
+async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, p: Generator):
+    """Answer a conversation ``n`` times, through the tokenizer's chat template when the model has one."""
     entry = model_for(service, p, body.model, (TEXT, ECHO))
     if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree: send one", code="invalid_value", param="max_tokens")

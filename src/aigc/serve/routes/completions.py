@@ -1,14 +1,15 @@
 """POST /v1/completions (OpenAI's legacy completions: one prompt, n samples, SSE streaming)."""
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from aigc.serve.deps import GENERATE, PrincipalDep, ServiceDep, model_for, require
+from aigc.run import TEXT
+from aigc.serve.deps import Generator, ServiceDep, model_for
 from aigc.serve.errors import ApiError
-from aigc.serve.generation import Shape, TextJob, run_text
-from aigc.serve.registry import ECHO, TEXT
+from aigc.serve.registry import ECHO
+from aigc.serve.schemas import Completion
+from aigc.serve.text import Shape, TextJob, run_text
 
 router = APIRouter(tags=["text"])
 
@@ -60,9 +61,10 @@ def _usage_chunk(id_, created, model, usage):
 SHAPE = Shape("cmpl-", _full, _chunk, _usage_chunk)
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, service: ServiceDep, p: PrincipalDep):
-    require(p, GENERATE, "generate")
+@router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                 "description": "JSON, or with stream=true server-sent events ending in data: [DONE]"}})
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep, p: Generator):
+    """Complete one prompt ``n`` times (OpenAI's legacy completions), watermarked and moderated as the tenant's policy says."""
     entry = model_for(service, p, body.model, (TEXT, ECHO))
     prompt = body.prompt
     if isinstance(prompt, list):

@@ -23,13 +23,19 @@ from aigc.db.models import Organization
 from aigc.errors import UserError
 from aigc.govern import records
 from aigc.govern.records import DEFAULT_POLICY, set_policy
-from aigc.serve.deps import PrincipalDep, ServiceDep, bearer, get_principal, require
+from aigc.run import model_folder
+from aigc.run import TEXT
+from aigc.serve.deps import ANY_ROLE, PrincipalDep, ServiceDep, bearer, get_principal, require, role
 from aigc.serve.errors import ApiError
-from aigc.serve.registry import TEXT
-from aigc.serve.routes.admin import db
+from aigc.serve.lifecycle import actor
+from aigc.serve.schemas import (Decided, Explanation, ListOf, ModerationResponse, NewComplaint, ComplaintOut, PolicyOut,
+                                VerifyReport)
 
 router = APIRouter(tags=["governance"])
 REVIEW = ("admin", "reviewer")
+Moderator = role(ANY_ROLE, "moderate")
+PolicyReader = role(ANY_ROLE, "read the policy")
+PolicyAdmin = role(("admin",), "change the policy")
 
 
 async def maybe_principal(request: Request, service: ServiceDep,
@@ -58,13 +64,13 @@ def _tokenizer(service, model_id: str):
         from transformers import AutoTokenizer
 
         entry = service.registry.get(model_id)
-        folder = entry.path / "model" if (entry.path / "model").is_dir() else entry.path
-        cache[model_id] = AutoTokenizer.from_pretrained(str(folder))
+        cache[model_id] = AutoTokenizer.from_pretrained(str(model_folder(entry.path)))
     return cache[model_id]
 
 
-@router.post("/v1/provenance/verify")
+@router.post("/v1/provenance/verify", response_model=VerifyReport)
 async def verify(body: VerifyRequest, service: ServiceDep, p: OptionalPrincipal):
+    """Verify a file (C2PA state, image watermark resolved for its owner) or text (this tenant's text watermark z-score)."""
     if (body.text is None) == (body.file is None):
         raise ApiError(400, "send exactly one of 'text' or 'file' (base64)", code="invalid_value")
     operator = bool(p and p.operator)
@@ -76,10 +82,9 @@ async def verify(body: VerifyRequest, service: ServiceDep, p: OptionalPrincipal)
             raise ApiError(400, str(exc), code="invalid_file", param="file") from None
         anchors = service.governance.provenance.trust_anchors
 
-        def work():
-            with service.sessions() as s:
-                return records.verify_file(data, anchors, s if p else None, org_id, operator)
-        return await anyio.to_thread.run_sync(work)
+        if p is None:
+            return await anyio.to_thread.run_sync(records.verify_file, data, anchors)
+        return await service.db(lambda s: records.verify_file(data, anchors, s, org_id, operator), write=False)
     if p is None or p.operator:
         raise ApiError(401, "text watermarks are keyed per tenant: verify text with your tenant's API key",
                        code="missing_api_key")
@@ -111,9 +116,9 @@ class ModerationRequest(BaseModel):
     stage: Literal["input", "output"] = "input"
 
 
-@router.post("/v1/moderations")
-async def moderations(body: ModerationRequest, service: ServiceDep, p: PrincipalDep):
-    require(p, ("admin", "developer", "viewer", "reviewer"), "moderate")
+@router.post("/v1/moderations", response_model=ModerationResponse)
+async def moderations(body: ModerationRequest, service: ServiceDep, p: Moderator):
+    """The tenant's content policy on some texts, in OpenAI's moderation shape (plus the action and the rules hit)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or len(texts) > 32 or any(len(t) > 100_000 for t in texts):
         raise ApiError(400, "input takes 1 to 32 texts of at most 100,000 characters", code="invalid_value", param="input")
@@ -144,8 +149,9 @@ class ComplaintRequest(BaseModel):
     sha256: str | None = Field(None, max_length=64, description="SHA-256 (hex) of the content complained about.")
 
 
-@router.post("/v1/complaints", status_code=201)
+@router.post("/v1/complaints", status_code=201, response_model=NewComplaint)
 async def complain(body: ComplaintRequest, request: Request, service: ServiceDep):
+    """File a complaint about an output (no key needed): by generation id, content, file or hash; it is matched to its generation."""
     client = request.client.host if request.client else "unknown"
     decision = service.limiter.take(f"complaints:{client}", 20, 10**9, 0)  # anonymous: 20 per minute per address
     if not decision.allowed:
@@ -154,7 +160,7 @@ async def complain(body: ComplaintRequest, request: Request, service: ServiceDep
         data = records.decode_b64(body.file) if body.file is not None else None
     except UserError as exc:
         raise ApiError(400, str(exc), code="invalid_file", param="file") from None
-    c = await db(service, lambda s: records.complaint_out(records.create_complaint(
+    c = await service.db(lambda s: records.complaint_out(records.create_complaint(
         s, body.reason, body.contact, body.generation_id, body.content, data, body.sha256)))
     return {**c, "matched_generation": c["generation_id"] is not None}
 
@@ -166,11 +172,12 @@ def _scope(p: Principal) -> int | None:
     return p.org_id
 
 
-@router.get("/v1/complaints")
+@router.get("/v1/complaints", response_model=ListOf[ComplaintOut])
 async def complaint_queue(service: ServiceDep, p: PrincipalDep,
                           status: Literal["open", "dismissed", "taken_down", "key_revoked"] | None = Query("open")):
+    """The review queue: the complaints about this tenant's outputs (the operator sees all)."""
     org = _scope(p)
-    return {"object": "list", "data": await db(service, lambda s: [records.complaint_out(c)
+    return {"object": "list", "data": await service.db(lambda s: [records.complaint_out(c)
                                                                     for c in records.list_complaints(s, org, status)])}
 
 
@@ -180,12 +187,13 @@ class DecisionRequest(BaseModel):
     note: str = Field("", max_length=4000)
 
 
-@router.post("/v1/complaints/{complaint_id}/decision")
+@router.post("/v1/complaints/{complaint_id}/decision", response_model=Decided)
 async def decide(body: DecisionRequest, service: ServiceDep, p: PrincipalDep,
                  complaint_id: Annotated[int, Path(ge=1, le=2**31 - 1)]):
+    """Dismiss, take down (the output is refused from then on and its stored files deleted) or revoke the key that made it."""
     org = _scope(p)
-    who = "operator" if p.operator else f"key:{p.key_prefix}"
-    out = await db(service, lambda s: records.decide(s, complaint_id, body.action, who, org, body.note,
+    who = actor(p)
+    out = await service.db(lambda s: records.decide(s, complaint_id, body.action, who, org, body.note,
                                                      service.settings.home / "images"))
     if out.revoked_key is not None:
         service.key_cache.clear()  # the revocation takes effect on the next request
@@ -196,14 +204,15 @@ async def decide(body: DecisionRequest, service: ServiceDep, p: PrincipalDep,
 # ---------------------------------------------------------------- explanations
 
 
-@router.get("/v1/generations/{generation_id}/explanation")
+@router.get("/v1/generations/{generation_id}/explanation", response_model=Explanation)
 async def explanation(service: ServiceDep, p: PrincipalDep, generation_id: Annotated[str, Path(max_length=80)],
                       include_content: bool = False):
+    """The generation path of one output: model version, training data, parameters, filters, audit entry."""
     org = None if p.operator else p.org_id
     if include_content and not p.operator and p.role != "admin":
         raise ApiError(403, "only a tenant admin may read stored prompts and outputs", code="insufficient_role")
     paths = {e.id: e.path for e in service.registry.entries.values() if e.path is not None}
-    return await db(service, lambda s: records.explain(s, generation_id, org, paths, service.governance.keyring, include_content))
+    return await service.db(lambda s: records.explain(s, generation_id, org, paths, service.governance.keyring, include_content))
 
 
 # ---------------------------------------------------------------- tenant policy
@@ -219,18 +228,15 @@ def _policy_out(org: Organization) -> dict:
     return {"policy": {**DEFAULT_POLICY, **(org.policy or {})}, "moderation": org.moderation, "defaults": DEFAULT_POLICY}
 
 
-@router.get("/v1/organization/policy")
-async def get_policy(service: ServiceDep, p: PrincipalDep):
-    require(p, ("admin", "developer", "viewer", "reviewer"), "read the policy")
-    return await db(service, lambda s: _policy_out(crud.get_org(s, p.org_id)))
+@router.get("/v1/organization/policy", response_model=PolicyOut)
+async def get_policy(service: ServiceDep, p: PolicyReader):
+    """The tenant's governance policy (with the defaults) and its moderation rules."""
+    return await service.db(lambda s: _policy_out(crud.get_org(s, p.org_id)))
 
 
-@router.put("/v1/organization/policy")
-async def put_policy(body: PolicyRequest, service: ServiceDep, p: PrincipalDep):
-    require(p, ("admin",), "change the policy")
-
-    def work(s):
-        return _policy_out(set_policy(s, p.org_id, body.policy or {}, body.moderation))
-    out = await db(service, work)
+@router.put("/v1/organization/policy", response_model=PolicyOut)
+async def put_policy(body: PolicyRequest, service: ServiceDep, p: PolicyAdmin):
+    """Change policy settings and the moderation rules (YAML; empty string: the default rules); audited."""
+    out = await service.db(lambda s: _policy_out(set_policy(s, p.org_id, body.policy or {}, body.moderation)))
     service.governance.forget(p.org_id)
     return out

@@ -5,25 +5,24 @@ import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
-
+from aigc.db.crud import ping
 from aigc.serve.deps import ServiceDep
+from aigc.serve.schemas import Health, Ready
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 async def healthz() -> dict:
+    """Liveness: the process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "database down or shutting down"}})
 async def readyz(service: ServiceDep):
-    def ping():
-        with service.sessions() as s:
-            s.execute(text("SELECT 1"))
+    """Readiness: the database answers and the server is not shutting down."""
     try:
-        await anyio.to_thread.run_sync(ping)
+        await anyio.to_thread.run_sync(ping, service.sessions)
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)[:200]}, status_code=503)
     if not service.ready:
@@ -31,7 +30,8 @@ async def readyz(service: ServiceDep):
     return {"status": "ready", "models": len(service.registry.entries), "loaded": list(service.registry.loaded)}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics in the text exposition format."""
     service.metrics.refresh()
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

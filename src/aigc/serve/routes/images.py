@@ -2,8 +2,9 @@
 
 The prompt is the model's condition: a caption for a caption model, a class name for a class model,
 empty for an unconditional one. Images are upscaled from the model's native size to ``size``, then
-watermarked (>= 256x256), described in PNG metadata and C2PA-signed as the tenant's policy says
-(govern/delivery.py); each image is logged as a generation with its audit entry before it is returned."""
+watermarked (>= 256x256), described in their metadata and C2PA-signed as the tenant's policy says
+(``govern/delivery.py``), as PNG or JPEG; each image passes the lifecycle's stages (``serve/lifecycle.py``)
+and is logged as a generation with its audit entry before it is returned."""
 from __future__ import annotations
 
 import base64
@@ -20,13 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aigc.db.crud import Units
 from aigc.errors import UserError
-from aigc.serve.deps import GENERATE, PrincipalDep, ServiceDep, model_for, require
+from aigc.govern import delivery
+from aigc.govern.delivery import Delivered
+from aigc.run import IMAGE
+from aigc.serve.deps import Generator, ServiceDep, model_for
 from aigc.serve.errors import ApiError
-from aigc.serve.generation import actor, engine_for, moderate_input
-from aigc.serve.governance import GenRecord
-from aigc.serve.registry import IMAGE
+from aigc.serve.lifecycle import Generation, engine_for
+from aigc.serve.schemas import ImagesResponse
 
 router = APIRouter(tags=["images"])
+MIME = {"png": delivery.PNG, "jpeg": delivery.JPEG}
 
 
 class ImageRequest(BaseModel):
@@ -36,6 +40,7 @@ class ImageRequest(BaseModel):
     n: int = Field(1, ge=1, le=10)
     size: Literal["64x64", "128x128", "256x256", "512x512", "1024x1024"] = "256x256"
     response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg"] = Field("png", description="PNG, or JPEG (quality 92; the watermark survives it).")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     steps: int | None = Field(None, ge=1, le=1000)
     guidance: float | None = Field(None, ge=0, le=50)
@@ -46,15 +51,14 @@ def sign(secret: bytes, name: str, expires: int) -> str:
     return hmac.new(secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _render(handle, body: ImageRequest, seed: int, prompt: str, tenant, provenance, rid: str, entry) -> tuple[list, list[str], float]:
-    """Generate, upscale, watermark, describe and sign (in a worker thread: all of it is CPU work)."""
+def _render(handle, body: ImageRequest, seed: int, gen: Generation) -> tuple[list[Delivered], list, float]:
+    """Render and finish (generate, upscale, watermark, describe, sign), in a worker thread: all of it is CPU work."""
     from aigc.generate.image import to_pil, upscale
-    from aigc.govern.delivery import finish_png, parameters_text
 
     t0 = time.perf_counter()
     meta = handle.pipeline.meta
     kw = {}
-    prompt = prompt.strip()
+    prompt = gen.prompt.strip()
     if meta.condition == "class":
         kw["classes"] = [prompt]
     elif meta.condition == "caption":
@@ -63,92 +67,75 @@ def _render(handle, body: ImageRequest, seed: int, prompt: str, tenant, provenan
         raise UserError("this model is unconditional: send an empty prompt")
     images, labels = handle.generate(n=body.n, seed=seed, steps=body.steps, guidance=body.guidance, **kw)
     side = int(body.size.split("x")[0])
-    policy = tenant.policy
+    policy, entry, rid = gen.policy, gen.entry, gen.request_id
+    provenance = gen.service.governance.provenance if policy["c2pa"] else None
+    mime = MIME[body.output_format]
     out = []
     for i, img in enumerate(images):
         params = {"Steps": body.steps, "CFG scale": body.guidance, "Seed": seed, "Size": body.size, "Model": entry.id,
                   "Model hash": entry.version, "Sample": i}
-        manifest = provenance.manifest(f"{rid}-{i}.png", entry.id, entry.version, {"generation_id": f"{rid}-{i}"}) \
-            if policy["c2pa"] else None
-        out.append(finish_png(to_pil(upscale(img, side)), watermark=policy["watermark_image"],
-                              parameters=parameters_text(prompt, params) if policy["png_parameters"] else None,
-                              provenance=provenance if policy["c2pa"] else None, manifest=manifest))
+        name = f"{rid}-{i}{delivery.SUFFIX[mime]}"
+        out.append(delivery.finish(to_pil(upscale(img, side)), mime, watermark=policy["watermark_image"],
+                                   parameters=delivery.parameters_text(prompt, params) if policy["png_parameters"] else None,
+                                   provenance=provenance, claim=delivery.Claim(name, entry.id, entry.version, {"generation_id": f"{rid}-{i}"})))
     return out, labels, time.perf_counter() - t0
 
 
-@router.post("/v1/images/generations")
-async def generate_images(body: ImageRequest, request: Request, service: ServiceDep, p: PrincipalDep):
-    require(p, GENERATE, "generate")
+@router.post("/v1/images/generations", response_model=ImagesResponse)
+async def generate_images(body: ImageRequest, request: Request, service: ServiceDep, p: Generator):
+    """Draw ``n`` images: the prompt is the condition (a class name or a caption; empty for an unconditional model)."""
     entry = model_for(service, p, body.model, (IMAGE,))
-    rid = request.state.request_id
-    tenant, in_decision = await moderate_input(service, p, rid, "images.generations", entry.id, body.prompt)
-    decision = service.limiter.take(p.key_id, p.rpm, p.tpm, 0)
-    if not decision.allowed:
-        raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
+    gen = Generation.admit(service, request, p, entry, "images.generations", "image")
+    await gen.moderate(body.prompt)
+    headers = gen.limit()
     handle = await engine_for(service, entry)
-    gov = service.governance
-    provenance = gov.provenance if tenant.policy["c2pa"] else None
-    hold = await service.billing.reserve(p, entry.id, entry.version, Units(images=body.n))
+    await gen.hold(Units(images=body.n))
+    rid = gen.request_id
     seed = body.seed if body.seed is not None else int.from_bytes(rid.encode()[-4:], "big") % 2**31
     params = {"model": entry.id, "prompt_sha256": hashlib.sha256(body.prompt.encode()).hexdigest(), "n": body.n,
               "size": body.size, "seed": seed, "steps": body.steps, "guidance": body.guidance}
-
-    def log(files) -> tuple[list[GenRecord], list]:
-        records, kept = [], []
-        for i, (f, lab) in enumerate(zip(files, labels)):
-            digest = hashlib.sha256(f.data).hexdigest()
-            blocked = gov.is_blocked(digest)
-            records.append(GenRecord(f"{rid}-{i}", rid, p.org_id, p.key_id or None, "images.generations", "image", entry.id,
-                                     entry.version, {**params, "index": i}, digest, in_decision.text, None,
-                                     {"scheme": "dwtDctSvd", "id": f.watermark_id} if f.watermark_id is not None else None,
-                                     f.watermark_id, {"input": in_decision.to_dict()},
-                                     [f"moderation:{tenant.moderation.source or 'default'}", *f.filters],
-                                     "blocked" if blocked else "delivered"))
-            if not blocked:
-                kept.append((i, f.data, lab))
-        return records, kept
-
-    status, compute, files, labels, records, kept, also = "error", 0.0, [], [], [], [], None
+    if body.output_format != "png":
+        params["output_format"] = body.output_format
+    status, compute, files, labels, records, kept = "error", 0.0, [], [], [], []
     try:
-        files, labels, compute = await anyio.to_thread.run_sync(_render, handle, body, seed, in_decision.text, tenant,
-                                                                provenance, rid, entry)
+        files, labels, compute = await anyio.to_thread.run_sync(_render, handle, body, seed, gen)
         status = "ok"
-        records, kept = log(files)
-        also = gov.writer(records, actor(p))  # logged and audited in the same transaction as the charge
+        for i, (f, lab) in enumerate(zip(files, labels)):
+            blocked = gen.withheld(f.sha256)
+            records.append(gen.record(f"{rid}-{i}", params={**params, "index": i}, output_sha256=f.sha256, watermark_id=f.watermark_id,
+                                      filters=gen.filters(*f.filters), status="blocked" if blocked else "delivered"))
+            if not blocked:
+                kept.append((i, f, lab))
     except UserError as exc:
         raise ApiError(400, str(exc), code="invalid_prompt", param="prompt") from None
     finally:
-        charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, "images.generations", status,
-                                                     Units(images=len(files)), hold, compute, also=also)
-        service.metrics.images.labels(entry.id).inc(len(files))
-        service.metrics.revenue.labels(entry.id).inc(charged / 1e6)
-        service.metrics.cost.labels(entry.id).inc(cost / 1e6)
+        await gen.settle(status, Units(images=len(files)), compute, records)
     data = []
     if body.response_format == "b64_json":
-        data = [{"b64_json": base64.b64encode(f).decode(), "revised_prompt": lab} for _, f, lab in kept]
+        data = [{"b64_json": base64.b64encode(f.data).decode(), "revised_prompt": lab} for _, f, lab in kept]
     else:
         folder = service.settings.home / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = service.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        base = service.base_url(request)
         expires = int(time.time()) + service.settings.image_url_ttl_s
         for i, f, lab in kept:
-            name = f"{rid}-{i}.png"
-            (folder / name).write_bytes(f)
+            name = f"{rid}-{i}{delivery.SUFFIX[f.mime]}"
+            f.save(folder / name)
             sig = sign(service.url_secret, name, expires)
             data.append({"url": f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}", "revised_prompt": lab})
     return JSONResponse({"created": int(time.time()), "data": data},
-                        headers={**decision.headers, "x-generation-ids": ",".join(r.id for r in records)})
+                        headers={**headers, "x-generation-ids": ",".join(r.id for r in records)})
 
 
-@router.get("/v1/images/files/{name}")
+@router.get("/v1/images/files/{name}", response_class=Response,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The image"}})
 async def image_file(name: str, service: ServiceDep, expires: int = Query(..., ge=0, le=2**40),
                      sig: str = Query(..., max_length=64)):
     """A generated image behind a signed URL (no key needed, like the URLs OpenAI returns)."""
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+\.png", name) or not hmac.compare_digest(sign(service.url_secret, name, expires), sig):
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+\.(png|jpg)", name) or not hmac.compare_digest(sign(service.url_secret, name, expires), sig):
         raise ApiError(403, "invalid image URL signature", code="invalid_signature")
     if expires < time.time():
         raise ApiError(403, "this image URL has expired", code="url_expired")
     path = service.settings.home / "images" / name
     if not path.is_file():
         raise ApiError(404, "image not found", code="not_found")
-    return Response(path.read_bytes(), media_type="image/png")
+    return Response(path.read_bytes(), media_type=delivery.JPEG if name.endswith(".jpg") else delivery.PNG)

@@ -28,15 +28,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from aigc.data import store
+from aigc.db import crud
 from aigc.db.crud import Units
-from aigc.db.models import Job, utcnow
+from aigc.db.models import Job
 from aigc.errors import UserError
-from aigc.serve.deps import GENERATE, READ_USAGE, PrincipalDep, ServiceDep, model_for, require
+from aigc.govern import delivery
+from aigc.run import IMAGE, MUSIC, TEXT
+from aigc.serve.deps import READ_USAGE, Generator, ServiceDep, model_for, role
 from aigc.serve.errors import ApiError
-from aigc.serve.generation import actor, moderate_input
-from aigc.serve.governance import GenRecord
 from aigc.serve.jobs import Outcome
-from aigc.serve.registry import IMAGE, MUSIC, TEXT
+from aigc.serve.lifecycle import Generation
+from aigc.serve.schemas import Job as JobOut
+from aigc.serve.schemas import ListOf
 
 router = APIRouter(tags=["media"])
 
@@ -100,23 +104,14 @@ def _job_json(job: Job, service, base: str) -> dict:
     return out
 
 
-def _base(service, request: Request) -> str:
-    return service.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
-
-
 def _music_meta(entry):
-    from aigc.models.music import MusicMeta
+    from aigc.run import MusicMeta
 
-    folder = entry.path / "model" if (entry.path / "model").is_dir() else entry.path
-    return MusicMeta.load(folder)
+    return MusicMeta.load(entry.path)
 
 
 def _save(folder: Path, name: str, data: bytes) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(folder / name)
-    return _entry(folder / name)
+    return _entry(store.write_bytes(folder / name, data))
 
 
 def _entry(path: Path) -> dict:
@@ -127,12 +122,11 @@ def _entry(path: Path) -> dict:
 
 
 async def _create(service, p, request: Request, kind: str, entry, body, prompt: str, estimate_s: float, work_factory) -> JSONResponse:
-    rid = request.state.request_id
-    tenant, decision = await moderate_input(service, p, rid, f"{kind}.generations", entry.id, prompt)
-    limit = service.limiter.take(p.key_id, p.rpm, p.tpm, 0)
-    if not limit.allowed:
-        raise ApiError(429, limit.reason, code="rate_limit_exceeded", headers=limit.headers)
-    hold = await service.billing.reserve(p, entry.id, entry.version, Units(seconds=estimate_s))
+    """The lifecycle's first stages on the request; the job's worker renders, delivers, records and settles."""
+    gen = Generation.admit(service, request, p, entry, f"{kind}.generations", kind)
+    await gen.moderate(prompt)
+    headers = gen.limit()
+    hold = await gen.hold(Units(seconds=estimate_s))
     job_id = "job_" + secrets.token_hex(12)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     params = {**body.model_dump(exclude={"primer", "user"}), "seed": seed,
@@ -140,31 +134,22 @@ async def _create(service, p, request: Request, kind: str, entry, body, prompt: 
     params.pop("prompt", None)
     if getattr(body, "primer", None):
         params["primer_sha256"] = hashlib.sha256(body.primer.encode()).hexdigest()
-    with service.sessions() as db:
-        job = Job(id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind, model=entry.id, model_version=entry.version,
-                  owner=service.jobs.owner,
-                  status="queued", params=params, held=hold.amount, created_at=utcnow())
-        db.add(job)
-        db.commit()
-        db.refresh(job)
-        payload = _job_json(job, service, _base(service, request))
-    work = work_factory(job_id, rid, seed, tenant, decision, params)
-    service.jobs.submit(job_id, p, entry.id, entry.version, f"{kind}.generations", hold, actor(p), work)
-    return JSONResponse(payload, status_code=202, headers={**limit.headers, "location": f"/v1/jobs/{job_id}"})
+    base = service.base_url(request)
+
+    def create(s):
+        job = crud.create_job(s, id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind, model=entry.id,
+                              model_version=entry.version, owner=service.jobs.owner, params=params, held=hold.amount)
+        return _job_json(job, service, base)
+    payload = await service.db(create)
+    service.jobs.submit(job_id, gen, work_factory(gen, job_id, seed, params))
+    return JSONResponse(payload, status_code=202, headers={**headers, "location": f"/v1/jobs/{job_id}"})
 
 
-def _record(job_id, rid, p, kind, entry, params, digest, decision, tenant, filters, prompt, watermark_id=None) -> GenRecord:
-    return GenRecord(job_id, rid, p.org_id, p.key_id or None, f"{kind}.generations", kind, entry.id, entry.version, params,
-                     digest, prompt, None, {"scheme": "dwtDctSvd", "id": watermark_id} if watermark_id is not None else None,
-                     watermark_id, {"input": decision.to_dict()},
-                     [f"moderation:{tenant.moderation.source or 'default'}", *filters])
-
-
-@router.post("/v1/audio/generations", status_code=202)
-async def create_music(body: MusicRequest, request: Request, service: ServiceDep, p: PrincipalDep):
+@router.post("/v1/audio/generations", status_code=202, response_model=JobOut)
+async def create_music(body: MusicRequest, request: Request, service: ServiceDep, p: Generator):
+    """Compose music as a job: the result is a MIDI file and a C2PA-signed 44.1 kHz WAV; poll GET /v1/jobs/{id}."""
     from aigc.data.music import TIME_SIGNATURES, bar_ticks, parse_key, ticks_to_seconds
 
-    require(p, GENERATE, "generate")
     entry = model_for(service, p, body.model, (MUSIC,))
     try:
         if body.key:
@@ -188,7 +173,7 @@ async def create_music(body: MusicRequest, request: Request, service: ServiceDep
             raise ApiError(400, f"primer: {exc}", code="invalid_request_error", param="primer") from None
         estimate += primer_piece.seconds(tempo)
 
-    def factory(job_id, rid, seed, tenant, decision, params):
+    def factory(gen: Generation, job_id: str, seed: int, params: dict):
         def work() -> Outcome:
             from aigc.generate.music import MusicParams, render_wav
 
@@ -201,19 +186,16 @@ async def create_music(body: MusicRequest, request: Request, service: ServiceDep
                 result = handle.pipeline.generate(mp)
             midi = result.midi_bytes()
             wav, synth = render_wav(result.piece, result.tempo, result.program, "auto")
-            filters = []
-            if tenant.policy["c2pa"]:
-                prov = service.governance.provenance
-                wav = prov.sign(wav, "audio/wav", prov.manifest(f"{job_id}.wav", entry.id, entry.version,
-                                                                 {"generation_id": job_id, "midi_sha256": hashlib.sha256(midi).hexdigest()}))
-                filters.append("c2pa")
-            digest = hashlib.sha256(wav).hexdigest()
-            if service.governance.is_blocked(digest):
+            done = delivery.finish(wav, delivery.WAV, provenance=service.governance.provenance if gen.policy["c2pa"] else None,
+                                   claim=delivery.Claim(f"{job_id}.wav", entry.id, entry.version,
+                                                        {"generation_id": job_id, "midi_sha256": hashlib.sha256(midi).hexdigest()}))
+            if gen.withheld(done.sha256):
                 raise UserError("the output was withheld: it matches content taken down")
             folder = service.settings.home / "media" / job_id
-            files = [_save(folder, "music.wav", wav), _save(folder, "music.mid", midi)]
+            files = [_save(folder, "music.wav", done.data), _save(folder, "music.mid", midi)]
             seconds = round(result.seconds, 3)
-            rec = _record(job_id, rid, p, "audio", entry, params, digest, decision, tenant, filters, body.prompt or None)
+            rec = gen.record(job_id, params=params, output_sha256=done.sha256, filters=gen.filters(*done.filters),
+                             prompt=body.prompt)
             return Outcome(Units(seconds=seconds), [rec], {"seconds": seconds, "generation_id": job_id, "files": files,
                                                            "key": f"{result.piece.tonic}:{result.piece.mode}", "tempo": result.tempo,
                                                            "time_signature": result.piece.time_signature, "notes": len(result.piece.notes),
@@ -224,9 +206,9 @@ async def create_music(body: MusicRequest, request: Request, service: ServiceDep
     return await _create(service, p, request, "audio", entry, body, body.prompt, estimate, factory)
 
 
-@router.post("/v1/videos/generations", status_code=202)
-async def create_video(body: VideoRequest, request: Request, service: ServiceDep, p: PrincipalDep):
-    require(p, GENERATE, "generate")
+@router.post("/v1/videos/generations", status_code=202, response_model=JobOut)
+async def create_video(body: VideoRequest, request: Request, service: ServiceDep, p: Generator):
+    """Compose a video as a job: storyboard, key frames, soundtrack, a C2PA-signed MP4; poll GET /v1/jobs/{id}."""
     entry = model_for(service, p, body.model, (IMAGE,))
     text_entry = model_for(service, p, body.text_model, (TEXT,)) if body.text_model else None
     music_entry = model_for(service, p, body.music_model, (MUSIC,)) if body.music_model else None
@@ -237,7 +219,7 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
             raise ApiError(400, "each scene text is at most 500 characters", code="invalid_request_error", param="scene_texts")
     prompt = "\n".join([body.prompt, *body.scene_texts]).strip()
 
-    def factory(job_id, rid, seed, tenant, decision, params):
+    def factory(gen: Generation, job_id: str, seed: int, params: dict):
         def work() -> Outcome:
             from aigc.generate.video import VideoParams, compose, write_storyboard
 
@@ -246,31 +228,29 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
             if not scenes:
                 scenes = write_storyboard(body.prompt, body.scenes, text_entry.path if text_entry else None, seed)
                 for line in scenes:  # what the text model wrote is output: it passes the output policy
-                    if service.governance.moderate(tenant, line, "output").blocked:
+                    if gen.check_chunk(line).blocked:
                         raise UserError("the storyboard the text model wrote was refused by the content policy")
             vp = VideoParams(prompt=body.prompt, scenes=len(scenes), scene_texts=scenes, seconds=body.seconds, fps=body.fps,
                              size=body.size, captions=body.captions, seed=seed, steps=body.steps, guidance=body.guidance,
-                             key=body.key, tempo=body.tempo, watermark=tenant.policy["watermark_image"], chroma=body.chroma)
+                             key=body.key, tempo=body.tempo, watermark=gen.policy["watermark_image"], chroma=body.chroma)
             folder = service.settings.home / "media" / job_id
             result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True)
-            mp4, filters = result.mp4, ["watermark:image:dwtDctSvd"] if result.watermark_id is not None else []
-            if tenant.policy["c2pa"]:
-                prov = service.governance.provenance
-                mp4 = prov.sign(mp4, "video/mp4", prov.manifest(f"{job_id}.mp4", entry.id, entry.version,
-                                                                 {"generation_id": job_id, "text_model": body.text_model or "",
-                                                                  "music_model": body.music_model or ""}))
-                filters.append("c2pa")
-            digest = hashlib.sha256(mp4).hexdigest()
-            if service.governance.is_blocked(digest):
+            done = delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id,
+                                   provenance=service.governance.provenance if gen.policy["c2pa"] else None,
+                                   claim=delivery.Claim(f"{job_id}.mp4", entry.id, entry.version,
+                                                        {"generation_id": job_id, "text_model": body.text_model or "",
+                                                         "music_model": body.music_model or ""}))
+            if gen.withheld(done.sha256):
                 raise UserError("the output was withheld: it matches content taken down")
-            files = [_save(folder, "video.mp4", mp4)]
+            files = [_save(folder, "video.mp4", done.data)]
             for name in ("storyboard.json", "params.json", "soundtrack.wav", "soundtrack.mid"):
                 if (folder / name).is_file():
                     files.append(_entry(folder / name))
             for png in sorted((folder / "keyframes").glob("*.png")):  # served by name from the job's folder
                 files.append(_save(folder, f"keyframe-{png.stem}.png", png.read_bytes()))
             seconds = round(result.seconds, 3)
-            rec = _record(job_id, rid, p, "video", entry, params, digest, decision, tenant, filters, prompt or None, result.watermark_id)
+            rec = gen.record(job_id, params=params, output_sha256=done.sha256, watermark_id=done.watermark_id,
+                             filters=gen.filters(*done.filters), prompt=prompt)
             return Outcome(Units(seconds=seconds), [rec],
                            {"seconds": seconds, "frames": result.frames, "fps": body.fps, "size": body.size, "audio": result.audio,
                             "generation_id": job_id, "watermark_id": result.watermark_id, "files": files,
@@ -281,29 +261,27 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
     return await _create(service, p, request, "video", entry, body, prompt, body.seconds, factory)
 
 
-@router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, request: Request, service: ServiceDep, p: PrincipalDep):
-    require(p, READ_USAGE, "read jobs")
-    with service.sessions() as db:
-        job = db.get(Job, job_id)
-        if job is None or (not p.operator and job.org_id != p.org_id):
-            raise ApiError(404, f"no job {job_id!r}", code="not_found")
-        return _job_json(job, service, _base(service, request))
+JobReader = role(READ_USAGE, "read jobs")
 
 
-@router.get("/v1/jobs")
-async def list_jobs(request: Request, service: ServiceDep, p: PrincipalDep, limit: int = Query(20, ge=1, le=100)):
-    require(p, READ_USAGE, "read jobs")
-    with service.sessions() as db:
-        q = db.query(Job)
-        if not p.operator:
-            q = q.filter(Job.org_id == p.org_id)
-        jobs = q.order_by(Job.created_at.desc()).limit(limit).all()
-        base = _base(service, request)
-        return {"object": "list", "data": [_job_json(j, service, base) for j in jobs]}
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, request: Request, service: ServiceDep, p: JobReader):
+    """One job of this tenant, with signed URLs of its result files once it has succeeded."""
+    base = service.base_url(request)
+    return await service.db(lambda s: _job_json(crud.get_job(s, job_id, p.org_id), service, base), write=False)
 
 
-@router.get("/v1/media/{job_id}/{name}")
+@router.get("/v1/jobs", response_model=ListOf[JobOut])
+async def list_jobs(request: Request, service: ServiceDep, p: JobReader, limit: int = Query(20, ge=1, le=100)):
+    """This tenant's most recent jobs, newest first."""
+    base = service.base_url(request)
+    return {"object": "list", "data": await service.db(lambda s: [_job_json(j, service, base) for j in crud.list_jobs(s, p.org_id, limit)],
+                                                       write=False)}
+
+
+@router.get("/v1/media/{job_id}/{name}", response_class=Response,
+            responses={200: {"content": {m: {"schema": {"type": "object" if m == "application/json" else "string"}}
+                                          for m in MIME.values()}, "description": "The file"}})
 async def media_file(job_id: str, name: str, service: ServiceDep, expires: int = Query(..., ge=0, le=2**40),
                      sig: str = Query(..., max_length=64)):
     """A job's result file behind a signed URL (no key needed, like image URLs)."""

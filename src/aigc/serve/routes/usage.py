@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import datetime as dt
 
-import anyio
 from fastapi import APIRouter, Query
 
 from aigc.db import crud
-from aigc.errors import UserError
 from aigc.serve.deps import READ_USAGE, PrincipalDep, ServiceDep, require
 from aigc.serve.errors import ApiError
+from aigc.serve.schemas import UsageReport
 
 router = APIRouter(tags=["usage"])
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", response_model=UsageReport)
 async def usage(service: ServiceDep, p: PrincipalDep,
                 group_by: str = Query("model", max_length=100, description="Comma-separated: tenant, key, model, day"),
                 start: dt.date | None = None, end: dt.date | None = None) -> dict:
@@ -26,12 +25,9 @@ async def usage(service: ServiceDep, p: PrincipalDep,
         org_id = p.org_id
         key_id = p.key_id if p.role == "developer" else None
 
-    def run():
-        with service.sessions() as s:
-            return crud.usage_report(s, groups, start, end, org_id, key_id)
-
     try:
-        rows = await anyio.to_thread.run_sync(run)
-    except UserError as exc:
-        raise ApiError(400, str(exc), code="invalid_value", param="group_by") from None
+        rows = await service.db(crud.usage_report, groups, start, end, org_id, key_id, write=False)
+    except ApiError as exc:
+        exc.param = "group_by"
+        raise
     return {"object": "list", "group_by": groups, "data": rows}

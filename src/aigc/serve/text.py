@@ -1,9 +1,8 @@
-"""The text request path shared by /v1/completions and /v1/chat/completions:
-
-moderate the prompt -> rate limit -> hold the worst-case price -> submit n watermarked sequences to
-the model's batching engine -> moderate the outputs -> return JSON or stream SSE -> charge what was
-used, append the usage record and log each generation with its audit entry (always, also when the
-client goes away, the request times out or the model fails)."""
+"""Text's part of the generation lifecycle (``serve/lifecycle.py``), shared by /v1/completions and
+/v1/chat/completions: its render stage submits n watermarked sequences to the model's batching
+engine, and its deliver stage checks each output against the tenant's output policy before it leaves,
+whole (JSON) or a word at a time (SSE). The other stages are the lifecycle's own; settle runs once,
+also when the client goes away, the request times out or the model fails."""
 from __future__ import annotations
 
 import asyncio
@@ -19,11 +18,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from aigc.db.crud import Principal, Units
-from aigc.serve.app import Service
 from aigc.serve.batching import Finish, Sequence
 from aigc.serve.errors import ApiError
-from aigc.serve.governance import GenRecord
+from aigc.serve.lifecycle import Generation, engine_for
 from aigc.serve.registry import ModelEntry
+from aigc.serve.service import Service
 
 
 @dataclass
@@ -54,33 +53,6 @@ class Shape:
     usage_chunk: Callable[[str, int, str, dict], dict]
 
 
-async def engine_for(service: Service, entry: ModelEntry):
-    if entry.id in service.registry.loaded:
-        return service.registry.acquire(entry.id)  # resident: no I/O, just the LRU update
-    try:
-        return await anyio.to_thread.run_sync(service.registry.acquire, entry.id)
-    except Exception as exc:
-        raise ApiError(503, f"the model {entry.id!r} could not be loaded: {exc}", code="model_unavailable") from exc
-
-
-def actor(p: Principal) -> str:
-    return "operator" if p.operator else f"key:{p.key_prefix}"
-
-
-async def moderate_input(service: Service, p: Principal, rid: str, endpoint: str, model: str, prompt: str):
-    """The tenant's settings and the moderated prompt; a blocked prompt is audited and refused (400)."""
-    gov = service.governance
-    tenant = gov.tenant(p.org_id)
-    decision = gov.moderate(tenant, prompt, "input")
-    if decision.blocked:
-        await gov.refusal(p.org_id, actor(p), rid, endpoint, model, decision)
-        service.metrics.refused.labels("moderation").inc()
-        cats = ", ".join(decision.to_dict()["categories"]) or "policy"
-        raise ApiError(400, f"the prompt was refused by the content policy ({cats})", code="content_policy_violation",
-                       param="prompt")
-    return tenant, decision
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
@@ -90,9 +62,9 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
     if len(job.prompt) > settings.max_prompt_chars:
         raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {settings.max_prompt_chars}",
                        code="prompt_too_long", param="prompt")
-    rid = request.state.request_id
-    tenant, in_decision = await moderate_input(service, p, rid, endpoint, entry.id, job.prompt)
-    prompt = in_decision.text  # redacted when a redact rule matched
+    gen = Generation.admit(service, request, p, entry, endpoint, "text")
+    rid, tenant = gen.request_id, gen.tenant
+    prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
     engine = await engine_for(service, entry)
     ids = engine.encode(prompt)
     room = engine.context - len(ids)
@@ -100,17 +72,8 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
     if max_tokens < 1 or len(ids) + max_tokens > engine.context:
         raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and max_tokens asks for "
                        f"{max_tokens}: shorten the prompt or lower max_tokens", code="context_length_exceeded", param="max_tokens")
-    budget = len(ids) + job.n * max_tokens
-    decision = service.limiter.take(p.key_id, p.rpm, p.tpm, budget)
-    if not decision.allowed:
-        service.metrics.refused.labels("rate_limit").inc()
-        raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
-    try:
-        hold = await service.billing.reserve(p, entry.id, entry.version, Units(len(ids), job.n * max_tokens))
-    except ApiError:
-        service.limiter.refund(p.key_id, budget)
-        service.metrics.refused.labels("payment_required").inc()
-        raise
+    headers = gen.limit(len(ids) + job.n * max_tokens)
+    await gen.hold(Units(len(ids), job.n * max_tokens))
 
     created = int(time.time())
     loop = asyncio.get_running_loop()
@@ -126,12 +89,10 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
     for s in seqs:
         engine.submit(s)
     finished: dict[int, Finish] = {}
-    settled: list = []
 
     async def settle() -> None:
-        if settled:
+        if gen.settled is not None:
             return
-        settled.append(True)
         for s in seqs:
             s.cancel()  # no-op for finished ones; frees the slots of the rest
         produced = sum(f.completion_tokens for f in finished.values()) + sum(s.produced for i, s in enumerate(seqs) if i not in finished)
@@ -139,45 +100,31 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
         status = "ok" if len(finished) == job.n and reasons <= {"stop", "length", "content_filter"} else \
             next((r for r in ("error", "timeout") if r in reasons), "cancelled")
         compute = sum(f.compute_s for f in finished.values())
-        service.limiter.refund(p.key_id, budget - len(ids) - produced)
-        charged, cost = await service.billing.settle(rid, p, entry.id, entry.version, endpoint, status,
-                                                     Units(len(ids), produced), hold, compute,
-                                                     also=gov.writer(generation_records(), actor(p)))
-        m = service.metrics
-        m.tokens.labels(entry.id, "input").inc(len(ids))
-        m.tokens.labels(entry.id, "output").inc(produced)
-        m.revenue.labels(entry.id).inc(charged / 1e6)
-        m.cost.labels(entry.id).inc(cost / 1e6)
+        await gen.settle(status, Units(len(ids), produced), compute, generation_records())
 
-    gov = service.governance
     sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
     filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
 
     def deliver(i: int, full: str) -> str:
         """The output of choice i as the output policy and the takedown list let it out ("" when blocked)."""
-        d = gov.moderate(tenant, full, "output")
-        if d.action != "allow":
-            filtered[i] = d.to_dict()
-        if d.blocked or gov.is_blocked(hashlib.sha256(d.text.encode()).hexdigest()):
-            filtered[i] = {**d.to_dict(), "action": "block"}
-            return ""
-        return d.text
+        text, decided = gen.check_output(full)
+        if decided is not None:
+            filtered[i] = decided
+        return text
 
-    def generation_records() -> list[GenRecord]:
+    def generation_records() -> list:
         params = job.params(entry.id, max_tokens)
         mark = tenant.mark()
         wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
-        filters = [f"moderation:{tenant.moderation.source or 'default'}", f"pii-at-rest:{tenant.policy['pii']}"] + \
-            (["watermark:text"] if mark else [])
+        filters = gen.filters(f"pii-at-rest:{tenant.policy['pii']}", *(["watermark:text"] if mark else []))
         recs = []
         for i in range(job.n):
             out = "".join(sent[i])
             f = finished.get(i)
-            recs.append(GenRecord(f"{rid}-{i}", rid, p.org_id, p.key_id or None, endpoint, "text", entry.id, entry.version, params,
-                                  hashlib.sha256(out.encode()).hexdigest(), prompt, out, wm, None,
-                                  {"input": in_decision.to_dict(), "output": filtered.get(i, {"action": "allow"})}, filters,
-                                  "blocked" if filtered.get(i, {}).get("action") == "block" else
-                                  ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))))
+            status = "blocked" if filtered.get(i, {}).get("action") == "block" else \
+                ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))
+            recs.append(gen.record(f"{rid}-{i}", params=params, output_sha256=hashlib.sha256(out.encode()).hexdigest(), output=out,
+                                   watermark=wm, output_decision=filtered.get(i), filters=filters, status=status, prompt=prompt))
         return recs
 
     def failure() -> ApiError | None:
@@ -188,7 +135,6 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
             return ApiError(504, f"generation took longer than the {settings.request_timeout_s:g} s limit", code="timeout")
         return ApiError(500, "the model failed while generating", code="model_error")
 
-    headers = decision.headers
     if not job.stream:
         texts: dict[int, list[str]] = {i: [] for i in range(job.n)}
         try:
@@ -241,7 +187,7 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
                 out, held[i] = (held[i], "") if done is not None else _ready(held[i])
                 if out:
                     tail = "".join(sent[i])[-256:]
-                    d = gov.moderate(tenant, tail + out, "output")
+                    d = gen.check_chunk(tail + out)
                     if d.blocked:
                         cut.add(i)
                         filtered[i] = d.to_dict()
