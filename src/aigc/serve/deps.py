@@ -92,6 +92,15 @@ def role(roles: tuple[str, ...], what: str):
     return Annotated[Principal, Depends(check)]
 
 
+def role_or_operator(roles: tuple[str, ...], what: str):
+    """The principal: the operator token, or a tenant key with one of ``roles``."""
+    def check(p: PrincipalDep) -> Principal:
+        if not p.operator:
+            require(p, roles, what)
+        return p
+    return Annotated[Principal, Depends(check)]
+
+
 def _operator(p: PrincipalDep) -> Principal:
     if not p.operator:
         raise ApiError(403, "operator endpoints need the operator token", code="operator_only")

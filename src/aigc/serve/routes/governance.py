@@ -25,7 +25,7 @@ from aigc.govern import records
 from aigc.govern.records import DEFAULT_POLICY, set_policy
 from aigc.run import model_folder
 from aigc.run import TEXT
-from aigc.serve.deps import ANY_ROLE, PrincipalDep, ServiceDep, bearer, get_principal, require, role
+from aigc.serve.deps import ANY_ROLE, PrincipalDep, ServiceDep, bearer, get_principal, role, role_or_operator
 from aigc.serve.errors import ApiError
 from aigc.serve.lifecycle import actor
 from aigc.serve.schemas import (Decided, Explanation, ListOf, ModerationResponse, NewComplaint, ComplaintOut, PolicyOut,
@@ -165,15 +165,16 @@ async def complain(body: ComplaintRequest, request: Request, service: ServiceDep
     return {**c, "matched_generation": c["generation_id"] is not None}
 
 
+Reviewer = role_or_operator(REVIEW, "review complaints")
+
+
 def _scope(p: Principal) -> int | None:
-    if p.operator:
-        return None
-    require(p, REVIEW, "review complaints")
-    return p.org_id
+    """The tenant whose complaints ``p`` reviews; None: the operator's, every tenant's."""
+    return None if p.operator else p.org_id
 
 
 @router.get("/v1/complaints", response_model=ListOf[ComplaintOut])
-async def complaint_queue(service: ServiceDep, p: PrincipalDep,
+async def complaint_queue(service: ServiceDep, p: Reviewer,
                           status: Literal["open", "dismissed", "taken_down", "key_revoked"] | None = Query("open")):
     """The review queue: the complaints about this tenant's outputs (the operator sees all)."""
     org = _scope(p)
@@ -188,7 +189,7 @@ class DecisionRequest(BaseModel):
 
 
 @router.post("/v1/complaints/{complaint_id}/decision", response_model=Decided)
-async def decide(body: DecisionRequest, service: ServiceDep, p: PrincipalDep,
+async def decide(body: DecisionRequest, service: ServiceDep, p: Reviewer,
                  complaint_id: Annotated[int, Path(ge=1, le=2**31 - 1)]):
     """Dismiss, take down (the output is refused from then on and its stored files deleted) or revoke the key that made it."""
     org = _scope(p)

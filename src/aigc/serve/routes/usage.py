@@ -6,22 +6,22 @@ import datetime as dt
 from fastapi import APIRouter, Query
 
 from aigc.db import crud
-from aigc.serve.deps import READ_USAGE, PrincipalDep, ServiceDep, require
+from aigc.serve.deps import READ_USAGE, ServiceDep, role_or_operator
 from aigc.serve.errors import ApiError
 from aigc.serve.schemas import UsageReport
 
 router = APIRouter(tags=["usage"])
+UsageReader = role_or_operator(READ_USAGE, "read usage")
 
 
 @router.get("/v1/usage", response_model=UsageReport)
-async def usage(service: ServiceDep, p: PrincipalDep,
+async def usage(service: ServiceDep, p: UsageReader,
                 group_by: str = Query("model", max_length=100, description="Comma-separated: tenant, key, model, day"),
                 start: dt.date | None = None, end: dt.date | None = None) -> dict:
     """A tenant sees its own usage (a developer only its own key's); the operator token sees every tenant."""
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     org_id = key_id = None
     if not p.operator:
-        require(p, READ_USAGE, "read usage")
         org_id = p.org_id
         key_id = p.key_id if p.role == "developer" else None
 
