@@ -129,3 +129,20 @@ def test_settle_now_from_a_worker_thread_runs_the_extra_write_in_the_same_transa
         rec = s.scalar(select(UsageRecord).where(UsageRecord.request_id == "job_x"))
         assert rec is not None and rec.seconds == 3.0
         assert s.get(GenRow, "job_x").kind == "audio"
+
+
+def test_deliver_file_follows_the_tenants_policy(svc):
+    from PIL import Image
+
+    from aigc.govern import delivery
+    from aigc.govern.records import set_policy
+
+    p = principal(svc)
+    img = Image.new("RGB", (256, 256), (120, 60, 30))
+    done, withheld = gen_for(svc, p).deliver_file(img, delivery.PNG, "a.png", {"generation_id": "g"}, parameters="circle")
+    assert done.filters == ["watermark:image:dwtDctSvd", "metadata:parameters", "c2pa"] and not withheld
+    with svc.sessions.begin() as s:
+        set_policy(s, p.org_id, {"watermark_image": False, "png_parameters": False, "c2pa": False}, None)
+    svc.governance.forget(p.org_id)
+    done, _ = gen_for(svc, p).deliver_file(img, delivery.JPEG, "a.jpg", parameters="circle")
+    assert done.filters == [] and not done.signed and delivery.read_parameters(done.data) is None

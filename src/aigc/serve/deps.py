@@ -25,7 +25,8 @@ OPERATOR = Principal(0, "operator", 0, "*", 0, "operator", None, 10**9, 10**12, 
 KEY_CACHE_MAX = 100_000
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # Dependencies are coroutines: FastAPI runs a plain function in a worker thread, a hop per request.
     return request.app.state.service
 
 
@@ -86,7 +87,7 @@ def require(p: Principal, roles: tuple[str, ...], what: str) -> None:
 
 def role(roles: tuple[str, ...], what: str):
     """The principal, as a dependency that admits only tenant keys with one of ``roles``."""
-    def check(p: PrincipalDep) -> Principal:
+    async def check(p: PrincipalDep) -> Principal:
         require(p, roles, what)
         return p
     return Annotated[Principal, Depends(check)]
@@ -94,14 +95,14 @@ def role(roles: tuple[str, ...], what: str):
 
 def role_or_operator(roles: tuple[str, ...], what: str):
     """The principal: the operator token, or a tenant key with one of ``roles``."""
-    def check(p: PrincipalDep) -> Principal:
+    async def check(p: PrincipalDep) -> Principal:
         if not p.operator:
             require(p, roles, what)
         return p
     return Annotated[Principal, Depends(check)]
 
 
-def _operator(p: PrincipalDep) -> Principal:
+async def _operator(p: PrincipalDep) -> Principal:
     if not p.operator:
         raise ApiError(403, "operator endpoints need the operator token", code="operator_only")
     return p

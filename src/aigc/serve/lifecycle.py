@@ -7,8 +7,9 @@
 - ``limit``: the key's requests and tokens per minute (429, counted);
 - ``hold``: the most the request can cost is reserved from the tenant's balance (402, counted);
 - render: the modality's own work (a batching engine, an image or music pipeline, a video composer);
-- ``deliver``: what may leave: the output policy on text (``check_output``), the takedown list on
-  every output (``withheld``), and files finished by ``govern.delivery`` (watermark, metadata, C2PA);
+- deliver: what may leave: the output policy on text (``check_output``, ``check_chunk`` when streaming),
+  files finished as the tenant's policy says (``deliver_file``: watermark, metadata, C2PA, through
+  ``govern.delivery``), and the takedown list on every output (``withheld``);
 - ``record``: the one typed record of each output for the generation log (``GenRecord``);
 - ``settle``: the charge for the units actually used, the usage record, the generation log and its
   audit entries, in one transaction, and the metrics; run exactly once, also when the client left,
@@ -23,6 +24,8 @@ import hashlib
 import anyio
 
 from aigc.db.crud import Principal, Units
+from aigc.govern import delivery
+from aigc.govern.delivery import Delivered
 from aigc.govern.moderation import Decision
 from aigc.serve.billing import Hold
 from aigc.serve.errors import ApiError
@@ -125,6 +128,18 @@ class Generation:
     def check_chunk(self, text: str) -> Decision:
         """The output policy on a piece of streamed text (with the tail already sent, for context)."""
         return self.service.governance.moderate(self.tenant, text, "output")
+
+    def deliver_file(self, content, mime: str, title: str, extra: dict | None = None, *, parameters: str | None = None,
+                     watermark_id: int | None = None) -> tuple[Delivered, bool]:
+        """Finish a file as the tenant's policy says (image watermark, metadata, C2PA signature; ``govern.delivery``)
+        and check it against the takedown list: (the delivered file, whether it is withheld). Blocking: a worker thread."""
+        policy = self.policy
+        done = delivery.finish(content, mime, watermark=policy["watermark_image"],
+                               parameters=parameters if policy["png_parameters"] else None,
+                               provenance=self.service.governance.provenance if policy["c2pa"] else None,
+                               claim=delivery.Claim(title, self.entry.id, self.entry.version, dict(extra or {})),
+                               watermark_id=watermark_id)
+        return done, self.withheld(done.sha256)
 
     def withheld(self, digest: str) -> bool:
         """Whether an output with this SHA-256 was taken down."""

@@ -51,8 +51,8 @@ def sign(secret: bytes, name: str, expires: int) -> str:
     return hmac.new(secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _render(handle, body: ImageRequest, seed: int, gen: Generation) -> tuple[list[Delivered], list, float]:
-    """Render and finish (generate, upscale, watermark, describe, sign), in a worker thread: all of it is CPU work."""
+def _render(handle, body: ImageRequest, seed: int, gen: Generation) -> tuple[list[tuple[Delivered, bool]], list, float]:
+    """Render and deliver (generate, upscale, watermark, describe, sign), in a worker thread: all of it is CPU work."""
     from aigc.generate.image import to_pil, upscale
 
     t0 = time.perf_counter()
@@ -67,17 +67,13 @@ def _render(handle, body: ImageRequest, seed: int, gen: Generation) -> tuple[lis
         raise UserError("this model is unconditional: send an empty prompt")
     images, labels = handle.generate(n=body.n, seed=seed, steps=body.steps, guidance=body.guidance, **kw)
     side = int(body.size.split("x")[0])
-    policy, entry, rid = gen.policy, gen.entry, gen.request_id
-    provenance = gen.service.governance.provenance if policy["c2pa"] else None
-    mime = MIME[body.output_format]
+    entry, rid, mime = gen.entry, gen.request_id, MIME[body.output_format]
     out = []
     for i, img in enumerate(images):
         params = {"Steps": body.steps, "CFG scale": body.guidance, "Seed": seed, "Size": body.size, "Model": entry.id,
                   "Model hash": entry.version, "Sample": i}
-        name = f"{rid}-{i}{delivery.SUFFIX[mime]}"
-        out.append(delivery.finish(to_pil(upscale(img, side)), mime, watermark=policy["watermark_image"],
-                                   parameters=delivery.parameters_text(prompt, params) if policy["png_parameters"] else None,
-                                   provenance=provenance, claim=delivery.Claim(name, entry.id, entry.version, {"generation_id": f"{rid}-{i}"})))
+        out.append(gen.deliver_file(to_pil(upscale(img, side)), mime, f"{rid}-{i}{delivery.SUFFIX[mime]}",
+                                    {"generation_id": f"{rid}-{i}"}, parameters=delivery.parameters_text(prompt, params)))
     return out, labels, time.perf_counter() - t0
 
 
@@ -100,8 +96,7 @@ async def generate_images(body: ImageRequest, request: Request, service: Service
     try:
         files, labels, compute = await anyio.to_thread.run_sync(_render, handle, body, seed, gen)
         status = "ok"
-        for i, (f, lab) in enumerate(zip(files, labels)):
-            blocked = gen.withheld(f.sha256)
+        for i, ((f, blocked), lab) in enumerate(zip(files, labels)):
             records.append(gen.record(f"{rid}-{i}", params={**params, "index": i}, output_sha256=f.sha256, watermark_id=f.watermark_id,
                                       filters=gen.filters(*f.filters), status="blocked" if blocked else "delivered"))
             if not blocked:

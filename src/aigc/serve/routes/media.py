@@ -186,10 +186,9 @@ async def create_music(body: MusicRequest, request: Request, service: ServiceDep
                 result = handle.pipeline.generate(mp)
             midi = result.midi_bytes()
             wav, synth = render_wav(result.piece, result.tempo, result.program, "auto")
-            done = delivery.finish(wav, delivery.WAV, provenance=service.governance.provenance if gen.policy["c2pa"] else None,
-                                   claim=delivery.Claim(f"{job_id}.wav", entry.id, entry.version,
-                                                        {"generation_id": job_id, "midi_sha256": hashlib.sha256(midi).hexdigest()}))
-            if gen.withheld(done.sha256):
+            done, withheld = gen.deliver_file(wav, delivery.WAV, f"{job_id}.wav",
+                                              {"generation_id": job_id, "midi_sha256": hashlib.sha256(midi).hexdigest()})
+            if withheld:
                 raise UserError("the output was withheld: it matches content taken down")
             folder = service.settings.home / "media" / job_id
             files = [_save(folder, "music.wav", done.data), _save(folder, "music.mid", midi)]
@@ -235,12 +234,10 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
                              key=body.key, tempo=body.tempo, watermark=gen.policy["watermark_image"], chroma=body.chroma)
             folder = service.settings.home / "media" / job_id
             result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True)
-            done = delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id,
-                                   provenance=service.governance.provenance if gen.policy["c2pa"] else None,
-                                   claim=delivery.Claim(f"{job_id}.mp4", entry.id, entry.version,
-                                                        {"generation_id": job_id, "text_model": body.text_model or "",
-                                                         "music_model": body.music_model or ""}))
-            if gen.withheld(done.sha256):
+            done, withheld = gen.deliver_file(result.mp4, delivery.MP4, f"{job_id}.mp4",
+                                              {"generation_id": job_id, "text_model": body.text_model or "",
+                                               "music_model": body.music_model or ""}, watermark_id=result.watermark_id)
+            if withheld:
                 raise UserError("the output was withheld: it matches content taken down")
             files = [_save(folder, "video.mp4", done.data)]
             for name in ("storyboard.json", "params.json", "soundtrack.wav", "soundtrack.mid"):
