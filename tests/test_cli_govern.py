@@ -67,6 +67,12 @@ def test_images_signed_and_verified_and_admin_governance(tmp_path, image_model):
                                                                  f"{tmp_path / 'broken.png'}: C2PA Invalid; no image watermark"]
     (tmp_path / "empty.png").write_bytes(b"")
     assert "is empty" in run("verify", tmp_path / "empty.png", "--db", db, ok=False).stderr
+    jpg = json.loads(run("generate", "image", image_model, "--caption", "a large red circle in the center", "--n", "1",
+                         "--format", "jpeg", "--out", tmp_path / "gen", "--json").stdout)["images"][0]
+    assert jpg["file"].endswith("000000.jpg") and jpg["c2pa"]
+    rep = json.loads(run("verify", jpg["file"], "--db", db, "--json").stdout)
+    assert rep["kind"] == "image/jpeg" and rep["c2pa"]["state"] == "Trusted" and rep["image_watermark"]["watermark_id"] == jpg["watermark_id"]
+    assert "--format must be png or jpeg" in run("generate", "image", image_model, "--format", "gif", ok=False).stderr
 
     run("admin", "plan", "create", "payg", "--kind", "payg", "--db", db)
     run("admin", "org", "create", "acme", "--plan", "payg", "--db", db)

@@ -170,6 +170,26 @@ def test_images_are_marked_signed_described_and_resolved_for_their_owner(gov):
     assert call(gov, "POST", "/v1/provenance/verify", dev, json={"file": base64.b64encode(b"junk").decode()}).json()["c2pa"]["state"] == "Invalid"
 
 
+def test_jpeg_delivery_is_marked_described_signed_and_served(gov):
+    from aigc.govern.delivery import read_parameters
+
+    oid, dev, admin = org(gov)
+    r = call(gov, "POST", "/v1/images/generations", dev, json={"model": "shapes", "prompt": "a large red circle in the center",
+                                                                "output_format": "jpeg", "seed": 4})
+    assert r.status_code == 200, r.text
+    gen_id, url = r.headers["x-generation-ids"], r.json()["data"][0]["url"]
+    assert "/v1/images/files/" in url and ".jpg?" in url
+    got = httpx.get(url)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(got.content)).format == "JPEG"
+    assert read_parameters(got.content).startswith("a large red circle in the center\n")
+    v = call(gov, "POST", "/v1/provenance/verify", dev, json={"file": base64.b64encode(got.content).decode()}).json()
+    assert v["c2pa"]["state"] == "Trusted" and v["exact_match"]
+    assert v["image_watermark"]["generation"]["generation_id"] == gen_id
+    ex = call(gov, "GET", f"/v1/generations/{gen_id}/explanation", dev).json()
+    assert ex["parameters"]["output_format"] == "jpeg" and "metadata:parameters" in ex["filters"]
+
+
 def test_complaints_review_takedown_and_revocation_are_audited(gov):
     oid, dev, admin = org(gov)
     reviewer = add_key(gov.sessions, oid, f"rev-{uuid.uuid4().hex[:6]}@x.example", "reviewer")
