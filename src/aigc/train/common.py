@@ -5,6 +5,7 @@ Plain functions on purpose: each loop stays readable on its own (see DESIGN.md, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,6 +148,32 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def resume(run_dir: Path, resume: bool, state: dict, parts: dict) -> tuple[dict, Path]:
+    """(the loop's state, its checkpoint path). Resuming from ``checkpoints/last.pt``: every part (a module
+    or an optimizer, by its key in the checkpoint) gets its saved state, the counters come back, and the
+    metrics log is cut at the checkpoint's step; otherwise (a fresh start, or a run killed before its first
+    checkpoint) ``state`` is returned as given and the metrics log starts empty."""
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt_path.parent.mkdir(exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key, part in parts.items():
+            part.load_state_dict(ckpt[key])
+        state = ckpt["state"]
+        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
+        truncate_metrics(metrics_path, state["step"])
+        log.info("resumed from step %d", state["step"])
+    else:
+        metrics_path.unlink(missing_ok=True)
+    return state, ckpt_path
+
+
+def save_checkpoint(path: Path, state: dict, parts: dict) -> None:
+    """What ``resume`` reads: each part's state under its key, and the counters."""
+    atomic_torch_save({**{key: part.state_dict() for key, part in parts.items()}, "state": dict(state)}, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

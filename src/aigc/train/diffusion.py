@@ -42,20 +42,9 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     scheduler = build_scheduler(dcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=0.0)
 
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        common.truncate_metrics(metrics_path, state["step"])
-    else:
-        metrics_path.unlink(missing_ok=True)
+    parts = {"model": model, "ema": ema, "optimizer": optimizer}
+    state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}, parts)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
 
     def loss_on(net, x0, cond, gen, drop_p):
@@ -120,8 +109,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             writer.add_scalar("train/lr", lr, step)
             if step % loop.checkpoint_interval == 0 or finished:
                 save(step)
-                common.atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+                common.save_checkpoint(ckpt_path, state, parts)
                 common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
             if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):
                 sample_grid(ImagePipeline(ema, meta, dict(scheduler.config)), run_dir, step, loop.samples, loop.seed, writer)

@@ -67,19 +67,9 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     opt_g = torch.optim.Adam(G.parameters(), lr=loop.lr, betas=(gcfg.beta1, gcfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=gcfg.d_lr or loop.lr, betas=(gcfg.beta1, gcfg.beta2))
 
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "elapsed": 0.0, "stopped": ""}
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(ckpt[key])
-        state = ckpt["state"]
-        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        common.truncate_metrics(metrics_path, state["step"])
-    else:
-        metrics_path.unlink(missing_ok=True)
+    parts = {"G": G, "D": D, "G_ema": G_ema, "opt_g": opt_g, "opt_d": opt_d}
+    state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "elapsed": 0.0, "stopped": ""}, parts)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -144,8 +134,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
                 writer.add_scalar(f"train/{key}", record[key], step)
             if step % loop.checkpoint_interval == 0 or finished:
                 save(step)
-                common.atomic_torch_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
-                                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "state": dict(state)}, ckpt_path)
+                common.save_checkpoint(ckpt_path, state, parts)
                 common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss",
                                  series=(("loss_d", "discriminator"), ("loss_g", "generator")))
             if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):

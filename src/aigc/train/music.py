@@ -177,20 +177,10 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     optimizer = _make_optimizer(model, loop)
     params = dict(model.named_parameters())
 
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        common.truncate_metrics(metrics_path, state["step"])
-        log.info("resumed from step %d", state["step"])
-    else:
-        metrics_path.unlink(missing_ok=True)
+    parts = {"model": model, "optimizer": optimizer}
+    state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0,
+                                                        "stopped": ""}, parts)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -261,7 +251,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
                 writer.add_scalar("val/loss", record["val_loss"], step)
                 common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
             if step % loop.checkpoint_interval == 0 or reason:
-                common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+                common.save_checkpoint(ckpt_path, state, parts)
             if progress:
                 progress(step, state["progress"], record)
             if reason:

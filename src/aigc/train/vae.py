@@ -34,19 +34,9 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     model = VAE(vcfg, meta.size, meta.channels, meta.condition, len(meta.classes), len(meta.vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=0.0)
 
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        common.truncate_metrics(metrics_path, state["step"])
-    else:
-        metrics_path.unlink(missing_ok=True)
+    parts = {"model": model, "optimizer": optimizer}
+    state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "elapsed": 0.0, "stopped": "", "best_val": float("inf")}, parts)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
     inv_two_var = 1.0 / (2 * vcfg.sigma**2)
 
@@ -112,7 +102,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
                 writer.add_scalar(f"train/{key}", record[key], step)
             if step % loop.checkpoint_interval == 0 or finished:
                 save(step)
-                common.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+                common.save_checkpoint(ckpt_path, state, parts)
                 common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="negative ELBO (nats/image)")
             if reason != "interrupted" and (step % loop.sample_interval == 0 or finished):
                 sample_grid(ImagePipeline(model, meta), run_dir, step, loop.samples, loop.seed, writer)
