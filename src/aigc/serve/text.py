@@ -58,163 +58,209 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def run_text(service: Service, request: Request, p: Principal, entry: ModelEntry, job: TextJob, endpoint: str, shape: Shape):
-    settings = service.settings
-    if len(job.prompt) > settings.max_prompt_chars:
-        raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {settings.max_prompt_chars}",
-                       code="prompt_too_long", param="prompt")
-    gen = Generation.admit(service, request, p, entry, endpoint, "text")
-    rid, tenant = gen.request_id, gen.tenant
-    prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
-    engine = await engine_for(service, entry)
-    ids = engine.encode(prompt)
-    room = engine.context - len(ids)
-    max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
-    if max_tokens < 1 or len(ids) + max_tokens > engine.context:
-        raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and max_tokens asks for "
-                       f"{max_tokens}: shorten the prompt or lower max_tokens", code="context_length_exceeded", param="max_tokens")
-    headers = gen.limit(len(ids) + job.n * max_tokens)
-    await gen.hold(Units(len(ids), job.n * max_tokens))
+    """A completion or chat request through the lifecycle: JSON, or SSE when the job streams."""
+    text = await TextGeneration.start(service, request, p, entry, job, endpoint, shape)
+    return await text.respond() if not job.stream else text.stream_response()
 
-    created = int(time.time())
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    deadline = time.monotonic() + settings.request_timeout_s
-    seqs = []
-    for i in range(job.n):
-        def sink(delta: str, done: Finish | None, i=i) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (i, delta, done))
-        seed = None if job.seed is None else job.seed + i
-        seqs.append(Sequence(ids, max_tokens, job.temperature, job.top_p, job.stop, seed, sink, deadline=deadline, text=prompt,
-                             watermark=tenant.mark()))
-    for s in seqs:
-        engine.submit(s)
-    finished: dict[int, Finish] = {}
 
-    async def settle() -> None:
-        if gen.settled is not None:
-            return
-        for s in seqs:
-            s.cancel()  # no-op for finished ones; frees the slots of the rest
-        produced = sum(f.completion_tokens for f in finished.values()) + sum(s.produced for i, s in enumerate(seqs) if i not in finished)
-        reasons = {f.reason for f in finished.values()}
-        status = "ok" if len(finished) == job.n and reasons <= {"stop", "length", "content_filter"} else \
-            next((r for r in ("error", "timeout") if r in reasons), "cancelled")
-        compute = sum(f.compute_s for f in finished.values())
-        await gen.settle(status, Units(len(ids), produced), compute, generation_records())
+class TextGeneration:
+    """One text request's n choices, from the batching engine to the client, stage by stage."""
 
-    sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
-    filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
+    def __init__(self, gen: Generation, request: Request, job: TextJob, shape: Shape, engine, ids: list[int], max_tokens: int):
+        self.gen, self.request, self.job, self.shape = gen, request, job, shape
+        self.engine, self.ids, self.max_tokens = engine, ids, max_tokens
+        self.created = int(time.time())
+        self.events: asyncio.Queue = asyncio.Queue()  # (choice, delta, Finish | None) from the engine's thread
+        self.seqs: list[Sequence] = []
+        self.finished: dict[int, Finish] = {}
+        self.sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
+        self.filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
 
-    def deliver(i: int, full: str) -> str:
-        """The output of choice i as the output policy and the takedown list let it out ("" when blocked)."""
-        text, decided = gen.check_output(full)
-        if decided is not None:
-            filtered[i] = decided
+    # ------------------------------------------------------------ admit, moderate, limit, hold, render
+
+    @classmethod
+    async def start(cls, service: Service, request: Request, p: Principal, entry: ModelEntry, job: TextJob, endpoint: str,
+                    shape: Shape) -> TextGeneration:
+        limit = service.settings.max_prompt_chars
+        if len(job.prompt) > limit:
+            raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {limit}", code="prompt_too_long",
+                           param="prompt")
+        gen = Generation.admit(service, request, p, entry, endpoint, "text")
+        prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
+        engine = await engine_for(service, entry)
+        ids = engine.encode(prompt)
+        room = engine.context - len(ids)
+        max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
+        if max_tokens < 1 or len(ids) + max_tokens > engine.context:
+            raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and max_tokens "
+                           f"asks for {max_tokens}: shorten the prompt or lower max_tokens", code="context_length_exceeded",
+                           param="max_tokens")
+        gen.limit(len(ids) + job.n * max_tokens)
+        await gen.hold(Units(len(ids), job.n * max_tokens))
+        text = cls(gen, request, job, shape, engine, ids, max_tokens)
+        text.render()
         return text
 
-    def generation_records() -> list:
-        params = job.params(entry.id, max_tokens)
-        mark = tenant.mark()
-        wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
-        filters = gen.filters(f"pii-at-rest:{tenant.policy['pii']}", *(["watermark:text"] if mark else []))
-        recs = []
+    def render(self) -> None:
+        """Submit the n sequences (each watermarked with the tenant's key) to the model's batching engine."""
+        job, gen = self.job, self.gen
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + gen.service.settings.request_timeout_s
         for i in range(job.n):
-            out = "".join(sent[i])
-            f = finished.get(i)
-            status = "blocked" if filtered.get(i, {}).get("action") == "block" else \
-                ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))
-            recs.append(gen.record(f"{rid}-{i}", params=params, output_sha256=hashlib.sha256(out.encode()).hexdigest(), output=out,
-                                   watermark=wm, output_decision=filtered.get(i), filters=filters, status=status, prompt=prompt))
-        return recs
+            def sink(delta: str, done: Finish | None, i=i) -> None:
+                loop.call_soon_threadsafe(self.events.put_nowait, (i, delta, done))
+            seed = None if job.seed is None else job.seed + i
+            self.seqs.append(Sequence(self.ids, self.max_tokens, job.temperature, job.top_p, job.stop, seed, sink,
+                                      deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark()))
+        for s in self.seqs:
+            self.engine.submit(s)
 
-    def failure() -> ApiError | None:
-        bad = [f for f in finished.values() if f.reason in ("timeout", "error")]
+    # ------------------------------------------------------------ deliver
+
+    def deliver(self, i: int, full: str) -> str:
+        """The whole output of choice i as the output policy and the takedown list let it out ("" when blocked)."""
+        text, decided = self.gen.check_output(full)
+        if decided is not None:
+            self.filtered[i] = decided
+        return text
+
+    def failure(self) -> ApiError | None:
+        bad = [f for f in self.finished.values() if f.reason in ("timeout", "error")]
         if not bad:
             return None
         if bad[0].reason == "timeout":
-            return ApiError(504, f"generation took longer than the {settings.request_timeout_s:g} s limit", code="timeout")
+            return ApiError(504, f"generation took longer than the {self.gen.service.settings.request_timeout_s:g} s limit",
+                            code="timeout")
         return ApiError(500, "the model failed while generating", code="model_error")
 
-    if not job.stream:
+    def _blocked(self, i: int) -> bool:
+        return self.filtered.get(i, {}).get("action") == "block"
+
+    def _headers(self) -> dict:
+        rid = self.gen.request_id
+        return {**self.gen.headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(self.job.n))}
+
+    def _usage(self) -> dict:
+        return _usage(len(self.ids), sum(f.completion_tokens for f in self.finished.values()))
+
+    async def respond(self) -> JSONResponse:
+        """Wait for every choice, check each whole, answer JSON."""
+        job, shape, gen = self.job, self.shape, self.gen
         texts: dict[int, list[str]] = {i: [] for i in range(job.n)}
         try:
-            while len(finished) < job.n:
+            while len(self.finished) < job.n:
                 try:
-                    i, delta, done = await asyncio.wait_for(events.get(), timeout=0.5)
+                    i, delta, done = await asyncio.wait_for(self.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                    if await self.request.is_disconnected():
                         return JSONResponse({}, status_code=499)
                     continue
                 texts[i].append(delta)
                 if done is not None:
-                    finished[i] = done
-            if failure() is None:
+                    self.finished[i] = done
+            if self.failure() is None:
                 for i in range(job.n):
-                    sent[i] = [deliver(i, "".join(texts[i]))]
+                    self.sent[i] = [self.deliver(i, "".join(texts[i]))]
         finally:
-            await settle()
-        err = failure()
+            await self.settle()
+        err = self.failure()
         if err:
             raise err
-        results = [("".join(sent[i]), "content_filter" if filtered.get(i, {}).get("action") == "block" else finished[i].reason)
-                   for i in range(job.n)]
-        produced = sum(f.completion_tokens for f in finished.values())
-        return JSONResponse(shape.full(shape.prefix + rid, created, entry.id, results, _usage(len(ids), produced)),
-                            headers={**headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
+        results = [("".join(self.sent[i]), "content_filter" if self._blocked(i) else self.finished[i].reason) for i in range(job.n)]
+        return JSONResponse(shape.full(shape.prefix + gen.request_id, self.created, gen.entry.id, results, self._usage()),
+                            headers=self._headers())
 
-    cut: set[int] = set()
-    held = [""] * job.n  # generated text not yet checked and sent, per choice
+    def stream_response(self) -> MeteredStream:
+        return MeteredStream(self.stream(), self.settle, media_type="text/event-stream",
+                             headers={**self._headers(), "cache-control": "no-cache"})
 
-    async def sse():
+    def _event(self, i: int, text: str, finish: str | None, first: bool) -> str:
+        chunk = self.shape.chunk(self.shape.prefix + self.gen.request_id, self.created, self.gen.entry.id, i, text, finish, first)
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+    async def stream(self):
+        """Server-sent events: text goes out only once checked against the output policy, a word at a time."""
+        job, gen = self.job, self.gen
+        cut: set[int] = set()  # choices closed by the output policy
+        held = [""] * job.n  # generated text not yet checked and sent, per choice
+        first = [True] * job.n
         try:
-            first = [True] * job.n
-            while len(finished) < job.n:
-                i, delta, done = await events.get()
+            while len(self.finished) < job.n:
+                i, delta, done = await self.events.get()
                 if i in cut:
-                    continue  # already closed by the output policy
+                    continue
                 if done is not None:
-                    finished[i] = done
+                    self.finished[i] = done
                     if done.reason in ("timeout", "error"):
-                        err = failure()
+                        err = self.failure()
                         yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
                         return
                 held[i] += delta
-                # Text goes out only once checked against the output policy, a word at a time: when a space or
-                # CJK punctuation arrives, after 32 characters without one, and at the end. A number that may
-                # go on across spaces (a phone or card number) stays held until it ends, so it can be redacted whole.
+                # Checked and sent when a space or CJK punctuation arrives, after 32 characters without one, and at
+                # the end. A number that may go on across spaces (a phone or card number) stays held until it ends,
+                # so it can be redacted whole.
                 if done is None and len(held[i]) < 32 and not _BREAK.search(delta):
                     continue
                 out, held[i] = (held[i], "") if done is not None else _ready(held[i])
                 if out:
-                    tail = "".join(sent[i])[-256:]
+                    tail = "".join(self.sent[i])[-256:]
                     d = gen.check_chunk(tail + out)
                     if d.blocked:
                         cut.add(i)
-                        filtered[i] = d.to_dict()
-                        seqs[i].cancel()
-                        finished[i] = Finish("content_filter", len(ids), seqs[i].produced, done.compute_s if done else 0.0, "")
-                        yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, "", "content_filter",
-                                                                first[i]), ensure_ascii=False) + "\n\n"
+                        self.filtered[i] = d.to_dict()
+                        self.seqs[i].cancel()
+                        self.finished[i] = Finish("content_filter", len(self.ids), self.seqs[i].produced,
+                                                  done.compute_s if done else 0.0, "")
+                        yield self._event(i, "", "content_filter", first[i])
                         continue
                     if d.action != "allow":
-                        filtered[i] = d.to_dict()
+                        self.filtered[i] = d.to_dict()
                     if d.action == "redact" and d.text.startswith(tail):
                         out = d.text[len(tail):]
-                    sent[i].append(out)
+                    self.sent[i].append(out)
                 if out or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
-                    yield "data: " + json.dumps(shape.chunk(shape.prefix + rid, created, entry.id, i, out, reason, first[i]),
-                                                ensure_ascii=False) + "\n\n"
+                    yield self._event(i, out, reason, first[i])
                     first[i] = False
             if job.include_usage:
-                produced = sum(f.completion_tokens for f in finished.values())
-                yield "data: " + json.dumps(shape.usage_chunk(shape.prefix + rid, created, entry.id, _usage(len(ids), produced))) + "\n\n"
+                chunk = self.shape.usage_chunk(self.shape.prefix + gen.request_id, self.created, gen.entry.id, self._usage())
+                yield "data: " + json.dumps(chunk) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            await settle()
+            await self.settle()
 
-    return MeteredStream(sse(), settle, media_type="text/event-stream",
-                         headers={**headers, "cache-control": "no-cache", "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(job.n))})
+    # ------------------------------------------------------------ record, settle
+
+    def records(self) -> list:
+        """The generation log's record of each choice: what it delivered, and why it ended."""
+        gen, tenant = self.gen, self.gen.tenant
+        params = self.job.params(gen.entry.id, self.max_tokens)
+        mark = tenant.mark()
+        wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
+        filters = gen.filters(f"pii-at-rest:{tenant.policy['pii']}", *(["watermark:text"] if mark else []))
+        recs = []
+        for i in range(self.job.n):
+            out = "".join(self.sent[i])
+            f = self.finished.get(i)
+            status = "blocked" if self._blocked(i) else \
+                ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))
+            recs.append(gen.record(f"{gen.request_id}-{i}", params=params, output_sha256=hashlib.sha256(out.encode()).hexdigest(),
+                                   output=out, watermark=wm, output_decision=self.filtered.get(i), filters=filters, status=status,
+                                   prompt=gen.prompt))
+        return recs
+
+    async def settle(self) -> None:
+        """Free the engine's slots and charge the tokens produced, once (also when the client left or the model failed)."""
+        if self.gen.settled is not None:
+            return
+        for s in self.seqs:
+            s.cancel()  # no-op for finished ones; frees the slots of the rest
+        fin = self.finished
+        produced = sum(f.completion_tokens for f in fin.values()) + sum(s.produced for i, s in enumerate(self.seqs) if i not in fin)
+        reasons = {f.reason for f in fin.values()}
+        status = "ok" if len(fin) == self.job.n and reasons <= {"stop", "length", "content_filter"} else \
+            next((r for r in ("error", "timeout") if r in reasons), "cancelled")
+        await self.gen.settle(status, Units(len(self.ids), produced), sum(f.compute_s for f in fin.values()), self.records())
 
 
 _BREAK = re.compile(r"[\s，。！？；：、]")
