@@ -5,7 +5,8 @@ change, and this one): both serve the echo model with full governance and meteri
 SQLite database, and one client sends sequential completions to each in alternating blocks, so the
 machine's noise falls on both alike. Reports each side's median and p90 latency and the difference.
 An open-loop rate test (serve_load.py) on a shared machine swings by milliseconds from run to run;
-this comparison resolves a tenth of one.
+this comparison resolves a tenth of one. With ``--run``, both also serve that text run, and one
+streaming client alternates between them too (median completion tokens per second of one stream).
 
     git worktree add ../base HEAD~1 && python benchmarks/gateway_ab.py --baseline ../base
 """
@@ -42,7 +43,8 @@ def setup(src):
     aigc("admin", "user", "create", "bench", "load@bench.example")
     key = json.loads(aigc("admin", "key", "create", "bench", "load@bench.example", "--json"))["api_key"]
     port = free_port()
-    proc = subprocess.Popen([PY, "-m", "aigc.cli", "serve", "--echo-model", "echo", "--port", str(port), "--db", db], env=env,
+    served = [f"text={args.run}"] if args.run else []
+    proc = subprocess.Popen([PY, "-m", "aigc.cli", "serve", *served, "--echo-model", "echo", "--port", str(port), "--db", db], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -57,6 +59,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--baseline", required=True, help="root of the other checkout (its src/ is imported)")
 ap.add_argument("--blocks", type=int, default=12, help="alternating blocks of --block requests per side")
 ap.add_argument("--block", type=int, default=200)
+ap.add_argument("--run", type=Path, help="a text run to serve as well: also compare one stream's tokens/s on it")
+ap.add_argument("--stream-tokens", type=int, default=100)
 args = ap.parse_args()
 servers = {name: setup(src) for name, src in (("before", args.baseline), ("after", str(HERE)))}
 lat = {n: [] for n in servers}
@@ -72,9 +76,25 @@ for block in range(args.blocks):
             r = c.post("/v1/completions", json=body)
             lat[n].append((time.perf_counter() - t) * 1000)
             assert r.status_code == 200, r.text
+rates = {n: [] for n in servers}
+if args.run:
+    ask = {"model": "text", "prompt": "The ", "max_tokens": args.stream_tokens, "temperature": 1.0, "stream": True, "seed": 1,
+           "stream_options": {"include_usage": True}}
+    for block in range(args.blocks):
+        for n, c in (clients.items() if block % 2 == 0 else reversed(list(clients.items()))):
+            for _ in range(3):
+                t, tokens = time.perf_counter(), 0
+                with c.stream("POST", "/v1/completions", json=ask) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {") and '"usage"' in line:
+                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                rates[n].append(tokens / (time.perf_counter() - t))
 for p, _, _ in servers.values():
     p.terminate()
 out = {"benchmark": "gateway_ab", "cpus": os.cpu_count(), "baseline": args.baseline}
 out.update({n: {"requests": len(v), "median_ms": round(statistics.median(v), 3), "p90_ms": round(sorted(v)[int(len(v) * .9)], 3)} for n, v in lat.items()})
+if args.run:
+    for n, v in rates.items():
+        out[n]["stream_tokens_per_s"] = round(statistics.median(v), 1)
 out["after_minus_before_median_ms"] = round(out["after"]["median_ms"] - out["before"]["median_ms"], 3)
 print(json.dumps(out))
