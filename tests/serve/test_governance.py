@@ -120,7 +120,7 @@ def test_moderation_blocks_inputs_and_outputs(gov):
     assert first[10:16] not in body.replace("\\", "")
     # redaction also holds in a stream: text leaves a word at a time, after the check
     word = max(first.split(), key=len)[:4]
-    rule = f"rules:\n  - id: hide\n    action: redact\n    applies_to: [output]\n    pattern: '{re.escape(word)}'\n"
+    rule = yaml.safe_dump({"rules": [{"id": "hide", "action": "redact", "applies_to": ["output"], "pattern": re.escape(word)}]})
     assert call(gov, "PUT", "/v1/organization/policy", admin, json={"moderation": rule}).status_code == 200
     with httpx.stream("POST", gov.url + "/v1/completions", headers={"authorization": f"Bearer {dev}"}, timeout=60,
                       json={"model": "spread", "prompt": "The ", "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
