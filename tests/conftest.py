@@ -129,7 +129,13 @@ def image_model(tmp_path_factory) -> Path:
 def _private_home(tmp_path_factory):
     """Keys, certificates and databases the CLI creates go to a temporary home, never the user's ~/.aigc."""
     old = os.environ.get("AIGC_HOME")
-    os.environ["AIGC_HOME"] = str(tmp_path_factory.mktemp("aigc-home"))
+    home = tmp_path_factory.mktemp("aigc-home")
+    os.environ["AIGC_HOME"] = str(home)
+    # A fixed text-watermark key, so the CLI's watermarked samples are the same in every run (a random key makes
+    # the green list, and so where a random model draws its end token, differ from run to run).
+    (home / "keys").mkdir()
+    (home / "keys" / "text-watermark.key").write_bytes(bytes(range(32)))
+    (home / "keys" / "text-watermark.key").chmod(0o600)
     yield
     if old is None:
         os.environ.pop("AIGC_HOME", None)
