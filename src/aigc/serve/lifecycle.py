@@ -66,6 +66,8 @@ class Generation:
 
     @classmethod
     def admit(cls, service, request, principal: Principal, entry: ModelEntry, endpoint: str, kind: str) -> Generation:
+        """A generation for ``principal`` (its key, role and model already checked by the route's dependencies and
+        ``deps.model_for``) under its tenant's current policy."""
         return cls(service, principal, entry, endpoint, kind, request.state.request_id)
 
     @property
