@@ -60,14 +60,19 @@ def test_tampered_stripped_and_garbage(prov):
     assert prov.verify(signed[: len(signed) // 2]).state == "Invalid"  # truncated file: an answer, not a crash
 
 
-def test_wav_is_signed(prov):
+def wav_bytes() -> bytes:
+    """A tenth of a second of a sine tone, 16-bit mono WAV."""
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(44100)
         w.writeframes((np.sin(np.arange(4410) / 7) * 3000).astype("<i2").tobytes())
-    signed = prov.sign(buf.getvalue(), "audio/wav", prov.manifest("a.wav", "music", "v1"))
+    return buf.getvalue()
+
+
+def test_wav_is_signed(prov):
+    signed = prov.sign(wav_bytes(), "audio/wav", prov.manifest("a.wav", "music", "v1"))
     assert c2pa.sniff_mime(signed) == "audio/wav" and prov.verify(signed).state == "Trusted"
 
 

@@ -1,6 +1,5 @@
 """The one delivery path: PNG, JPEG, WAV and MP4 watermarked, described, signed and written atomically."""
 import io
-import wave
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from aigc.errors import UserError
 from aigc.govern import delivery, image_watermark
 from aigc.govern.c2pa import Provenance
 from aigc.govern.delivery import Claim, finish
+from tests.govern.test_c2pa import wav_bytes
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +46,6 @@ def test_small_images_and_policy_off(prov):
     done = finish(picture(64), delivery.PNG, watermark=True, parameters=None)
     assert done.watermark_id is None and done.filters == [] and not done.signed
     assert delivery.read_parameters(done.data) is None
-
-
-def wav_bytes():
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(44100)
-        w.writeframes((np.sin(np.arange(4410) / 7) * 3000).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def test_wav_is_signed_only(prov):
