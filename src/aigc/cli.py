@@ -70,7 +70,10 @@ def data_prepare(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders (images: class sub-folders).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data files + manifest.json).")] = Path("data/prepared"),
     builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); digits, shapes (image); chorales (music).")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="text, image or music (default: from --builtin, else text).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="text, chat, preference, image or music (default: from --builtin, else text).")] = None,
+    data_format: Annotated[str, typer.Option("--format", help="Chat: auto, messages, alpaca, sharegpt or prompt_completion; preference: auto or preference.")] = "auto",
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="Chat: OURS=THEIRS, a field of another name (e.g. instruction=question); repeatable.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Chat (sharegpt): TAG=ROLE for other speaker tags (e.g. doctor=assistant); repeatable.")] = None,
     size: Annotated[int, typer.Option(help="Image: side in pixels after resize and centre crop.")] = 32,
     mode: Annotated[str, typer.Option(help="Image: rgb or gray.")] = "rgb",
     hflip: Annotated[bool, typer.Option("--hflip", help="Image: random horizontal flips while training.")] = False,
@@ -81,7 +84,7 @@ def data_prepare(
     txt_split: Annotated[str, typer.Option(help=".txt documents: paragraph, line or file.")] = "paragraph",
     min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this.")] = 1,
     max_chars: Annotated[int, typer.Option(help="Drop documents longer than this (0: no limit).")] = 0,
-    near_dup_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold for near-duplicates (0 disables).")] = 0.8,
+    near_dup_threshold: Annotated[Optional[float], typer.Option(help="MinHash Jaccard threshold for near-duplicates (0 disables; default 0.8, chat: 0.9 on the prompt).")] = None,
     no_exact_dedup: Annotated[bool, typer.Option("--no-exact-dedup", help="Keep exact duplicates.")] = False,
     val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 1337,
@@ -89,7 +92,7 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ):
-    """Clean, deduplicate and split a text corpus, or convert and split an image dataset; write it with a manifest."""
+    """Clean, deduplicate and split a text corpus or conversations, or convert and split images or music; write it with a manifest."""
     from aigc.config import from_dict
 
     if kind is None:
@@ -101,12 +104,33 @@ def data_prepare(
         _prepare_images(inputs or [], out_dir, builtin, {"size": size, "mode": mode, "hflip": hflip, "count": count,
                                                          "val_fraction": val_fraction, "seed": seed}, overwrite, as_json)
         return
+    if kind in ("chat", "preference"):
+        if builtin:
+            raise UserError(f"--kind {kind} has no built-in data yet: give files")
+        from aigc.data.chat import ChatPrepareOptions, prepare as prepare_chat
+
+        opts = from_dict(ChatPrepareOptions, {"kind": kind, "format": data_format, "columns": _parse_vars(column or [], "--column"),
+                                              "tags": {k.lower(): v for k, v in _parse_vars(tag or [], "--tag").items()},
+                                              "normalization": normalization, "max_chars": max_chars,
+                                              "near_dedup_threshold": 0.9 if near_dup_threshold is None else near_dup_threshold,
+                                              "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed, "pii": pii})
+        with err.status(f"preparing {kind} data"):
+            manifest = prepare_chat(inputs or [], out_dir, opts, overwrite=overwrite)
+        if as_json:
+            _emit_json(manifest)
+            return
+        r = manifest["records"]
+        dropped = ", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none"
+        out.print(f"wrote {out_dir}: {r['train']} train / {r['val']} val {kind} examples of {r['read']} records; dropped: {dropped}",
+                  markup=False, highlight=False)
+        return
     if kind != "text":
-        raise UserError(f"--kind must be text, image or music, got {kind!r}")
+        raise UserError(f"--kind must be text, chat, preference, image or music, got {kind!r}")
     from aigc.data.text import PrepareOptions, prepare
 
     opts = from_dict(PrepareOptions, {"field": field, "normalization": normalization, "txt_split": txt_split,
-                                      "min_chars": min_chars, "max_chars": max_chars, "near_dedup_threshold": near_dup_threshold,
+                                      "min_chars": min_chars, "max_chars": max_chars,
+                                      "near_dedup_threshold": 0.8 if near_dup_threshold is None else near_dup_threshold,
                                       "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed, "pii": pii})
     with err.status("preparing corpus"):
         manifest = prepare(inputs or [], out_dir, opts, builtin=builtin, overwrite=overwrite)
@@ -332,11 +356,11 @@ def train_music(
 
 # ---------------------------------------------------------------- generate
 
-def _parse_vars(pairs: list[str]) -> dict:
+def _parse_vars(pairs: list[str], flag: str = "--var") -> dict:
     values = {}
     for pair in pairs:
         if "=" not in pair:
-            raise UserError(f"--var {pair!r}: write NAME=VALUE")
+            raise UserError(f"{flag} {pair!r}: write NAME=VALUE")
         k, v = pair.split("=", 1)
         values[k.strip()] = v
     return values

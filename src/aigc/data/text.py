@@ -147,7 +147,7 @@ def _read_csv(text: str, path: str, field_name: str) -> Iterator[Document]:
         yield Document(value, path, start)
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
     """Files named directly, plus every supported file under a named folder (sorted, for determinism)."""
     files: list[Path] = []
     for raw in inputs:
@@ -155,14 +155,14 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise UserError(f"input not found: {p}")
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
-                raise UserError(f"{p}: folder holds no {', '.join(SUFFIXES)} files")
+                raise UserError(f"{p}: folder holds no {', '.join(suffixes)} files")
             files.extend(found)
-        elif p.suffix.lower() in SUFFIXES:
+        elif p.suffix.lower() in suffixes:
             files.append(p)
         else:
-            raise UserError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; expected {', '.join(SUFFIXES)}")
+            raise UserError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; expected {', '.join(suffixes)}")
     return files
 
 
