@@ -69,7 +69,7 @@ def _emit_json(obj) -> None:
 def data_prepare(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files (.txt, .jsonl, .csv) or folders (images: class sub-folders).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data files + manifest.json).")] = Path("data/prepared"),
-    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); digits, shapes (image); chorales (music).")] = None,
+    builtin: Annotated[Optional[list[str]], typer.Option("--builtin", help="Built-in data: pydoc, tang (text); products, exercises, poems (chat or preference tasks with checkers); digits, shapes (image); chorales (music).")] = None,
     kind: Annotated[Optional[str], typer.Option(help="text, chat, preference, image or music (default: from --builtin, else text).")] = None,
     data_format: Annotated[str, typer.Option("--format", help="Chat: auto, messages, alpaca, sharegpt or prompt_completion; preference: auto or preference.")] = "auto",
     column: Annotated[Optional[list[str]], typer.Option("--column", help="Chat: OURS=THEIRS, a field of another name (e.g. instruction=question); repeatable.")] = None,
@@ -77,7 +77,7 @@ def data_prepare(
     size: Annotated[int, typer.Option(help="Image: side in pixels after resize and centre crop.")] = 32,
     mode: Annotated[str, typer.Option(help="Image: rgb or gray.")] = "rgb",
     hflip: Annotated[bool, typer.Option("--hflip", help="Image: random horizontal flips while training.")] = False,
-    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw. Music: at most this many built-in chorales (0: all).")] = 5000,
+    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw (default 5000). Music: at most this many built-in chorales (0: all). Chat tasks: records to generate (default 1000).")] = 5000,
     transpose: Annotated[str, typer.Option(help="Music: transposition range for augmentation, LOW:HIGH semitones (0:0 turns it off).")] = "-5:6",
     field: Annotated[str, typer.Option(help="JSON field or CSV column with the text.")] = "text",
     normalization: Annotated[str, typer.Option(help="Unicode normalisation: NFC, NFKC or none.")] = "NFC",
@@ -96,7 +96,8 @@ def data_prepare(
     from aigc.config import from_dict
 
     if kind is None:
-        kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "music" if builtin and set(builtin) == {"chorales"} else "text"
+        kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "music" if builtin and set(builtin) == {"chorales"} \
+            else "chat" if builtin and set(builtin) <= {"products", "exercises", "poems"} else "text"
     if kind == "music":
         _prepare_music(inputs or [], out_dir, builtin, count, transpose, val_fraction, seed, overwrite, as_json)
         return
@@ -105,8 +106,6 @@ def data_prepare(
                                                          "val_fraction": val_fraction, "seed": seed}, overwrite, as_json)
         return
     if kind in ("chat", "preference"):
-        if builtin:
-            raise UserError(f"--kind {kind} has no built-in data yet: give files")
         from aigc.data.chat import ChatPrepareOptions, prepare as prepare_chat
 
         opts = from_dict(ChatPrepareOptions, {"kind": kind, "format": data_format, "columns": _parse_vars(column or [], "--column"),
@@ -115,7 +114,8 @@ def data_prepare(
                                               "near_dedup_threshold": 0.9 if near_dup_threshold is None else near_dup_threshold,
                                               "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed, "pii": pii})
         with err.status(f"preparing {kind} data"):
-            manifest = prepare_chat(inputs or [], out_dir, opts, overwrite=overwrite)
+            manifest = prepare_chat(inputs or [], out_dir, opts, overwrite=overwrite, builtin=builtin,
+                                    count=1000 if count == 5000 else count)
         if as_json:
             _emit_json(manifest)
             return

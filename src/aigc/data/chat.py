@@ -105,9 +105,10 @@ class Example:
     rejected: list[dict] = field(default_factory=list)
 
     def prompt_text(self) -> str:
-        """The conversation up to the last assistant turn: what dedup and the split key on."""
+        """The conversation up to the last assistant turn, without system messages (a shared house style would
+        make every prompt look alike): what dedup and the split key on."""
         turns = self.prompt if self.prompt or self.chosen else self.messages[: _last_assistant(self.messages)]
-        return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in turns if m["role"] != "system")
 
     def to_json(self) -> dict:
         if self.chosen:
@@ -345,13 +346,17 @@ def _check(ex: Example, opts: ChatPrepareOptions) -> None:
         raise Drop("over_length", f"{size} characters, over max_chars {opts.max_chars}")
 
 
-def read_examples(files: list[Path], opts: ChatPrepareOptions, tally: Tally) -> tuple[list[Example], list[dict]]:
-    """Every record of ``files`` normalised (or dropped into ``tally``); and a source record per file."""
+def read_examples(files: list[Path], opts: ChatPrepareOptions, tally: Tally,
+                  builtin: dict[str, list[dict]] | None = None) -> tuple[list[Example], list[dict]]:
+    """Every record of ``files`` (and of built-in tasks: name -> records) normalised or dropped into ``tally``;
+    and a source record per file or task."""
     examples, sources, first = [], [], None  # first: (format, where) of the first record, for --format auto
-    for path in files:
-        data = path.read_bytes()
+    inputs = [(f"builtin:{name}", None, list(enumerate(recs, 1))) for name, recs in (builtin or {}).items()]
+    inputs += [(str(f), f, None) for f in files]
+    for path, file, rows in inputs:
+        data = file.read_bytes() if file is not None else json.dumps(rows, sort_keys=True).encode()
         n_records, formats = 0, {}
-        for line, raw in read_records(path):
+        for line, raw in (read_records(file) if file is not None else rows):
             n_records += 1
             r = _renamed(raw, opts.columns)
             fmt = opts.format
@@ -382,7 +387,7 @@ def read_examples(files: list[Path], opts: ChatPrepareOptions, tally: Tally) -> 
                 tally.drop(d.reason, str(path), line, d.detail)
                 continue
             examples.append(ex)
-        sources.append({"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "records": n_records,
+        sources.append({"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "records": n_records,
                         "formats": formats})
     return examples, sources
 
@@ -433,18 +438,26 @@ def process(examples: list[Example], opts: ChatPrepareOptions, tally: Tally) -> 
     return [e for e, v in zip(examples, is_val) if not v], [e for e, v in zip(examples, is_val) if v], pii_report
 
 
-def prepare(inputs: list[str | Path], out: str | Path, opts: ChatPrepareOptions | None = None, overwrite: bool = False) -> dict:
-    """Read, normalise, filter, deduplicate, split and write conversation or preference data; return the manifest."""
+def prepare(inputs: list[str | Path], out: str | Path, opts: ChatPrepareOptions | None = None, overwrite: bool = False,
+            builtin: list[str] | None = None, count: int = 1000) -> dict:
+    """Read, normalise, filter, deduplicate, split and write conversation or preference data; return the manifest.
+    ``builtin`` names tasks of ``data/tasks.py`` to generate ``count`` records of each (seeded by ``opts.seed``)."""
+    from aigc.data import tasks
+
     opts = opts or ChatPrepareOptions()
     opts.validate()
     out = Path(out)
-    if not inputs:
-        raise UserError(f"nothing to prepare: give {opts.kind} files (.jsonl, .json, .csv) or folders")
-    files = expand_inputs(inputs, suffixes=(".jsonl", ".json", ".csv"))
+    if not inputs and not builtin:
+        raise UserError(f"nothing to prepare: give {opts.kind} files (.jsonl, .json, .csv) or folders, or --builtin "
+                        f"{'|'.join(tasks.TASKS)}")
+    files = expand_inputs(inputs, suffixes=(".jsonl", ".json", ".csv")) if inputs else []
     store.check_writable(out, overwrite)
+    if builtin and not files:
+        opts.near_dedup_threshold = 0.0  # generated prompts share a template: only exact repeats are duplicates
     started = time.time()
     tally = Tally(opts.examples_per_reason)
-    examples, sources = read_examples(files, opts, tally)
+    generated = {name: tasks.records(name, opts.kind, count, opts.seed) for name in builtin or []}
+    examples, sources = read_examples(files, opts, tally, generated)
     read = sum(s["records"] for s in sources)
     train, val, pii_report = process(examples, opts, tally)
     if not train:
@@ -461,6 +474,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: ChatPrepareOptions 
         kept = train + val
         manifest = {
             **store.manifest(opts.kind, started, opts),
+            "task": builtin[0] if builtin and len(builtin) == 1 and not files else None,  # its checker scores answers
             "sources": sources,
             "records": {"read": read, "kept": len(kept), "train": len(train), "val": len(val)},
             **tally.report(),
