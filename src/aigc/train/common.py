@@ -126,6 +126,36 @@ class StopSignals:
         self._old = {}
 
 
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
+    """Sum of log p(label) over each row's supervised tokens: (B, T, V) logits, (B, T) labels -> (B,).
+
+    The logits at position t predict the label at t + 1, as in the models' own loss."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != ignore
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * mask).sum(-1)
+
+
+@dataclass
+class DPOStats:
+    loss: torch.Tensor  # mean over the batch
+    chosen_rewards: torch.Tensor  # (B,) beta * (log pi - log ref) of the chosen answer
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor  # chosen - rejected rewards
+    accuracy: float  # share of pairs whose chosen reward is the higher one
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float) -> DPOStats:
+    """Direct preference optimisation, the sigmoid loss (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * ((log pi(yw) -
+    log ref(yw)) - (log pi(yl) - log ref(yl)))), with the rewards and the preference accuracy TRL logs."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    margins = chosen - rejected
+    return DPOStats(-torch.nn.functional.logsigmoid(margins).mean(), chosen.detach(), rejected.detach(), margins.detach(),
+                    float((margins > 0).float().mean()))
+
+
 def cpu_has_bf16() -> bool:
     """True where the CPU has native bf16 dot products (AVX-512 BF16 or AMX), so autocast pays off."""
     try:
