@@ -57,6 +57,9 @@ def test_prepare_train_kill_resume_generate_eval(tmp_path):
     report = json.loads(ev.stdout)
     assert report["likelihood"]["bits_per_char"] > 0 and "rougeL" in report["reference"]
     assert (tmp_path / "runs/killed/eval/report.md").is_file()
+    other = aigc("eval", "text", "runs/killed", "--data", "corpus", "--pairs", "2", "--samples", "0", "--max-new-tokens", "10",
+                 cwd=tmp_path)
+    assert "unknown to this model's tokenizer" in other.stdout and (tmp_path / "runs/killed/eval/data-corpus/report.md").is_file()
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):

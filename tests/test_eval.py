@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from aigc.errors import UserError
 from aigc.eval import text as ev
 
 
@@ -48,3 +49,19 @@ def test_evaluate_run_writes_reports(tiny_run):
     assert 0 <= report["diversity"]["distinct_1"] <= 1
     md = (tiny_run / "eval" / "report.md").read_text()
     assert "bits per character" in md and "ROUGE-L" in md
+
+
+def test_any_run_scores_any_prepared_corpus_with_its_unknown_rate(tiny_run, pydoc_corpus, tmp_path):
+    from aigc.data.text import prepare
+
+    same = ev.evaluate_run(tiny_run, data=pydoc_corpus, n_pairs=2, n_samples=0, max_new_tokens=10, max_tokens=3000)
+    assert same["data"]["path"] == str(pydoc_corpus) and same["data"]["unknown_token_rate"] < 0.01
+    assert same["likelihood"]["tokens"] > 0 and same["reference"]["pairs"] == 2
+    assert (tiny_run / "eval" / f"data-{pydoc_corpus.name}" / "report.json").is_file()
+    prepare([], tmp_path / "tang", builtin=["tang"])
+    other = ev.evaluate_run(tiny_run, data=tmp_path / "tang", n_pairs=0, n_samples=0, max_tokens=3000, out_dir=tmp_path / "rep")
+    # an English character model has almost no Chinese characters: most tokens are unknown, and the report says so
+    assert other["data"]["unknown_token_rate"] > 0.5
+    assert "unknown to this model's tokenizer" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(UserError, match="not a prepared corpus"):
+        ev.evaluate_run(tiny_run, data=tmp_path / "nothing", n_samples=0)

@@ -662,17 +662,20 @@ def eval_text(
     samples: Annotated[int, typer.Option(help="Samples for the diversity metrics.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 100,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for perplexity (0: all).")] = 200_000,
+    data: Annotated[Optional[Path], typer.Option(help="A prepared text corpus to score instead of the run's own held-out text (compare models on the same text).")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: RUN/eval, or RUN/eval/data-NAME with --data).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Perplexity, bits/char, BLEU, ROUGE and diversity; writes eval/report.{json,md} in the run."""
+    """Perplexity, bits/char, BLEU, ROUGE and diversity; writes report.{json,md} (RUN/eval by default)."""
     threads.configure()
     from aigc.eval.text import evaluate_run
 
     bar, progress = _stage_progress()
     with bar:
         report = evaluate_run(run, str(references) if references else None, n_pairs=pairs, n_samples=samples,
-                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed, progress=progress)
+                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed, progress=progress, data=data,
+                              out_dir=report_dir)
     if as_json:
         _emit_json(report)
         return
@@ -683,7 +686,11 @@ def eval_text(
         out.print(f"BLEU {ref['bleu']:.2f}  ROUGE-1 {ref['rouge1']:.2f}  ROUGE-2 {ref['rouge2']:.2f}  ROUGE-L {ref['rougeL']:.2f}  ({ref['pairs']} pairs)")
     if div:
         out.print(f"distinct-1 {div['distinct_1']:.3f}  distinct-2 {div['distinct_2']:.3f}  self-BLEU {div['self_bleu']:.2f}")
-    out.print(f"report: {run / 'eval' / 'report.md'}")
+    if "data" in report:
+        out.print(f"scored {report['data']['path']}: {report['data']['tokens']} tokens, "
+                  f"{report['data']['unknown_token_rate']:.2%} unknown to this model's tokenizer", markup=False, highlight=False)
+    where = report_dir or (run / "eval" / (f"data-{data.name}" if data else ""))
+    out.print(f"report: {where / 'report.md'}", markup=False, highlight=False)
 
 
 @eval_app.command("music")

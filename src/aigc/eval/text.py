@@ -118,6 +118,10 @@ def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     lines = [f"# Text evaluation: {report.get('run', '')}", ""]
+    if "data" in report:
+        d = report["data"]
+        lines += [f"Scored on `{d['path']}`: {d['documents']} documents, {d['tokens']} tokens, "
+                  f"{d['unknown_token_rate']:.2%} of them unknown to this model's tokenizer.", ""]
     lik = report.get("likelihood")
     if lik:
         lines += ["## Held-out likelihood", "", "| metric | value |", "| --- | --- |",
@@ -147,9 +151,11 @@ def _stage(progress: Callable[[str, int, int], None] | None, stage: str) -> Call
 
 def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: int = 20, n_samples: int = 8,
                  max_new_tokens: int = 100, max_tokens: int = 200_000, seed: int = 0, prompt: str = "",
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Evaluate a run's best model; writes eval/report.json and eval/report.md in the run directory.
-    ``progress(stage, done, total)`` hears how each stage advances."""
+                 progress: Callable[[str, int, int], None] | None = None, data: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> dict:
+    """Evaluate a run's best model (or any model folder); writes report.json and report.md to ``out_dir`` (default:
+    RUN/eval, or RUN/eval/data-NAME with ``data``). ``data`` is a prepared text corpus scored instead of the run's own
+    held-out text, so two models compare on the same text; ``progress(stage, done, total)`` hears each stage."""
     from aigc.errors import UserError
     from aigc.generate.text import SamplingParams, TextGenerator
 
@@ -160,7 +166,17 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
     block = gen.context
 
     val_bin = run_dir / "data" / "val.bin"
-    if val_bin.is_file():
+    held_out: list[str] = []
+    if data is not None:
+        from aigc.data.text import load_prepared
+
+        train_texts, val_texts, _ = load_prepared(data)
+        held_out = val_texts or train_texts
+        ids, unknown = _encode_texts(gen.tokenizer, held_out)
+        report["data"] = {"path": str(data), "documents": len(held_out), "tokens": int(len(ids)),
+                          "unknown_token_rate": round(unknown, 6)}
+        report["likelihood"] = likelihood(model, ids, sum(len(t) for t in held_out), block, max_tokens, progress=progress)
+    elif val_bin.is_file():
         meta = json.loads((run_dir / "data" / "val.json").read_text())
         ids = np.fromfile(val_bin, dtype=meta["dtype"])
         report["likelihood"] = likelihood(model, ids, meta["characters"], block, max_tokens, progress=progress)
@@ -180,9 +196,9 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{i}: expected a JSON object with 'prompt' and 'reference'") from None
         source = str(path)
-    elif (run_dir / "dataset").is_dir() and val_bin.is_file():
+    elif held_out or ((run_dir / "dataset").is_dir() and val_bin.is_file()):
         # Continuations of held-out documents: the first third of each is the prompt.
-        texts = _val_texts(run_dir, gen.tokenizer)
+        texts = held_out or _val_texts(run_dir, gen.tokenizer)
         for t in texts[:n_pairs]:
             cut = max(1, min(len(t) // 3, 200))
             if len(t) - cut >= 10:  # the reference is as long as the model may write: max_new_tokens tokens
@@ -204,8 +220,20 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
         report["diversity"] = {"samples": len(samples), "distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2),
                                "self_bleu": self_bleu(samples)}
         report["samples"] = samples
-    write_report(report, run_dir / "eval")
+    write_report(report, Path(out_dir) if out_dir else run_dir / "eval" / (f"data-{Path(data).name}" if data else ""))
     return report
+
+
+def _encode_texts(tok, texts: list[str]) -> tuple[np.ndarray, float]:
+    """The documents as one id stream (each ended by the end-of-text token) and the share of unknown tokens in it."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+    unk = tok.unk_token_id
+    unknown = sum(1 for i in ids if i == unk) / max(1, len(ids)) if unk is not None else 0.0
+    return np.asarray(ids, dtype=np.int64), unknown
 
 
 def _val_texts(run_dir: Path, tok) -> list[str]:
