@@ -33,7 +33,7 @@ from typing import Iterator, Literal
 
 from aigc.data import store
 from aigc.data.pii import Scrubber
-from aigc.data.text import MinHashLSH, _decode, _split_score, clean_text, expand_inputs
+from aigc.data.text import MinHashLSH, _decode, _split_score, clean_text, expand_inputs, jsonl_objects
 from aigc.errors import UserError
 
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
@@ -134,16 +134,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     text = _decode(data, str(path))
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            yield i, obj
+        yield from jsonl_objects(text, str(path))
     elif suffix == ".json":
         try:
             arr = json.loads(text)

@@ -103,7 +103,8 @@ def _read_txt(text: str, path: str, split: str) -> Iterator[Document]:
         yield Document("\n".join(lines), path, start)
 
 
-def _read_jsonl(text: str, path: str, field_name: str) -> Iterator[Document]:
+def jsonl_objects(text: str, path: str) -> Iterator[tuple[int, dict]]:
+    """(line, object) of each non-blank line; a line that is not a JSON object is an error naming it."""
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -113,6 +114,11 @@ def _read_jsonl(text: str, path: str, field_name: str) -> Iterator[Document]:
             raise UserError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
+
+
+def _read_jsonl(text: str, path: str, field_name: str) -> Iterator[Document]:
+    for i, obj in jsonl_objects(text, path):
         if field_name not in obj:
             raise UserError(f"{path}:{i}: field {field_name!r} not found (fields: {', '.join(obj) or 'none'}); choose one with --field")
         value = obj[field_name]
