@@ -33,7 +33,7 @@ from typing import Iterator, Literal
 
 from aigc.data import store
 from aigc.data.pii import Scrubber
-from aigc.data.text import MinHashLSH, _decode, _split_score, clean_text, expand_inputs, jsonl_objects
+from aigc.data.text import MinHashLSH, _split_score, clean_text, expand_inputs, jsonl_objects, read_utf8
 from aigc.errors import UserError
 
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
@@ -127,11 +127,7 @@ def _last_assistant(messages: list[dict]) -> int:
 
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line, record) of a .jsonl, .json (an array of objects) or .csv file; broken input is an error naming the line."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    text = _decode(data, str(path))
+    _, text = read_utf8(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from jsonl_objects(text, str(path))

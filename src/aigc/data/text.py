@@ -172,12 +172,17 @@ def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = SUFF
     return files
 
 
-def read_file(path: Path, opts: PrepareOptions) -> tuple[list[Document], dict]:
+def read_utf8(path: Path) -> tuple[bytes, str]:
+    """(the file's bytes, its text): an unreadable, binary or non-UTF-8 file is an error naming it."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    text = _decode(data, str(path))
+    return data, _decode(data, str(path))
+
+
+def read_file(path: Path, opts: PrepareOptions) -> tuple[list[Document], dict]:
+    data, text = read_utf8(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         docs = list(_read_jsonl(text, str(path), opts.field))
