@@ -179,7 +179,7 @@ def usage_at_scale(url: str, n: int) -> dict:
     t = time.perf_counter()
     for i in range(200):
         hold = billing._reserve(principal, "model-0", "v1", units)
-        billing._settle(f"extra-{i}", principal, "model-0", "v1", "completions", "ok", units, hold, 0.0)
+        billing.settle_blocking(f"extra-{i}", principal, "model-0", "v1", "completions", "ok", units, hold, 0.0)
     metered_ms = (time.perf_counter() - t) / 200 * 1000
     return {"records": n, "rollup_rows": n_rollups, "fill_s": round(fill_s, 1), "report_groups": len(rows),
             "report_from_rollups_ms": round(rollup_s * 1000, 1), "same_totals_from_records_ms": round(raw_s * 1000, 1),

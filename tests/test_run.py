@@ -15,7 +15,8 @@ def test_kind_model_folder_and_fingerprint(tmp_path):
     assert run.detect_kind(r) is None
     with pytest.raises(UserError, match="not a trained run"):
         run.require_kind(r)
-    run.ImageMeta(kind="vae", size=8, channels=1, condition="class", classes=["a"]).save((r / "model").mkdir(parents=True) or r / "model")
+    (r / "model").mkdir(parents=True)
+    run.ImageMeta(kind="vae", size=8, channels=1, condition="class", classes=["a"]).save(r / "model")
     (r / "model" / "vae.safetensors").write_bytes(b"weights")
     assert run.model_folder(r) == r / "model" and run.model_folder(r / "model") == r / "model"
     assert run.detect_kind(r) == run.IMAGE and run.detect_kind(r / "model") == run.IMAGE

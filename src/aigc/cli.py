@@ -77,7 +77,7 @@ def data_prepare(
     size: Annotated[int, typer.Option(help="Image: side in pixels after resize and centre crop.")] = 32,
     mode: Annotated[str, typer.Option(help="Image: rgb or gray.")] = "rgb",
     hflip: Annotated[bool, typer.Option("--hflip", help="Image: random horizontal flips while training.")] = False,
-    count: Annotated[int, typer.Option(help="Image: how many built-in shapes to draw (default 5000). Music: at most this many built-in chorales (0: all). Chat tasks: records to generate (default 1000).")] = 5000,
+    count: Annotated[Optional[int], typer.Option(help="Image: how many built-in shapes to draw (default 5000). Music: at most this many built-in chorales (default: all). Chat tasks: records to generate (default 1000).")] = None,
     transpose: Annotated[str, typer.Option(help="Music: transposition range for augmentation, LOW:HIGH semitones (0:0 turns it off).")] = "-5:6",
     field: Annotated[str, typer.Option(help="JSON field or CSV column with the text.")] = "text",
     normalization: Annotated[str, typer.Option(help="Unicode normalisation: NFC, NFKC or none.")] = "NFC",
@@ -99,10 +99,10 @@ def data_prepare(
         kind = "image" if builtin and set(builtin) <= {"digits", "shapes"} else "music" if builtin and set(builtin) == {"chorales"} \
             else "chat" if builtin and set(builtin) <= {"products", "exercises", "poems"} else "text"
     if kind == "music":
-        _prepare_music(inputs or [], out_dir, builtin, count, transpose, val_fraction, seed, overwrite, as_json)
+        _prepare_music(inputs or [], out_dir, builtin, count or 0, transpose, val_fraction, seed, overwrite, as_json)
         return
     if kind == "image":
-        _prepare_images(inputs or [], out_dir, builtin, {"size": size, "mode": mode, "hflip": hflip, "count": count,
+        _prepare_images(inputs or [], out_dir, builtin, {"size": size, "mode": mode, "hflip": hflip, "count": 5000 if count is None else count,
                                                          "val_fraction": val_fraction, "seed": seed}, overwrite, as_json)
         return
     if kind in ("chat", "preference"):
@@ -115,7 +115,7 @@ def data_prepare(
                                               "exact_dedup": not no_exact_dedup, "val_fraction": val_fraction, "seed": seed, "pii": pii})
         with err.status(f"preparing {kind} data"):
             manifest = prepare_chat(inputs or [], out_dir, opts, overwrite=overwrite, builtin=builtin,
-                                    count=1000 if count == 5000 else count)
+                                    count=1000 if count is None else count)
         if as_json:
             _emit_json(manifest)
             return
@@ -173,8 +173,7 @@ def _prepare_music(inputs: list[Path], out_dir: Path, builtin: list[str] | None,
         low, high = (int(x) for x in transpose.split(":"))
     except ValueError:
         raise UserError(f"--transpose: write LOW:HIGH in semitones, e.g. -5:6 (got {transpose!r})") from None
-    limit = count if count != 5000 else 0  # 5000 is the option's default (for shapes): all chorales
-    opts = from_dict(MusicPrepareOptions, {"val_fraction": val_fraction, "seed": seed, "limit": limit, "transpose": [low, high]})
+    opts = from_dict(MusicPrepareOptions, {"val_fraction": val_fraction, "seed": seed, "limit": count, "transpose": [low, high]})
     bar = Progress(TextColumn("[bold]reading scores"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn(), console=err, transient=True)
     task = bar.add_task("read", total=None)

@@ -47,10 +47,6 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
 
-    @property
-    def supervised(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -205,10 +205,8 @@ def poem_prompt(title: str, form: str) -> list[dict]:
 
 @dataclass
 class Task:
-    name: str
-    conversations: Callable[[int, int], list[dict]]  # (count, seed) -> chat records with a "check" field
+    conversations: Callable[[int, int], list[dict]]  # (count, seed) -> chat records (the reference answer last)
     preferences: Callable[[int, int], list[dict]]  # (count, seed) -> preference records
-    describe: str
 
 
 def _distinct(make: Callable[[random.Random], object], count: int, rng: random.Random) -> list:
@@ -278,9 +276,9 @@ def _poem_pairs(count: int, seed: int) -> list[dict]:
 
 
 TASKS = {
-    "products": Task("products", _products, _product_pairs, "product descriptions in a house style"),
-    "exercises": Task("exercises", _exercises, _exercise_pairs, "arithmetic and unit-conversion word problems"),
-    "poems": Task("poems", _poems, _poem_pairs, "classical Chinese poems of a given form (Tang sample)"),
+    "products": Task(_products, _product_pairs),  # product descriptions in a house style
+    "exercises": Task(_exercises, _exercise_pairs),  # arithmetic and unit-conversion word problems
+    "poems": Task(_poems, _poem_pairs),  # classical Chinese poems of a given form (Tang sample)
 }
 
 

@@ -58,7 +58,8 @@ class Billing:
         except PaymentRequired as exc:
             raise ApiError(402, str(exc), code="insufficient_quota") from None
 
-    def _settle(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
+    def settle_blocking(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
+        """``settle`` for a caller that may block (a job's worker thread)."""
         with self.engine.begin() as conn:
             done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
                                compute_s, self.cost_per_s)
@@ -70,7 +71,7 @@ class Billing:
                      units: Units, hold: Hold, compute_s: float, also=None) -> tuple[int, int]:
         """Charge and record; ``also(conn)`` runs in the same transaction."""
         if self.inline:
-            return self._settle(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)
+            return self.settle_blocking(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)
         with anyio.CancelScope(shield=True):
-            return await anyio.to_thread.run_sync(self._settle, request_id, principal, model, version, endpoint, status,
+            return await anyio.to_thread.run_sync(self.settle_blocking, request_id, principal, model, version, endpoint, status,
                                                   units, hold, compute_s, also)

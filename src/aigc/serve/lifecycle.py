@@ -112,10 +112,6 @@ class Generation:
             raise
         return self._hold
 
-    @property
-    def held(self) -> Hold:
-        return self._hold
-
     # ------------------------------------------------------------ deliver
 
     def check_output(self, text: str) -> tuple[str, dict | None]:
@@ -215,6 +211,7 @@ class Generation:
         if self.settled is not None:
             return self.settled
         self.settled = (0, 0)
-        charged, cost = self.service.billing._settle(settle_id, self.principal, self.entry.id, self.entry.version, self.endpoint,
+        self._refund(units)
+        charged, cost = self.service.billing.settle_blocking(settle_id, self.principal, self.entry.id, self.entry.version, self.endpoint,
                                                      status, units, self._hold, compute_s, also=self._writer(list(records), also))
         return self._settled(charged, cost, units)
