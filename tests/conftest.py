@@ -180,3 +180,41 @@ def music_model(tmp_path_factory, music_data) -> Path:
     prepare_run(cfg, run)
     train(cfg, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, tiny_run) -> Path:
+    """A tiny random Llama (Hugging Face folder) with the tiny run's character tokenizer and the built-in chat
+    template: the starting point of the SFT and DPO tests (never the 135M model in the fast tier)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from aigc.data.chat_tokens import ensure_chat_template
+
+    out = tmp_path_factory.mktemp("models") / "chat"
+    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
+    ensure_chat_template(tok)
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out), save_jinja_files=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def products_chat(tmp_path_factory) -> Path:
+    from aigc.data.chat import ChatPrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("chat") / "products"
+    prepare([], out, ChatPrepareOptions(kind="chat"), builtin=["products"], count=60)
+    return out
+
+
+@pytest.fixture(scope="session")
+def products_pref(tmp_path_factory) -> Path:
+    from aigc.data.chat import ChatPrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("chat") / "products-pref"
+    prepare([], out, ChatPrepareOptions(kind="preference"), builtin=["products"], count=60)
+    return out

@@ -89,6 +89,7 @@ class Packed:
     labels: list[int]
     position_ids: list[int]
     examples: int
+    length: int = 0  # tokens before the padding
 
 
 def pack(encoded: list[Encoded], block: int, pad_id: int) -> list[Packed]:
@@ -108,6 +109,7 @@ def pack(encoded: list[Encoded], block: int, pad_id: int) -> list[Packed]:
     if cur.input_ids:
         rows.append(cur)
     for r in rows:
+        r.length = len(r.input_ids)
         n = block - len(r.input_ids)
         start = r.position_ids[-1] + 1
         r.input_ids += [pad_id] * n

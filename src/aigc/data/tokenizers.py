@@ -94,3 +94,43 @@ def load(path: str | Path):
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise UserError(f"{p}: no tokenizer.json found")
     return AutoTokenizer.from_pretrained(str(p))
+
+
+# ---------------------------------------------------------------- coverage of new data by an existing tokenizer
+
+class Coverage:
+    """How well a tokenizer covers some texts: tokens, unknown tokens, and the characters it cannot encode."""
+
+    def __init__(self, tokens: int, unknown: int, missing: Counter):
+        self.tokens, self.unknown, self.missing = tokens, unknown, missing
+
+    @property
+    def rate(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def to_dict(self, top: int = 20) -> dict:
+        return {"tokens": self.tokens, "unknown_tokens": self.unknown, "unknown_token_rate": round(self.rate, 6),
+                "missing_symbols": len(self.missing), "most_common_missing": "".join(c for c, _ in self.missing.most_common(top))}
+
+
+def coverage(tok, texts: Iterable[str]) -> Coverage:
+    """The share of ``texts``' tokens that ``tok`` maps to its unknown token, and which characters cause it.
+
+    Byte-level tokenizers (GPT-2 style BPE, SmolLM2's) have no unknown token and always cover everything."""
+    texts = list(texts)
+    tokens = sum(len(ids) for start in range(0, len(texts), 1024)
+                 for ids in tok(texts[start : start + 1024], add_special_tokens=False)["input_ids"])
+    unk = tok.unk_token_id
+    if unk is None or not texts:
+        return Coverage(tokens, 0, Counter())
+    chars = Counter(c for t in texts for c in t)
+    missing = Counter({c: n for c, n in chars.items() if not c.isspace() and unk in tok(c, add_special_tokens=False)["input_ids"]})
+    unknown = sum(1 for start in range(0, len(texts), 1024)
+                  for ids in tok(texts[start : start + 1024], add_special_tokens=False)["input_ids"] for i in ids if i == unk)
+    return Coverage(tokens, unknown, missing)
+
+
+def extend(tok, symbols: Iterable[str]) -> int:
+    """Add ``symbols`` (characters the tokenizer maps to unknown) as tokens of their own; returns how many were added.
+    The model's embeddings must then grow to ``len(tok)`` rows (``models.lm.fit_vocabulary``)."""
+    return tok.add_tokens(sorted(set(symbols)))

@@ -312,14 +312,27 @@ class TextGenerator:
         model, tokenizer = load_model(path)
         return cls(model, tokenizer, fast=fast)
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's ids (a list of ids passes through), cut to the context from the left."""
+        ids = prompt if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:  # an empty prompt starts a new document
             ids = [self.tokenizer.eos_token_id]
         return ids[-self.context :]
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation, exactly as training encoded it, up to the assistant's header."""
+        from aigc.data.chat_tokens import encode_chat, ensure_chat_template
+
+        ensure_chat_template(self.tokenizer)
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | None = None,
+             progress: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Answers to each conversation (its messages before the answer), through the model's chat template."""
+        return self.generate([self.encode_chat(c) for c in conversations], params, progress)
+
     @torch.inference_mode()
-    def stream(self, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str, Completion | None]]:
+    def stream(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (sequence index, text delta, Completion when that sequence ends) as tokens arrive.
 
         Sequence ``j`` is sample ``j % n`` of prompt ``j // n``.
@@ -381,7 +394,7 @@ class TextGenerator:
             # Finished rows keep decoding (cheap at these sizes) so the batch stays rectangular.
             logits = self.decoder.forward(nxt[:, None])
 
-    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None,
+    def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[Completion]:
         """Completions for every prompt, ``params.n`` each, ordered prompt by prompt; ``progress(done, total)``
         hears each finished sequence."""
@@ -415,7 +428,10 @@ def load_model(path: str | Path):
 
         base_path = json.loads((folder / "aigc_base.json").read_text())["init_path"] if (folder / "aigc_base.json").is_file() \
             else json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        from aigc.models.lm import fit_vocabulary
+
         base, _ = load_pretrained(base_path)
+        fit_vocabulary(base, len(AutoTokenizer.from_pretrained(str(folder))))  # tokens the fine-tune added
         model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     elif (folder / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)

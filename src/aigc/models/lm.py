@@ -136,3 +136,12 @@ def load_pretrained(path: str, dtype=None):
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model, load_pretrained_tokenizer(path)
+
+
+def fit_vocabulary(model, size: int) -> bool:
+    """Grow the embeddings (and a tied or untied output layer) to ``size`` rows for tokens a tokenizer gained; the new
+    rows start from the mean and spread of the old ones (transformers' ``mean_resizing``), not at random. True if grown."""
+    if size <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(size, mean_resizing=True)
+    return True

@@ -4,6 +4,7 @@ Plain functions on purpose: each loop stays readable on its own (see DESIGN.md, 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from aigc.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,43 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     margins = chosen - rejected
     return DPOStats(-torch.nn.functional.logsigmoid(margins).mean(), chosen.detach(), rejected.detach(), margins.detach(),
                     float((margins > 0).float().mean()))
+
+
+def epoch_order(n: int, batch: int, seed: int, start: int) -> list[int]:
+    """Indices ``start .. start + batch`` of an endless walk through ``n`` examples, a fresh permutation of them each
+    epoch: every example is seen once per epoch, and the walk depends only on (seed, position), so a resumed run
+    reads the same examples at the same step."""
+    out = []
+    for i in range(start, start + batch):
+        epoch, k = divmod(i, n)
+        out.append(int(_permutation(n, seed, epoch)[k]))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int):
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def fit_tokenizer(tokenizer, texts: list[str], settings) -> dict:
+    """The base tokenizer's coverage of a fine-tune's data (``settings``: the run's tokenizer section); refuses when
+    too much of it would become the unknown token, unless ``settings.extend`` adds the missing characters."""
+    from aigc.data import tokenizers
+
+    cov = tokenizers.coverage(tokenizer, texts)
+    report = cov.to_dict()
+    if cov.rate > settings.max_unknown_rate and not settings.extend:
+        raise UserError(f"{cov.rate:.1%} of the training tokens are unknown to the base model's tokenizer "
+                        f"({len(cov.missing)} characters it cannot encode, such as {report['most_common_missing'][:10]!r}): "
+                        "the model would learn to predict <unk>. Add them with --tokenizer.extend=true "
+                        f"(or allow it with --tokenizer.max_unknown_rate={cov.rate:.2f})")
+    if settings.extend and cov.missing:
+        report["added_tokens"] = tokenizers.extend(tokenizer, cov.missing)
+        report["unknown_token_rate_after"] = round(tokenizers.coverage(tokenizer, texts).rate, 6)
+        log.info("tokenizer extended with %d characters", report["added_tokens"])
+    return report
 
 
 def cpu_has_bf16() -> bool:

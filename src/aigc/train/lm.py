@@ -49,6 +49,10 @@ class TokenizerConfig:
     kind: Literal["char", "bpe"] = "char"
     vocab_size: int = 0  # bpe: target size (default 4096); char: cap on distinct characters (0 = all)
     path: str = ""  # reuse an existing tokenizer folder or tokenizer.json instead of training one
+    # Fine-tuning reuses the base model's tokenizer. Its unknown-token rate on the new data is measured; above
+    # max_unknown_rate the run is refused, unless extend adds the missing characters as tokens (and grows the embeddings).
+    max_unknown_rate: float = 0.01
+    extend: bool = False
 
 
 @dataclass
@@ -73,6 +77,20 @@ class AdversarialConfig:
 
     enabled: bool = False
     epsilon: float = 1.0
+
+
+@dataclass
+class ChatSettings:
+    """SFT: how conversations become training rows (data/chat_tokens.py)."""
+
+    train_on_prompt: bool = False  # also take the loss on system and user turns
+    mask_history: bool = False  # only the last assistant turn is trained on
+    packing: bool = True  # several examples per row, kept apart by restarting positions
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1  # how far the policy may move from the reference (higher: closer)
 
 
 @dataclass
@@ -112,17 +130,31 @@ class LoopConfig:
 
 @dataclass
 class TextTrainConfig:
+    # pretrain: next-token prediction on documents; sft: supervised fine-tuning on conversations (aigc data prepare
+    # --kind chat); dpo: preference tuning on chosen/rejected pairs (--kind preference). sft and dpo live in train/chat.py.
+    task: Literal["pretrain", "sft", "dpo"] = "pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: LMConfig = field(default_factory=LMConfig)
     init: InitConfig = field(default_factory=InitConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
     train: LoopConfig = field(default_factory=LoopConfig)
 
     def validate(self) -> None:
         if self.lora.enabled and not self.init.path:
             raise UserError("lora.enabled needs a pretrained starting point: set init.path")
+        if self.task != "pretrain" and not self.init.path:
+            raise UserError(f"task {self.task} fine-tunes a pretrained model: set init.path (smollm2, a Hugging Face folder, "
+                            "a .gguf file or a run directory)")
+        if self.task != "pretrain" and self.adversarial.enabled:
+            raise UserError("adversarial training is for task pretrain only")
+        if self.dpo.beta <= 0:
+            raise UserError(f"dpo.beta must be > 0, got {self.dpo.beta}")
+        if not 0 <= self.tokenizer.max_unknown_rate <= 1:
+            raise UserError(f"tokenizer.max_unknown_rate must be in [0, 1], got {self.tokenizer.max_unknown_rate}")
 
 
 # ---------------------------------------------------------------- data
@@ -155,16 +187,22 @@ def save_model(model, tokenizer, out: Path, is_lora: bool, base_path: str = "") 
 
     with store.atomic_folder(out, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp), save_jinja_files=False)  # the chat template inside tokenizer_config.json
         if is_lora:
             (tmp / "aigc_base.json").write_text(json.dumps({"init_path": base_path}), encoding="utf-8")
 
 
-def _make_model(cfg: TextTrainConfig, tokenizer):
+def make_model(cfg: TextTrainConfig, tokenizer):
+    """The model to train: built from scratch, or the pretrained one with its embeddings grown to the run's tokenizer
+    (``tokenizer.extend``) and, with LoRA, the adapter on top (the new tokens' rows trained too)."""
     from aigc.models import lm as lm_models
 
+    new_tokens: list[int] = []
     if cfg.init.path:
         model, _ = lm_models.load_pretrained(cfg.init.path)
+        old = model.get_input_embeddings().weight.shape[0]
+        if lm_models.fit_vocabulary(model, len(tokenizer)):
+            new_tokens = list(range(old, len(tokenizer)))
     else:
         model = lm_models.build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=cfg.train.seed)
     if cfg.lora.enabled:
@@ -174,7 +212,8 @@ def _make_model(cfg: TextTrainConfig, tokenizer):
         if missing:
             raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+                                                 trainable_token_indices=new_tokens or None))
     return model
 
 
@@ -184,7 +223,7 @@ def _block_size(cfg: TextTrainConfig, model) -> int:
     return cfg.model.block_size
 
 
-def _make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings decay; norms and biases do not
     no_decay = [p for p in params if p.dim() < 2]
@@ -205,6 +244,10 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
     from aigc.data.text import load_prepared
     from aigc.models.lm import load_pretrained_tokenizer
 
+    if cfg.task != "pretrain":
+        from aigc.train import chat
+
+        return chat.prepare_run(cfg, run_dir, overwrite)
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
     try:
@@ -216,6 +259,7 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
         raise UserError(f"{cfg.data.path}: the prepared corpus has no validation documents; prepare it with --val-fraction > 0")
     if cfg.init.path:
         tokenizer = load_pretrained_tokenizer(cfg.init.path)
+        manifest = {**manifest, "tokenizer_coverage": common.fit_tokenizer(tokenizer, train_texts, cfg.tokenizer)}
     elif cfg.tokenizer.path:
         tokenizer = tokenizers.load(cfg.tokenizer.path)
     else:
@@ -244,6 +288,11 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     """Train (or resume) the run in ``run_dir``; return the summary also written to summary.json."""
     from aigc.data import tokenizers
 
+    if cfg.task != "pretrain":
+        from aigc.train import chat
+
+        return chat.train(cfg, run_dir, resume, progress)
+
     run_dir = Path(run_dir)
     loop = cfg.train
     threads.configure(loop.threads)
@@ -251,13 +300,13 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
 
-    model = _make_model(cfg, tokenizer)
+    model = make_model(cfg, tokenizer)
     block = _block_size(cfg, model)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) < block + 2:
             raise UserError(f"the {split} split has {len(ids)} tokens, fewer than one block of {block}; "
                             f"use more data or a smaller --model.block_size")
-    optimizer = _make_optimizer(model, loop)
+    optimizer = make_optimizer(model, loop)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     ckpt_dir = run_dir / "checkpoints"
@@ -389,6 +438,9 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "threads": threads.current().to_dict(),
         "stopped": state["stopped"] or budget.reason(step, state["elapsed"]),
     }
+    coverage = json.loads((run_dir / "dataset" / "manifest.json").read_text(encoding="utf-8")).get("tokenizer_coverage")
+    if coverage:
+        summary["tokenizer_coverage"] = coverage
     if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.text import SamplingParams, TextGenerator
 

@@ -41,7 +41,7 @@ from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
 from aigc.train import common
-from aigc.train.lm import DataConfig, LoopConfig, _make_optimizer
+from aigc.train.lm import DataConfig, LoopConfig, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
                             f"use more scores or a smaller --model.block_size")
     model = build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=loop.seed)
     meta = run_meta(run_dir)
-    optimizer = _make_optimizer(model, loop)
+    optimizer = make_optimizer(model, loop)
     params = dict(model.named_parameters())
 
     metrics_path = run_dir / "metrics.jsonl"

@@ -1,0 +1,391 @@
+"""Instruction tuning of a pretrained causal LM: supervised fine-tuning (``task: sft``) on conversations and direct
+preference optimisation (``task: dpo``) on chosen/rejected pairs, fully or with LoRA.
+
+One explicit loop (``train``), with the pretraining loop's properties (train/lm.py): AdamW, warmup + cosine
+schedule, gradient accumulation and clipping, bf16 autocast, evaluation on fixed validation rows, best-checkpoint
+keeping, early stopping, TensorBoard and a loss plot, and exact resume after ``kill -9``: the rows of step ``s``
+are a function of (seed, s) only (an epoch-by-epoch permutation), and the checkpoint holds the trainable weights,
+the optimizer state and the counters.
+
+- SFT: each conversation is encoded turn by turn with the model's chat template (data/chat_tokens.py); the loss is
+  the mean over the supervised tokens (assistant turns and their end-of-turn token) of the batch. With
+  ``chat.packing`` several examples share a row, kept apart by positions that restart per example.
+- DPO: the sigmoid loss with ``dpo.beta`` (train/common.dpo_loss). The reference is the starting model, frozen:
+  with LoRA the same model with its adapter disabled (no second copy in memory), otherwise a frozen copy, as TRL
+  does. Logged as TRL logs it: rewards of the chosen and rejected answers, their margin and the preference accuracy.
+
+Run directory: as train/lm.py's, with the encoded rows in ``data/{train,val}.jsonl`` (ids and labels, or pairs of
+them), the held-out conversations in ``data/val.records.jsonl`` (what ``aigc eval text`` answers), and the chat
+template saved in ``tokenizer_config.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from aigc import threads
+from aigc.config import save_yaml
+from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
+from aigc.errors import UserError
+from aigc.train import common
+from aigc.train.lm import TextTrainConfig, make_model, make_optimizer, save_model
+
+log = logging.getLogger(__name__)
+
+DATA_KIND = {"sft": "chat", "dpo": "preference"}
+
+
+# ---------------------------------------------------------------- data
+
+def _texts(records: list[dict]) -> list[str]:
+    return [m["content"] for r in records for key in ("messages", "prompt", "chosen", "rejected") for m in r.get(key, [])]
+
+
+def encode_sft(tokenizer, records: list[dict], cfg: TextTrainConfig, block: int) -> tuple[list[dict], dict]:
+    """Rows of ids and labels (packed to ``block`` or one example each) and what encoding dropped or cut."""
+    encoded, stats = [], {"examples": len(records), "no_supervised_tokens": 0, "truncated": 0}
+    for r in records:
+        e = encode_chat(tokenizer, r["messages"], train_on_prompt=cfg.chat.train_on_prompt, mask_history=cfg.chat.mask_history)
+        if len(e.input_ids) > block:
+            stats["truncated"] += 1
+            e.input_ids, e.labels = e.input_ids[:block], e.labels[:block]
+        if all(label == IGNORE for label in e.labels[1:]):  # nothing left to learn from (the first token is never predicted)
+            stats["no_supervised_tokens"] += 1
+            continue
+        encoded.append(e)
+    if cfg.chat.packing:
+        rows = [{"input_ids": r.input_ids, "labels": r.labels, "position_ids": r.position_ids, "length": r.length}
+                for r in pack(encoded, block, tokenizer.pad_token_id)]
+    else:
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+    stats.update(kept=len(encoded), rows=len(rows), tokens=sum(len(e.input_ids) for e in encoded),
+                 supervised_tokens=sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in encoded))
+    return rows, stats
+
+
+def _answer(tokenizer, prompt: list[dict], answer: list[dict], block: int) -> tuple[list[int], list[int]]:
+    """Ids of prompt + answer, labelled on the answer only (its end-of-turn token included), cut to ``block``."""
+    start = len(encode_chat(tokenizer, prompt, add_generation_prompt=True).input_ids)
+    e = encode_chat(tokenizer, prompt + answer, train_on_prompt=True)
+    labels = [IGNORE] * start + e.labels[start:]
+    return e.input_ids[:block], labels[:block]
+
+
+def encode_dpo(tokenizer, records: list[dict], block: int) -> tuple[list[dict], dict]:
+    rows, stats = [], {"examples": len(records), "no_supervised_tokens": 0, "truncated": 0}
+    for r in records:
+        pair = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = _answer(tokenizer, r["prompt"], r[side], block + 1)
+            if len(ids) > block:
+                stats["truncated"] += 1
+                ids, labels = ids[:block], labels[:block]
+            pair[side] = {"input_ids": ids, "labels": labels}
+        if any(all(x == IGNORE for x in pair[s]["labels"]) for s in pair):
+            stats["no_supervised_tokens"] += 1
+            continue
+        rows.append(pair)
+    stats.update(kept=len(rows), rows=len(rows),
+                 tokens=sum(len(p[s]["input_ids"]) for p in rows for s in p))
+    return rows, stats
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
+    """Create the run directory: config, dataset manifest (with the tokenizer's coverage of it), the tokenizer with
+    its chat template, and the encoded rows. Built in a temp folder and renamed into place."""
+    from aigc.data import chat as chat_data
+    from aigc.data import store
+    from aigc.models.lm import load_pretrained_tokenizer
+
+    if not cfg.data.path:
+        raise UserError(f"no training data: pass --data PREPARED_DIR (from `aigc data prepare --kind {DATA_KIND[cfg.task]}`)")
+    try:
+        store.check_writable(run_dir, overwrite)
+    except UserError:
+        raise UserError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to start over") from None
+    train_records, val_records, manifest = chat_data.load_prepared(cfg.data.path, DATA_KIND[cfg.task])
+    if not val_records:
+        raise UserError(f"{cfg.data.path}: the prepared dataset has no validation records; prepare it with --val-fraction > 0")
+    tokenizer = load_pretrained_tokenizer(cfg.init.path)
+    template = ensure_chat_template(tokenizer)
+    manifest = {**manifest, "tokenizer_coverage": common.fit_tokenizer(tokenizer, _texts(train_records), cfg.tokenizer)}
+    block = cfg.model.block_size
+    encode = (lambda recs: encode_sft(tokenizer, recs, cfg, block)) if cfg.task == "sft" else (lambda recs: encode_dpo(tokenizer, recs, block))
+    with store.atomic_folder(run_dir, overwrite) as tmp:
+        (tmp / "dataset").mkdir()
+        (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"), save_jinja_files=False)
+        (tmp / "data").mkdir()
+        for split, records in (("train", train_records), ("val", val_records)):
+            rows, stats = encode(records)
+            if not rows:
+                raise UserError(f"{cfg.data.path}: no {split} example has a supervised token left within "
+                                f"--model.block_size={block}; raise it or check the data")
+            _write_jsonl(tmp / "data" / f"{split}.jsonl", rows)
+            (tmp / "data" / f"{split}.json").write_text(json.dumps({"task": cfg.task, "chat_template": template, **stats}))
+        _write_jsonl(tmp / "data" / "val.records.jsonl", val_records)
+        save_yaml(asdict(cfg), tmp / "config.yaml")
+
+
+# ---------------------------------------------------------------- batches
+
+def sft_batch(rows: list[dict], pad_id: int) -> dict:
+    """Tensors of a batch of SFT rows: packed rows carry position ids and need no mask; others are right-padded."""
+    if "position_ids" in rows[0]:
+        out = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+        return {**out, "tokens": sum(r["length"] for r in rows)}
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id)
+    labels = torch.full((len(rows), n), IGNORE)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for b, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[b, :k], labels[b, :k], mask[b, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "tokens": int(mask.sum())}
+
+
+def dpo_batch(pairs: list[dict], pad_id: int) -> dict:
+    """The chosen answers then the rejected ones, as one right-padded batch of 2B rows (one forward pass for both)."""
+    return sft_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+
+
+def sft_loss(model, batch: dict, precision: str) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the batch's supervised tokens, how many there were)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss / max(1, n), n
+
+
+def answer_logprobs(model, batch: dict, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probabilities of each row's answer, its token count): (2B,), (2B,)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(**inputs, use_cache=False).logits
+    return common.sequence_logprobs(logits, batch["labels"]), (batch["labels"][:, 1:] != IGNORE).sum(-1)
+
+
+def reference_logprobs(model, reference, batch: dict, precision: str) -> torch.Tensor:
+    """The frozen starting model's log-probabilities: the LoRA model with its adapter off, or the frozen copy."""
+    with torch.no_grad(), (model.disable_adapter() if reference is None else nullcontext()):
+        return answer_logprobs(reference if reference is not None else model, batch, precision)[0]
+
+
+def preference_stats(model, reference, batch: dict, beta: float, precision: str) -> tuple[common.DPOStats, torch.Tensor]:
+    """The DPO loss of a batch and, per pair, whether the policy's mean per-token log-probability prefers the chosen
+    answer (a preference that needs no reference, so a model can be scored before any DPO)."""
+    logp, n = answer_logprobs(model, batch, precision)
+    ref = reference_logprobs(model, reference, batch, precision)
+    half = logp.shape[0] // 2
+    stats = common.dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], beta)
+    mean = logp.detach() / n.clamp(min=1)
+    return stats, mean[:half] > mean[half:]
+
+
+# ---------------------------------------------------------------- the loop
+
+class _Trainable:
+    """The trainable parameters as one checkpoint part (a LoRA run saves megabytes, not the whole model)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        with torch.no_grad():
+            for n, t in saved.items():
+                self.params[n].copy_(t)
+
+
+def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
+          progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train (or resume) the SFT or DPO run in ``run_dir``; return the summary also written to summary.json."""
+    from aigc.data import tokenizers
+
+    run_dir = Path(run_dir)
+    loop, dpo = cfg.train, cfg.task == "dpo"
+    threads.configure(loop.threads)
+    precision = common.resolve_precision(loop.precision)
+    tokenizer = tokenizers.load(run_dir / "tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, val_rows = _read_jsonl(run_dir / "data" / "train.jsonl"), _read_jsonl(run_dir / "data" / "val.jsonl")
+    val_rows = val_rows[: loop.eval_batches * loop.batch_size]
+
+    model = make_model(cfg, tokenizer)
+    context = getattr(model.config, "max_position_embeddings", cfg.model.block_size)
+    if cfg.model.block_size > context:
+        raise UserError(f"--model.block_size={cfg.model.block_size} is longer than the model's context of {context} tokens")
+    reference = None
+    if dpo and not cfg.lora.enabled:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, loop)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
+    parts = {"params": _Trainable(trainable), "optimizer": optimizer}
+    state, ckpt_path = common.resume(run_dir, resume, state, parts)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+    make_batch = dpo_batch if dpo else sft_batch
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        out: dict = {}
+        if dpo:
+            losses, correct, wins = [], [], []
+            for i in range(0, len(val_rows), loop.batch_size):
+                stats, prefers = preference_stats(model, reference, make_batch(val_rows[i : i + loop.batch_size], pad),
+                                                  cfg.dpo.beta, precision)
+                losses.append(float(stats.loss) * len(prefers))
+                correct += (stats.margins > 0).tolist()
+                wins += prefers.tolist()
+            out = {"val_loss": sum(losses) / len(correct), "val_reward_accuracy": float(np.mean(correct)),
+                   "val_preference_accuracy": float(np.mean(wins))}
+        else:
+            total, count = 0.0, 0
+            for i in range(0, len(val_rows), loop.batch_size):
+                loss, n = sft_loss(model, make_batch(val_rows[i : i + loop.batch_size], pad), precision)
+                total, count = total + float(loss) * n, count + n
+            out = {"val_loss": total / max(1, count)}
+        model.train()
+        return out
+
+    model.train()
+    step = state["step"]
+    budget = common.Budget(loop.max_steps, loop.max_seconds)
+    t_start = time.perf_counter() - state["elapsed"]
+    t_last, tokens_since = time.perf_counter(), 0
+    with common.StopSignals() as signals:
+        while not budget.reason(step, state["elapsed"]):
+            threads.adapt()
+            done = budget.progress(step, time.perf_counter() - t_start)
+            lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
+            total, extra = 0.0, {}
+            for micro in range(loop.grad_accum):
+                picked = common.epoch_order(len(train_rows), loop.batch_size, loop.seed, (step * loop.grad_accum + micro) * loop.batch_size)
+                batch = make_batch([train_rows[i] for i in picked], pad)
+                tokens_since += batch["tokens"]
+                if dpo:
+                    stats, _ = preference_stats(model, reference, batch, cfg.dpo.beta, precision)
+                    loss = stats.loss
+                    for key, value in (("rewards_chosen", stats.chosen_rewards.mean()), ("rewards_rejected", stats.rejected_rewards.mean()),
+                                       ("reward_margin", stats.margins.mean()), ("reward_accuracy", stats.accuracy)):
+                        extra[key] = extra.get(key, 0.0) + float(value) / loop.grad_accum
+                else:
+                    loss, _ = sft_loss(model, batch, precision)
+                (loss / loop.grad_accum).backward()
+                total += loss.item() / loop.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            now = time.perf_counter()
+            state["elapsed"] = now - t_start
+            record = {"step": step, "time_s": round(state["elapsed"], 3), "loss": round(total, 6), "lr": lr,
+                      "grad_norm": round(float(grad_norm), 6), "epoch": round(step * loop.grad_accum * loop.batch_size / len(train_rows), 4),
+                      **{k: round(v, 6) for k, v in extra.items()}}
+            if step % 10 == 0 or step == 1:
+                record["tokens_per_s"] = round(tokens_since / max(1e-9, now - t_last))
+                t_last, tokens_since = now, 0
+            previous, reason = common.end_of_step(state, budget, signals)
+            cost = len(val_rows) / (3 * loop.batch_size * loop.grad_accum)  # an evaluation's price in training steps
+            if reason != "interrupted" and common.eval_due(state, step, loop.eval_interval, previous, cost, final=bool(reason)):
+                scores = evaluate()
+                record.update({k: round(v, 6) for k, v in scores.items()})
+                if scores["val_loss"] < state["best_val"] - loop.min_delta:
+                    state["best_val"], state["bad_evals"] = scores["val_loss"], 0
+                    save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    record["best"] = True
+                else:
+                    state["bad_evals"] += 1
+                    if loop.patience and state["bad_evals"] >= loop.patience:
+                        reason = reason or "early_stop"
+            state["stopped"] = reason
+            common.append_jsonl(metrics_path, record)
+            for key in ("loss", "lr", *extra):
+                writer.add_scalar(f"train/{key}", record[key], step)
+            for key in [k for k in record if k.startswith("val_")]:
+                writer.add_scalar(f"val/{key[4:]}", record[key], step)
+            if "val_loss" in record:
+                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+            if step % loop.checkpoint_interval == 0 or reason:
+                common.save_checkpoint(ckpt_path, state, parts)
+            if progress:
+                progress(step, state["progress"], record)
+            if reason:
+                break
+    writer.close()
+    if not (run_dir / "model").is_dir():
+        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+    records = common.read_jsonl(metrics_path)
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # step 1 is warm-up
+    last_eval = next((r for r in reversed(records) if "val_loss" in r), {})
+    data = json.loads((run_dir / "data" / "train.json").read_text())
+    manifest = json.loads((run_dir / "dataset" / "manifest.json").read_text(encoding="utf-8"))
+    summary = {
+        "task": cfg.task,
+        "steps": step,
+        "best_val_loss": state["best_val"],
+        "elapsed_s": round(state["elapsed"], 2),
+        "precision": precision,
+        "block_size": cfg.model.block_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "tokens_per_s": round(float(np.median(rates))) if rates else None,
+        "epochs": round(step * loop.grad_accum * loop.batch_size / len(train_rows), 3),
+        "data": data,
+        "tokenizer_coverage": manifest.get("tokenizer_coverage"),
+        "threads": threads.current().to_dict(),
+        "stopped": state["stopped"] or budget.reason(step, state["elapsed"]),
+        **{k: v for k, v in last_eval.items() if k.startswith("val_") and k != "val_loss"},
+    }
+    if loop.samples and summary["stopped"] != "interrupted":
+        _write_samples(run_dir, loop)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def _write_samples(run_dir: Path, loop) -> None:
+    """Answers to the first held-out prompts, with the run's chat template."""
+    from aigc.generate.text import SamplingParams, TextGenerator
+
+    records = _read_jsonl(run_dir / "data" / "val.records.jsonl")[: loop.samples]
+    prompts = [r["messages"][:-1] if "messages" in r else r["prompt"] for r in records]
+    gen = TextGenerator.from_path(run_dir)
+    outs = gen.chat(prompts, SamplingParams(max_new_tokens=loop.sample_tokens, temperature=0.0, seed=loop.seed))
+    parts = [f"{p[-1]['content']}\n>>>\n{o.text}" for p, o in zip(prompts, outs)]
+    (run_dir / "samples.txt").write_text("\n\n----\n\n".join(parts) + "\n", encoding="utf-8")
