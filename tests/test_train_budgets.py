@@ -15,7 +15,9 @@ from aigc.train.common import read_jsonl
 from conftest import AIGC, run_cli, wait_for
 
 CONFIGS = Path(__file__).parents[1] / "src/aigc/configs"
-KINDS = ["text", "music", "vae", "dcgan", "ddpm"]
+KINDS = ["text", "sft", "dpo", "music", "vae", "dcgan", "ddpm"]
+# SFT fully fine-tuned, DPO with LoRA (its reference is the same model with the adapter off)
+CHAT = {"sft": ("products_chat", False), "dpo": ("products_pref", True)}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,13 @@ def loop(request, pydoc_corpus, music_data, shapes8):
         from aigc.train.lm import TextTrainConfig as Cfg, prepare_run, train
 
         base, data, extra = CONFIGS / "text/tiny.yaml", pydoc_corpus, {}
+    elif kind in CHAT:
+        from aigc.train.lm import TextTrainConfig as Cfg, prepare_run, train
+
+        fixture, lora = CHAT[kind]
+        base, data = None, request.getfixturevalue(fixture)
+        extra = {"task": kind, "init": {"path": str(request.getfixturevalue("chat_model"))}, "lora": {"enabled": lora},
+                 "model": {"block_size": 768}}
     elif kind == "music":
         from aigc.train.music import MusicTrainConfig as Cfg, prepare_run, train
 
@@ -45,8 +54,9 @@ def loop(request, pydoc_corpus, music_data, shapes8):
         base, data, extra = CONFIGS / "image/tiny.yaml", shapes8, {"model": {"kind": kind}}
 
     def make(**train_overrides):
-        quiet = {"samples": 0} if kind in ("text", "music") else {"sample_interval": 10**6}
-        return load_config(Cfg, base, {"data": {"path": str(data)}, **extra, "train": {**quiet, **train_overrides}})
+        quiet = {"samples": 0} if kind in ("text", "music", *CHAT) else {"sample_interval": 10**6}
+        chat = {"batch_size": 2 if kind == "sft" else 1, "lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "precision": "fp32"} if kind in CHAT else {}
+        return load_config(Cfg, base, {"data": {"path": str(data)}, **extra, "train": {**chat, **quiet, **train_overrides}})
 
     return kind, make, prepare_run, train
 

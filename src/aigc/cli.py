@@ -288,14 +288,14 @@ def _stopped(summary: dict) -> str:
 @train_app.command("text", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_text(
     ctx: typer.Context,
-    config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (char-small, bpe-small, tiny, lora-smollm2).")] = None,
+    config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (char-small, bpe-small, tiny, lora-smollm2, sft-smollm2, sft-smollm2-lora, dpo-smollm2).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared corpus folder (from `aigc data prepare`).")] = None,
     run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
-    """Pretrain or fine-tune a decoder LM. Override any config key with --section.key=value."""
+    """Pretrain or fine-tune a decoder LM; `task: sft` or `dpo` tunes a pretrained model on conversations or preference pairs. Override any config key with --section.key=value."""
     from aigc.train.lm import TextTrainConfig, prepare_run, train
 
     cfg, run = _run_config(TextTrainConfig, ctx.args, config, data, run, resume, overwrite, "text", prepare_run)
@@ -381,9 +381,11 @@ def generate_text(
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 1,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     watermark: Annotated[bool, typer.Option(help="Green-list watermark keyed to this machine (detect with `aigc verify`).")] = True,
+    chat: Annotated[Optional[str], typer.Option(help="A user message, answered through the model's chat template (an SFT run's).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="With --chat: a system message before it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
 ):
-    """Generate text from a trained run, from a prompt or a vertical template."""
+    """Generate text from a trained run, from a prompt, a vertical template or (--chat) a conversation."""
     threads.configure()
     from aigc.generate import templates
     from aigc.generate.text import SamplingParams, TextGenerator
@@ -395,6 +397,11 @@ def generate_text(
         settings.update(tpl.sampling)
     elif var:
         raise UserError("--var needs --template")
+    if chat is not None and (prompt or template):
+        raise UserError("--chat is the prompt of a conversation: leave out --prompt and --template")
+    if system is not None and chat is None:
+        raise UserError("--system needs --chat")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat or ""}]
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "repetition_penalty": repetition_penalty, "stop": stop or None, "seed": seed}
     settings.update({k: v for k, v in given.items() if v is not None})
@@ -406,19 +413,22 @@ def generate_text(
         params.watermark = _local_mark()
     with err.status("loading the model"):
         gen = TextGenerator.from_path(run)
+    source = gen.encode_chat(messages) if chat is not None else prompt  # chat: the ids training used, answer only shown
+    echo = "" if chat is not None else prompt
     if as_json or not stream:
-        outs = gen.generate([prompt], params)
+        outs = gen.generate([source], params)
         if as_json:
-            _emit_json({"prompt": prompt, "completions": [o.__dict__ for o in outs]})
+            head = {"chat": True, "messages": messages} if chat is not None else {"prompt": prompt}
+            _emit_json({**head, "completions": [o.__dict__ for o in outs]})
         else:
             for o in outs:
-                sys.stdout.write(prompt + o.text + "\n")
+                sys.stdout.write(echo + o.text + "\n")
         return
     for index in range(n):  # one sample at a time, so each streams in order
         sample = from_dict(SamplingParams, {**settings, "n": 1, "seed": None if seed is None else seed + index})
         sample.watermark = params.watermark
-        sys.stdout.write(prompt)
-        for _, delta, _ in gen.stream([prompt], sample):
+        sys.stdout.write(echo)
+        for _, delta, _ in gen.stream([source], sample):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n" if index == n - 1 else "\n\n----\n\n")

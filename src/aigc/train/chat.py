@@ -128,6 +128,7 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
         raise UserError(f"{cfg.data.path}: the prepared dataset has no validation records; prepare it with --val-fraction > 0")
     tokenizer = load_pretrained_tokenizer(cfg.init.path)
     template = ensure_chat_template(tokenizer)
+    tokenizer.model_max_length = max(tokenizer.model_max_length, cfg.model.block_size)
     manifest = {**manifest, "tokenizer_coverage": common.fit_tokenizer(tokenizer, _texts(train_records), cfg.tokenizer)}
     block = cfg.model.block_size
     encode = (lambda recs: encode_sft(tokenizer, recs, cfg, block)) if cfg.task == "sft" else (lambda recs: encode_dpo(tokenizer, recs, block))
@@ -169,24 +170,40 @@ def dpo_batch(pairs: list[dict], pad_id: int) -> dict:
     return sft_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
 
 
+def _parts(model):
+    """(the decoder stack, the output layer) of a causal LM, a LoRA-wrapped one included (its adapters sit inside)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def supervised_logits(model, batch: dict, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits at the positions whose next token is supervised (N, V), those tokens (N,), their row (N,)).
+
+    The output layer runs only where a loss is taken: with a 49k vocabulary it is a large part of a step, and most
+    positions of a conversation are the prompt."""
+    decoder, head = _parts(model)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE  # (B, T-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
+        logits = head(hidden[:, :-1][keep])  # (N, V)
+    rows = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[keep]
+    return logits.float(), targets[keep], rows
+
+
 def sft_loss(model, batch: dict, precision: str) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the batch's supervised tokens, how many there were)."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    n = int((labels[:, 1:] != IGNORE).sum())
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss / max(1, n), n
+    logits, targets, _ = supervised_logits(model, batch, precision)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(1, len(targets)), len(targets)
 
 
 def answer_logprobs(model, batch: dict, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probabilities of each row's answer, its token count): (2B,), (2B,)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(**inputs, use_cache=False).logits
-    return common.sequence_logprobs(logits, batch["labels"]), (batch["labels"][:, 1:] != IGNORE).sum(-1)
+    logits, targets, rows = supervised_logits(model, batch, precision)
+    picked = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+    n = batch["labels"].shape[0]
+    return torch.zeros(n).index_add(0, rows, picked), torch.zeros(n, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
 
 
 def reference_logprobs(model, reference, batch: dict, precision: str) -> torch.Tensor:

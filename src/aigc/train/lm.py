@@ -208,6 +208,7 @@ def make_model(cfg: TextTrainConfig, tokenizer):
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(cfg.train.seed)  # the adapter's random initialisation: the same in every run of this config
         missing = [m for m in cfg.lora.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
         if missing:
             raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")

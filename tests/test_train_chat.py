@@ -1,0 +1,128 @@
+"""SFT and DPO of a pretrained model (a tiny random Llama with a chat template here; SmolLM2 in the slow tier)."""
+import json
+import math
+
+import pytest
+import torch
+
+from aigc.config import load_config
+from aigc.errors import UserError
+from aigc.train.common import read_jsonl
+from aigc.train.lm import TextTrainConfig, prepare_run, train
+from conftest import run_cli
+
+LOOP = {"batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "max_steps": 16, "eval_interval": 8, "eval_batches": 2,
+        "checkpoint_interval": 8, "precision": "fp32", "samples": 1, "sample_tokens": 20}
+
+
+def config(task, data, init, **sections):
+    return load_config(TextTrainConfig, None, {"task": task, "data": {"path": str(data)}, "init": {"path": str(init)},
+                                               "model": {"block_size": 768}, **sections, "train": {**LOOP, **sections.pop("train", {})}})
+
+
+def test_sft_learns_the_answers_and_saves_a_loadable_chat_model(tmp_path, chat_model, products_chat):
+    cfg = config("sft", products_chat, chat_model)
+    prepare_run(cfg, tmp_path / "run")
+    summary = train(cfg, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert records[0]["loss"] > records[-1]["loss"] and vals[-1] < vals[0]
+    assert summary["task"] == "sft" and summary["data"]["kept"] == summary["data"]["examples"] == 56
+    assert summary["data"]["supervised_tokens"] < summary["data"]["tokens"] / 2  # the prompts are long and not trained on
+    assert summary["tokenizer_coverage"]["unknown_token_rate"] == 0.0
+    # the chat template travels with the checkpoint, inside tokenizer_config.json, and loads with the standard classes
+    model_dir = tmp_path / "run" / "model"
+    template = json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    assert tok.chat_template == template and "assistant" in template
+    AutoModelForCausalLM.from_pretrained(str(model_dir))
+    samples = (tmp_path / "run" / "samples.txt").read_text()
+    assert "Write the description for this product." in samples and ">>>" in samples
+
+
+def test_packing_changes_rows_not_examples(tmp_path, chat_model, products_chat):
+    """Packed rows hold several short examples; unpacked, one each: the same examples and supervised tokens."""
+    out = {}
+    for packing in (True, False):
+        cfg = config("sft", products_chat, chat_model, chat={"packing": packing, "mask_history": True}, train={"max_steps": 1, "samples": 0})
+        prepare_run(cfg, tmp_path / str(packing))
+        out[packing] = json.loads((tmp_path / str(packing) / "data" / "train.json").read_text())
+    assert out[True]["supervised_tokens"] == out[False]["supervised_tokens"] > 0
+    assert out[False]["rows"] == out[False]["kept"] == 56
+    cfg = config("sft", products_chat, chat_model, model={"block_size": 1536}, train={"max_steps": 1, "samples": 0})
+    with pytest.raises(UserError, match="longer than the model's context of 1024"):
+        prepare_run(cfg, tmp_path / "long")
+        train(cfg, tmp_path / "long")
+
+
+def test_dpo_starts_at_log2_and_prefers_the_chosen_answers(tmp_path, chat_model, products_pref):
+    for lora in (True, False):  # LoRA: the reference is the adapter switched off; full: a frozen copy
+        cfg = config("dpo", products_pref, chat_model, lora={"enabled": lora}, train={"max_steps": 12, "eval_interval": 12})
+        run = tmp_path / f"lora-{lora}"
+        prepare_run(cfg, run)
+        summary = train(cfg, run)
+        records = read_jsonl(run / "metrics.jsonl")
+        # at step 1 the policy is the reference: every reward is 0 and the loss is -log sigmoid(0)
+        assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and records[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
+        late = records[len(records) // 2 :]
+        assert sum(r["reward_accuracy"] for r in late) / len(late) > 0.7 and sum(r["reward_margin"] for r in late) > 0
+        assert summary["best_val_loss"] < math.log(2) - 0.003  # held out: the chosen answers gain on the rejected ones
+        assert 0 <= summary["val_reward_accuracy"] <= 1 and 0 <= summary["val_preference_accuracy"] <= 1
+
+
+def test_wrong_data_kind_and_missing_base_model_are_one_line_errors(tmp_path, chat_model, products_chat, pydoc_corpus):
+    with pytest.raises(UserError, match="a prepared chat dataset, not a preference one"):
+        prepare_run(config("dpo", products_chat, chat_model), tmp_path / "a")
+    with pytest.raises(UserError, match="a prepared text dataset, not a chat one"):
+        prepare_run(config("sft", pydoc_corpus, chat_model), tmp_path / "b")
+    with pytest.raises(UserError, match="fine-tunes a pretrained model: set init.path"):
+        load_config(TextTrainConfig, None, {"task": "sft", "data": {"path": str(products_chat)}})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def poems_chat(tmp_path_factory):
+    from aigc.data.chat import ChatPrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("chat") / "poems"
+    prepare([], out, ChatPrepareOptions(kind="chat"), builtin=["poems"], count=40)
+    return out
+
+
+def test_unknown_characters_are_refused_then_added_with_extend(tmp_path, chat_model, poems_chat):
+    """The character model knows no Chinese: fine-tuning on poems would train it to predict <unk>."""
+    with pytest.raises(UserError, match=r"unknown to the base model's tokenizer .* --tokenizer.extend=true"):
+        prepare_run(config("sft", poems_chat, chat_model), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    for lora in (False, True):
+        run = tmp_path / f"extended-{lora}"
+        cfg = config("sft", poems_chat, chat_model, tokenizer={"extend": True}, lora={"enabled": lora},
+                     model={"block_size": 256}, train={"max_steps": 4, "eval_interval": 4})
+        prepare_run(cfg, run)
+        summary = train(cfg, run)
+        cov = summary["tokenizer_coverage"]
+        assert cov["unknown_token_rate"] > 0.2 and cov["added_tokens"] == cov["missing_symbols"] > 100
+        assert cov["unknown_token_rate_after"] == 0.0
+        from aigc.generate.text import load_model
+
+        model, tok = load_model(run)  # LoRA: the base grown to the new vocabulary, then the adapter merged
+        poem = json.loads((poems_chat / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"][-1]["content"]
+        assert model.get_input_embeddings().weight.shape[0] == len(tok) > 500 and tok.unk_token_id not in tok(poem)["input_ids"]
+        if lora:  # only the new tokens' embedding rows were trained, beside the adapter
+            ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+            assert any("trainable_tokens" in n for n in ckpt["params"])
+
+
+def test_cli_sft_lora_config_trains_and_answers_chat(tmp_path, chat_model, products_chat):
+    run = tmp_path / "sft"
+    res = run_cli("train", "text", "sft-smollm2-lora", "--data", products_chat, "--run", run, f"--init.path={chat_model}",
+                  "--model.block_size=768", "--train.max_steps=4", "--train.eval_interval=4", "--train.batch_size=2",
+                  "--train.samples=0", "--train.precision=fp32", "--json")
+    summary = json.loads(res.stdout)
+    assert summary["task"] == "sft" and summary["steps"] == 4 and summary["trainable_parameters"] < summary["parameters"]
+    res = run_cli("generate", "text", run, "--chat", "Write the description for this product.\nname: Nook Mug",
+                  "--max-new-tokens", "8", "--seed", "1", "--json")
+    out = json.loads(res.stdout)
+    assert out["chat"] is True and len(out["completions"]) == 1
