@@ -126,3 +126,29 @@ def test_cli_sft_lora_config_trains_and_answers_chat(tmp_path, chat_model, produ
                   "--max-new-tokens", "8", "--seed", "1", "--json")
     out = json.loads(res.stdout)
     assert out["chat"] is True and len(out["completions"]) == 1
+    # evaluation: the task's checker on held-out answers, beside the base model's
+    res = run_cli("eval", "text", run, "--limit", "3", "--max-new-tokens", "12", "--json")
+    report = json.loads(res.stdout)
+    assert report["task"] == "products" and report["examples"] == 3 and report["base_model"] == str(chat_model)
+    for side in ("tuned", "base"):
+        assert {"attribute_coverage", "style_compliance", "invented_facts_rate", "eos_rate", "rouge_l", "bleu", "tokens_mean"} <= set(report[side])
+        assert report[side]["tokens_mean"] <= 12 and 0 <= report[side]["attribute_coverage"] <= 1
+    md = (run / "eval" / "chat" / "report.md").read_text()
+    assert "| attribute_coverage |" in md and "Base model" in md
+
+
+def test_a_user_checker_scores_any_chat_data(tmp_path, monkeypatch, text_model, products_chat):
+    from aigc.eval.chat import aggregate, evaluate_chat
+
+    assert aggregate([{"correct": True, "n": 2, "errs": [], "s": "x"}, {"correct": False, "n": 4, "errs": ["e"], "s": "y"}]) == \
+        {"accuracy": 0.5, "n": 3.0, "errs_rate": 0.5}
+    (tmp_path / "mycheck.py").write_text("def check(prompt, answer):\n    return {'mentions_name': 'Nook' in answer, "
+                                         "'length': len(answer)}\n")
+    monkeypatch.chdir(tmp_path)
+    report = evaluate_chat(text_model, products_chat, "mycheck:check", limit=2, max_new_tokens=5, base=False,
+                           out_dir=tmp_path / "out")
+    assert set(report["tuned"]) >= {"mentions_name", "length", "eos_rate"} and "base" not in report
+    with pytest.raises(UserError, match="write MODULE:FUNCTION"):
+        evaluate_chat(text_model, products_chat, "nonsense", limit=2)
+    with pytest.raises(UserError, match="No module named"):
+        evaluate_chat(text_model, products_chat, "nomodule:check", limit=2)

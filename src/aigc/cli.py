@@ -669,21 +669,27 @@ def eval_text(
     references: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, reference} pairs (default: held-out continuations).")] = None,
     pairs: Annotated[int, typer.Option(help="Held-out documents used as prompt/reference pairs.")] = 20,
     samples: Annotated[int, typer.Option(help="Samples for the diversity metrics.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 100,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens generated per prompt (default 100; a chat answer: 256).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for perplexity (0: all).")] = 200_000,
-    data: Annotated[Optional[Path], typer.Option(help="A prepared text corpus to score instead of the run's own held-out text (compare models on the same text).")] = None,
-    report_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: RUN/eval, or RUN/eval/data-NAME with --data).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="A prepared corpus (text, or chat for a chat model) to score instead of the run's own held-out data (compare models on the same data).")] = None,
+    checker: Annotated[Optional[str], typer.Option(help="Chat: score answers with MODULE:FUNCTION(prompt_messages, answer) -> dict, or a built-in task (products, exercises, poems). Default: the data's task.")] = None,
+    limit: Annotated[int, typer.Option(help="Chat: held-out conversations answered.")] = 100,
+    base: Annotated[bool, typer.Option(help="Chat: also score the model the run started from, beside it.")] = True,
+    report_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: RUN/eval, or RUN/eval/data-NAME with --data; chat: RUN/eval/chat).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Perplexity, bits/char, BLEU, ROUGE and diversity; writes report.{json,md} (RUN/eval by default)."""
+    """Perplexity, bits/char, BLEU, ROUGE and diversity; for a chat run (SFT, DPO) the task checker's scores, BLEU/ROUGE,
+    the share of answers that stop and their lengths, beside the base model's. Writes report.{json,md}."""
     threads.configure()
+    if _is_chat_eval(run, data, checker):
+        return _eval_chat(run, data, checker, limit, max_new_tokens or 256, base, report_dir, as_json)
     from aigc.eval.text import evaluate_run
 
     bar, progress = _stage_progress()
     with bar:
         report = evaluate_run(run, str(references) if references else None, n_pairs=pairs, n_samples=samples,
-                              max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed, progress=progress, data=data,
+                              max_new_tokens=max_new_tokens or 100, max_tokens=max_tokens, seed=seed, progress=progress, data=data,
                               out_dir=report_dir)
     if as_json:
         _emit_json(report)
@@ -699,6 +705,36 @@ def eval_text(
         out.print(f"scored {report['data']['path']}: {report['data']['tokens']} tokens, "
                   f"{report['data']['unknown_token_rate']:.2%} unknown to this model's tokenizer", markup=False, highlight=False)
     where = report_dir or (run / "eval" / (f"data-{data.name}" if data else ""))
+    out.print(f"report: {where / 'report.md'}", markup=False, highlight=False)
+
+
+def _is_chat_eval(run: Path, data: Path | None, checker: str | None) -> bool:
+    import json as _json
+
+    if checker:
+        return True
+    if data is not None:
+        manifest = data / "manifest.json"
+        return manifest.is_file() and _json.loads(manifest.read_text()).get("kind") in ("chat", "preference")
+    return (run / "data" / "val.records.jsonl").is_file()
+
+
+def _eval_chat(run: Path, data: Path | None, checker: str | None, limit: int, max_new_tokens: int, base: bool,
+               report_dir: Path | None, as_json: bool) -> None:
+    from aigc.eval.chat import evaluate_chat
+
+    bar, progress = _stage_progress()
+    with bar:
+        report = evaluate_chat(run, data, checker, limit=limit, max_new_tokens=max_new_tokens, base=base, out_dir=report_dir,
+                               progress=progress)
+    if as_json:
+        _emit_json(report)
+        return
+    for side in ("tuned", "base"):
+        if side in report:
+            shown = "  ".join(f"{k} {v:.3f}" for k, v in report[side].items() if isinstance(v, float))
+            out.print(f"{side}: {shown}", markup=False, highlight=False)
+    where = report_dir or (run / "eval" / ("chat" if data is None else f"chat-{data.name}"))
     out.print(f"report: {where / 'report.md'}", markup=False, highlight=False)
 
 

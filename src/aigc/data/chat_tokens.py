@@ -9,7 +9,7 @@
   included (the model must learn to stop); ``train_on_prompt`` also trains on the rest, ``mask_history``
   only on the last assistant turn, and a message with ``weight: 0`` is never trained on. With
   ``add_generation_prompt`` the same function gives a server's prompt ids, identical to training's.
-- ``pack``: several examples per row, each with positions restarting at 0, so the model's attention
+- ``pack``: several examples per row (first fit, longest first), each with positions restarting at 0, so the model's attention
   keeps them apart (transformers builds a block-diagonal causal mask from such position ids when no
   attention mask is given); an example's first token and the padding are labelled -100, so the loss
   of a packed row is the sum of its examples' losses computed one by one.
@@ -93,21 +93,20 @@ class Packed:
 
 
 def pack(encoded: list[Encoded], block: int, pad_id: int) -> list[Packed]:
-    """Rows of ``block`` tokens, each holding whole examples in order (first fit); an example longer than ``block``
-    is cut to it. Positions restart per example; padding has label IGNORE and positions that keep counting."""
+    """Rows of ``block`` tokens, each holding whole examples (first fit, longest first: rows end up nearly full, so
+    little of a step is spent on padding); an example longer than ``block`` is cut to it. Positions restart per
+    example; padding has label IGNORE and positions that keep counting."""
     rows: list[Packed] = []
-    cur = Packed([], [], [], 0)
-    for e in encoded:
-        ids, labels = e.input_ids[:block], e.labels[:block]
-        if cur.input_ids and len(cur.input_ids) + len(ids) > block:
-            rows.append(cur)
-            cur = Packed([], [], [], 0)
-        cur.input_ids += ids
-        cur.labels += [IGNORE] + labels[1:]  # nothing predicts an example's first token from the one before it
-        cur.position_ids += list(range(len(ids)))
-        cur.examples += 1
-    if cur.input_ids:
-        rows.append(cur)
+    for k in sorted(range(len(encoded)), key=lambda k: -len(encoded[k].input_ids)):
+        ids, labels = encoded[k].input_ids[:block], encoded[k].labels[:block]
+        row = next((r for r in rows if len(r.input_ids) + len(ids) <= block), None)
+        if row is None:
+            row = Packed([], [], [], 0)
+            rows.append(row)
+        row.input_ids += ids
+        row.labels += [IGNORE] + labels[1:]  # nothing predicts an example's first token from the one before it
+        row.position_ids += list(range(len(ids)))
+        row.examples += 1
     for r in rows:
         r.length = len(r.input_ids)
         n = block - len(r.input_ids)

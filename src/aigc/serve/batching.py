@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from aigc import threads
+from aigc.data.chat_tokens import encode_chat
 from aigc.generate.text import LlamaDecoder, SamplingParams, TextGenerator, _Stream
 from aigc.govern import text_watermark
 from aigc.govern.text_watermark import Watermark
@@ -102,6 +103,10 @@ class TextEngine:
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids or [self.eos]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation's prompt ids through the model's chat template, exactly as SFT training encoded it."""
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids
 
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) + seq.max_tokens > self.L:
@@ -283,6 +288,7 @@ class SerialTextEngine:
 
     def __init__(self, generator: TextGenerator, name: str = "model"):
         self.gen, self.name = generator, name
+        self.tokenizer = generator.tokenizer
         self.context = generator.context
         self.waiting: queue.Queue[Sequence | None] = queue.Queue()
         self.busy = 0
@@ -292,6 +298,9 @@ class SerialTextEngine:
 
     def encode(self, text: str) -> list[int]:
         return self.gen.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.gen.encode_chat(messages)
 
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) + seq.max_tokens > self.context:

@@ -37,6 +37,7 @@ class TextJob:
     seed: int | None
     stream: bool
     include_usage: bool
+    messages: list[dict] | None = None  # chat through the model's template: encoded turn by turn, as in training
 
     def params(self, model: str, max_tokens: int) -> dict:
         return {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
@@ -88,7 +89,8 @@ class TextGeneration:
         gen = Generation.admit(service, request, p, entry, endpoint, "text")
         prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
         engine = await engine_for(service, entry)
-        ids = engine.encode(prompt)
+        # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
+        ids = engine.encode_chat(job.messages) if job.messages is not None and prompt == job.prompt else engine.encode(prompt)
         room = engine.context - len(ids)
         max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
         if max_tokens < 1 or len(ids) + max_tokens > engine.context:

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions. Messages become a prompt through the tokenizer's chat template when it
-has one (SmolLM2 and other instruct models); models trained here have none, so they get a plain
-"role: content" transcript that ends with "assistant:" and stops at the next "\\nuser:"."""
+has one (SmolLM2, other instruct models and SFT runs, which save theirs): its ids are built turn by turn
+exactly as training built them. Models pretrained here have none, so they get a plain "role: content"
+transcript that ends with "assistant:" and stops at the next "\\nuser:"."""
 from __future__ import annotations
 
 from typing import Literal
@@ -41,12 +42,12 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
 
 
-def render(tokenizer, messages: list[Message]) -> tuple[str, list[str]]:
-    """(prompt, default stop strings)."""
+def render(tokenizer, messages: list[Message]) -> tuple[str, list[str], list[dict] | None]:
+    """(prompt text, default stop strings, the turns when the model's chat template encodes them)."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), []
-    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:", ["\nuser:"]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), [], turns
+    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:", ["\nuser:"], None
 
 
 def _full(id_, created, model, results, usage):
@@ -76,8 +77,8 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree: send one", code="invalid_value", param="max_tokens")
     engine = await engine_for(service, entry)
-    prompt, default_stop = render(getattr(engine, "tokenizer", None), body.messages)
+    prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
     job = TextJob(prompt, body.n, body.max_completion_tokens or body.max_tokens, 256, body.temperature, body.top_p, stop,
-                  body.seed, body.stream, bool(body.stream_options and body.stream_options.include_usage))
+                  body.seed, body.stream, bool(body.stream_options and body.stream_options.include_usage), turns)
     return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)
