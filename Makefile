@@ -33,6 +33,14 @@ demo: $(STAMP)
 	$(BIN)/aigc train text char-small --data $(DEMO)/corpus --run $(DEMO)/text --overwrite --train.max_seconds=70
 	$(BIN)/aigc generate text $(DEMO)/text --prompt "The " --max-new-tokens 200 --seed 1 | tee $(DEMO)/sample.txt
 	$(BIN)/aigc eval text $(DEMO)/text
+	# Instruction tuning: LoRA SFT of the real pretrained SmolLM2-135M-Instruct on product descriptions (2 minutes),
+	# one answer, then the task checker's scores of the tuned model beside the base model's.
+	$(BIN)/aigc data prepare --builtin products --kind chat --count 300 --out $(DEMO)/products --overwrite
+	$(BIN)/aigc train text sft-smollm2-lora --data $(DEMO)/products --run $(DEMO)/sft --overwrite --train.max_seconds=120
+	$(BIN)/aigc generate text $(DEMO)/sft --max-new-tokens 120 --temperature 0 \
+		--system "House style: a headline line, then two sentences, then one '- ' bullet per feature; at most 80 words; no superlatives (best, perfect, ultimate, revolutionary, amazing, unbeatable, world-class)." \
+		--chat "$$(printf 'Write the description for this product.\nname: Harbor Lamp\ncategory: lamp\nmaterial: brass\nsize: 40 cm\ncolour: forest green\nprice: 89.00 EUR\nfeatures: a dimmer switch; a linen shade')"
+	$(BIN)/aigc eval text $(DEMO)/sft --limit 6 --max-new-tokens 160
 	$(BIN)/aigc data prepare --builtin shapes --out $(DEMO)/shapes --overwrite
 	$(BIN)/aigc train image vae-shapes --data $(DEMO)/shapes --run $(DEMO)/image --overwrite --train.max_seconds=90
 	$(BIN)/aigc generate image $(DEMO)/image --caption "a large red circle in the center" --caption "a small blue square at top left" --n 2 --seed 1
@@ -47,6 +55,7 @@ demo: $(STAMP)
 		--music-run $(DEMO)/music --seconds 6 --captions --seed 1 --out $(DEMO)/video --overwrite
 	$(BIN)/aigc verify $(DEMO)/video/video.mp4
 	@echo "Run directories: $(DEMO)/text (model/, metrics.jsonl, loss.png, samples.txt, eval/report.md)"
+	@echo "                 $(DEMO)/sft (model/ = a LoRA adapter on SmolLM2, samples.txt, loss.png, eval/chat/report.md)"
 	@echo "                 $(DEMO)/image (model/, samples.png, loss.png, generated/, eval/report.md)"
 	@echo "                 $(DEMO)/music (model/, loss.png, generated/music-000001.mid + .wav, eval/report.md)"
 	@echo "                 $(DEMO)/video (video.mp4, storyboard.json, keyframes/, soundtrack.mid + .wav, params.json)"
@@ -64,13 +73,14 @@ demo: $(STAMP)
 	@KEY=$$($(BIN)/aigc admin key create demo dev@demo.example --json --db $(DEMO_DB) | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)['api_key'])"); \
 	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
 	echo "  curl -s localhost:8000/v1/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"text\", \"prompt\": \"The \", \"max_tokens\": 60}'"; \
+	echo "  curl -s localhost:8000/v1/chat/completions -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"sft\", \"messages\": [{\"role\": \"user\", \"content\": \"Write the description for this product.\\nname: Nook Mug\\ncategory: mug\\nmaterial: ceramic\\nsize: 350 ml\\ncolour: sky blue\\nprice: 24.00 EUR\\nfeatures: a matte glaze\"}], \"max_tokens\": 120}'"; \
 	echo "  curl -s localhost:8000/v1/images/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"prompt\": \"a large red circle in the center\"}'"; \
 	echo "  curl -s localhost:8000/v1/audio/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"music\", \"bars\": 8, \"key\": \"D minor\"}'   # then GET /v1/jobs/ID"; \
 	echo "  curl -s localhost:8000/v1/videos/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"music_model\": \"music\", \"prompt\": \"a red circle; then a blue square\", \"seconds\": 4}'"; \
 	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'\$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
 	echo "  curl -s localhost:8000/v1/complaints -H 'Content-Type: application/json' -d '{\"reason\": \"not mine\", \"content\": \"some text\"}'"; \
 	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
-	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/image $(DEMO)/music --db $(DEMO_DB) --port 8000
+	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/sft $(DEMO)/image $(DEMO)/music --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

@@ -46,3 +46,28 @@ def test_lora_finetune_from_gguf_and_export(tmp_path, pydoc_corpus):
     assert res.returncode == 0, res.stderr
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     assert merged.num_parameters() > 100_000_000 and not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_sft_of_smollm2_learns_the_house_style_and_keeps_its_template(tmp_path, products_chat):
+    """A few LoRA SFT steps on product descriptions: the held-out loss falls, the saved template is SmolLM2's own,
+    and a conversation encodes to the same ids with the base tokenizer and with the tuned run's."""
+    from transformers import AutoTokenizer
+
+    from aigc.config import load_config
+    from aigc.data.chat_tokens import encode_chat
+    from aigc.models.lm import load_pretrained_tokenizer
+    from aigc.train.lm import TextTrainConfig, prepare_run, train
+
+    cfg = load_config(TextTrainConfig, "src/aigc/configs/text/sft-smollm2-lora.yaml", {
+        "data": {"path": str(products_chat)},
+        "train": {"max_steps": 6, "batch_size": 2, "eval_interval": 6, "eval_batches": 2, "samples": 1, "sample_tokens": 60}})
+    run = tmp_path / "sft"
+    prepare_run(cfg, run)
+    summary = train(cfg, run)
+    assert summary["best_val_loss"] < summary["start"]["val_loss"] - 0.2, summary
+    base = load_pretrained_tokenizer("smollm2")
+    tuned = AutoTokenizer.from_pretrained(str(run / "model"))
+    assert tuned.chat_template == base.chat_template and "<|im_start|>" in tuned.chat_template
+    msgs = [{"role": "user", "content": "Write the description for this product.\nname: Nook Mug"}]
+    assert encode_chat(tuned, msgs, add_generation_prompt=True).input_ids == encode_chat(base, msgs, add_generation_prompt=True).input_ids
+    assert "Nook" in (run / "samples.txt").read_text() or "name:" in (run / "samples.txt").read_text()

@@ -422,18 +422,10 @@ def load_model(path: str | Path):
         raise UserError(f"run directory not found: {p}")
     folder = model_folder(p)
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         from aigc.models.lm import load_pretrained
 
-        base_path = json.loads((folder / "aigc_base.json").read_text())["init_path"] if (folder / "aigc_base.json").is_file() \
-            else json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        from aigc.models.lm import fit_vocabulary
-
-        base, _ = load_pretrained(base_path)
-        fit_vocabulary(base, len(AutoTokenizer.from_pretrained(str(folder))))  # tokens the fine-tune added
-        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    elif (folder / "config.json").is_file():
+        return load_pretrained(str(folder))
+    if (folder / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     else:
         raise UserError(f"{p}: no trained model found (expected model/config.json); has training saved a checkpoint yet?")

@@ -97,8 +97,10 @@ def resolve_pretrained(path: str) -> tuple[Path, str | None]:
     if p.is_file() and p.suffix == ".gguf":
         return p.parent, p.name
     if p.is_dir():
-        if (p / "model").is_dir() and (p / "model" / "config.json").is_file():  # an aigc run directory
-            return p / "model", None
+        if (p / "model").is_dir() and ((p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file()):
+            return p / "model", None  # an aigc run directory (full weights, or a LoRA adapter on its base)
+        if (p / "adapter_config.json").is_file():
+            return p, None
         if (p / "config.json").is_file():
             return p, None
         raise UserError(f"{p}: no config.json; expected a Hugging Face model folder, a run directory or a .gguf file")
@@ -125,6 +127,8 @@ def load_pretrained(path: str, dtype=None):
     from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_pretrained(path)
+    if (folder / "adapter_config.json").is_file():
+        return _merged_adapter(folder, dtype)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, **kwargs)
@@ -133,9 +137,30 @@ def load_pretrained(path: str, dtype=None):
     # A GGUF import is dequantised to float weights; drop the quantizer so save_pretrained writes a
     # plain checkpoint instead of refusing (or recording a quantisation that is no longer there).
     model.hf_quantizer = None
+    if "is_quantized" in vars(model):  # set by the GGUF loader; the weights are plain floats now
+        model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model, load_pretrained_tokenizer(path)
+
+
+def _merged_adapter(folder: Path, dtype=None):
+    """A LoRA run's model: its base (named in aigc_base.json, else in the adapter's config), grown to the adapter's
+    tokenizer when the fine-tune added tokens, with the adapter merged into it."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    meta = folder / "aigc_base.json"
+    base_path = json.loads(meta.read_text())["init_path"] if meta.is_file() else \
+        json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base, _ = load_pretrained(base_path, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fit_vocabulary(base, len(tokenizer))
+    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload(), tokenizer
 
 
 def fit_vocabulary(model, size: int) -> bool:

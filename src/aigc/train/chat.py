@@ -296,6 +296,8 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         model.train()
         return out
 
+    if "start" not in state:  # the held-out scores of the starting model, once per run: what tuning is measured against
+        state["start"] = {k: round(v, 6) for k, v in evaluate().items()}
     model.train()
     step = state["step"]
     budget = common.Budget(loop.max_steps, loop.max_seconds)
@@ -386,6 +388,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "epochs": round(step * loop.grad_accum * loop.batch_size / len(train_rows), 3),
         "data": data,
         "tokenizer_coverage": manifest.get("tokenizer_coverage"),
+        "start": state["start"],
         "threads": threads.current().to_dict(),
         "stopped": state["stopped"] or budget.reason(step, state["elapsed"]),
         **{k: v for k, v in last_eval.items() if k.startswith("val_") and k != "val_loss"},
