@@ -152,3 +152,26 @@ def test_a_user_checker_scores_any_chat_data(tmp_path, monkeypatch, text_model, 
         evaluate_chat(text_model, products_chat, "nonsense", limit=2)
     with pytest.raises(UserError, match="No module named"):
         evaluate_chat(text_model, products_chat, "nomodule:check", limit=2)
+
+
+def test_output_layer_on_supervised_positions_only_gives_the_full_losses():
+    """The loop runs the output layer where a loss is taken; the answers' log-probabilities and the SFT loss are
+    those of the full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aigc.train.chat import answer_logprobs, sft_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[0, :3], labels[1, :5], labels[1, 6] = -100, -100, -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "tokens": 14}
+    with torch.no_grad():
+        lp = model(ids).logits.log_softmax(-1)  # (B, T, V)
+        got, counts = answer_logprobs(model, batch, "fp32")
+        loss, n = sft_loss(model, batch, "fp32")
+    want = [sum(lp[b, t - 1, ids[b, t]] for t in range(1, 7) if labels[b, t] != -100) for b in range(2)]
+    assert got.tolist() == pytest.approx([w.item() for w in want], rel=1e-5) and counts.tolist() == [4, 1]
+    assert n == 5 and loss.item() == pytest.approx(-(want[0] + want[1]).item() / 5, rel=1e-5)

@@ -108,3 +108,30 @@ def test_failed_overwrite_keeps_the_old_run(tiny_run, tmp_path):
         prepare_run(cfg, tiny_run, overwrite=True)
     assert (tiny_run / "config.yaml").read_text() == before and (tiny_run / "model" / "model.safetensors").is_file()
     assert not [p for p in tiny_run.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_continued_pretraining_on_text_the_tokenizer_cannot_read_is_refused_or_extended(tmp_path, tiny_run):
+    """The measured failure: a character model fine-tuned on text in another script learns to predict <unk>."""
+    from aigc.data.text import prepare
+    from aigc.errors import UserError
+
+    src = tmp_path / "ci.txt"
+    import random
+
+    rng, chars = random.Random(0), "床前明月光疑是地上霜举头望低思故乡春眠不觉晓处闻啼鸟夜来风雨声花落知多少"
+    src.write_text("\n\n".join("".join(rng.choice(chars) for _ in range(120)) for _ in range(40)), encoding="utf-8")
+    corpus = tmp_path / "ci"
+    prepare([src], corpus)
+    with pytest.raises(UserError, match=r"% of the training tokens are unknown .*--tokenizer.extend=true"):
+        run_tiny(tmp_path, corpus, "refused", init={"path": str(tiny_run)})
+    run, summary = run_tiny(tmp_path, corpus, "extended", init={"path": str(tiny_run)}, tokenizer={"extend": True},
+                            train={"max_steps": 3, "samples": 0})
+    cov = summary["tokenizer_coverage"]
+    assert cov["unknown_token_rate"] > 0.5 and cov["unknown_token_rate_after"] == 0.0 and cov["added_tokens"] >= 15
+    manifest = json.loads((run / "dataset" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["tokenizer_coverage"] == cov
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    assert tok.unk_token_id not in tok("明月")["input_ids"] and model.get_input_embeddings().weight.shape[0] == len(tok)

@@ -818,7 +818,7 @@ def export(
     model, tokenizer = load_model(run)
     with store.atomic_folder(out_dir, overwrite) as tmp:
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp), save_jinja_files=False)  # a chat template stays in tokenizer_config.json
     out.print(f"exported {model.num_parameters():,} parameters to {out_dir}")
 
 

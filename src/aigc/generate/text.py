@@ -16,7 +16,6 @@ sliding-window attention of Mistral-style models rather than an extrapolation).
 """
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -105,11 +105,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
     """Create the run directory: config, dataset manifest (with the tokenizer's coverage of it), the tokenizer with
     its chat template, and the encoded rows. Built in a temp folder and renamed into place."""
@@ -251,7 +246,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     precision = common.resolve_precision(loop.precision)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_rows, val_rows = _read_jsonl(run_dir / "data" / "train.jsonl"), _read_jsonl(run_dir / "data" / "val.jsonl")
+    train_rows, val_rows = common.read_jsonl(run_dir / "data" / "train.jsonl"), common.read_jsonl(run_dir / "data" / "val.jsonl")
     val_rows = val_rows[: loop.eval_batches * loop.batch_size]
 
     model = make_model(cfg, tokenizer)
@@ -403,7 +398,7 @@ def _write_samples(run_dir: Path, loop) -> None:
     """Answers to the first held-out prompts, with the run's chat template."""
     from aigc.generate.text import SamplingParams, TextGenerator
 
-    records = _read_jsonl(run_dir / "data" / "val.records.jsonl")[: loop.samples]
+    records = common.read_jsonl(run_dir / "data" / "val.records.jsonl")[: loop.samples]
     prompts = [r["messages"][:-1] if "messages" in r else r["prompt"] for r in records]
     gen = TextGenerator.from_path(run_dir)
     outs = gen.chat(prompts, SamplingParams(max_new_tokens=loop.sample_tokens, temperature=0.0, seed=loop.seed))

@@ -129,16 +129,6 @@ class StopSignals:
         self._old = {}
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
-    """Sum of log p(label) over each row's supervised tokens: (B, T, V) logits, (B, T) labels -> (B,).
-
-    The logits at position t predict the label at t + 1, as in the models' own loss."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != ignore
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (picked * mask).sum(-1)
-
-
 @dataclass
 class DPOStats:
     loss: torch.Tensor  # mean over the batch

@@ -269,7 +269,7 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
     with store.atomic_folder(run_dir, overwrite) as tmp:
         (tmp / "dataset").mkdir()
         (tmp / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"), save_jinja_files=False)
         (tmp / "data").mkdir()
         for split, texts in (("train", train_texts), ("val", val_texts)):
             ids = encode_corpus(tokenizer, texts)
