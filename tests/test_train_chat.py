@@ -175,3 +175,30 @@ def test_output_layer_on_supervised_positions_only_gives_the_full_losses():
     want = [sum(lp[b, t - 1, ids[b, t]] for t in range(1, 7) if labels[b, t] != -100) for b in range(2)]
     assert got.tolist() == pytest.approx([w.item() for w in want], rel=1e-5) and counts.tolist() == [4, 1]
     assert n == 5 and loss.item() == pytest.approx(-(want[0] + want[1]).item() / 5, rel=1e-5)
+
+
+def test_sft_killed_with_sigkill_resumes_exactly(tmp_path, chat_model, products_chat):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import AIGC
+
+    args = ["train", "text", "sft-smollm2-lora", "--data", str(products_chat), f"--init.path={chat_model}",
+            "--model.block_size=768", "--train.max_steps=40", "--train.checkpoint_interval=5", "--train.eval_interval=20",
+            "--train.batch_size=2", "--train.eval_batches=1", "--train.samples=0", "--train.precision=fp32", "--train.patience=0"]
+    run_cli(*args, "--run", tmp_path / "straight")
+    proc = subprocess.Popen([*AIGC, *args, "--run", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while len(read_jsonl(metrics)) < 12 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 12 <= len(read_jsonl(metrics)) < 40, "the run must be killed mid-way"
+    run_cli("train", "text", "--resume", "--run", tmp_path / "killed")
+    straight, resumed = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(metrics)
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in straight]
