@@ -52,7 +52,7 @@ def combine(out: Path, parts: list[Path]) -> Path:
 
 def train(task: str, data: Path, run: Path, init: str, seconds: float, extra: dict | None = None) -> dict:
     from aigc.config import load_config
-    from aigc.train.lm import TextTrainConfig, prepare_run, train as fit
+    from aigc.train.text import TextTrainConfig, prepare_run, train as fit
 
     name = "sft-smollm2-lora" if task == "sft" else "dpo-smollm2"
     overrides = {"data": {"path": str(data)}, "init": {"path": init},

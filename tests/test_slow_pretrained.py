@@ -56,7 +56,7 @@ def test_sft_of_smollm2_learns_the_house_style_and_keeps_its_template(tmp_path, 
     from aigc.config import load_config
     from aigc.data.chat_tokens import encode_chat
     from aigc.models.lm import load_pretrained_tokenizer
-    from aigc.train.lm import TextTrainConfig, prepare_run, train
+    from aigc.train.text import TextTrainConfig, prepare_run, train
 
     cfg = load_config(TextTrainConfig, "src/aigc/configs/text/sft-smollm2-lora.yaml", {
         "data": {"path": str(products_chat)},

@@ -38,7 +38,7 @@ def loop(request, pydoc_corpus, music_data, shapes8):
 
         base, data, extra = CONFIGS / "text/tiny.yaml", pydoc_corpus, {}
     elif kind in CHAT:
-        from aigc.train.lm import TextTrainConfig as Cfg, prepare_run, train
+        from aigc.train.text import TextTrainConfig as Cfg, prepare_run, train
 
         fixture, lora = CHAT[kind]
         base, data = None, request.getfixturevalue(fixture)

@@ -8,7 +8,7 @@ import torch
 from aigc.config import load_config
 from aigc.errors import UserError
 from aigc.train.common import read_jsonl
-from aigc.train.lm import TextTrainConfig, prepare_run, train
+from aigc.train.text import TextTrainConfig, prepare_run, train
 from conftest import run_cli
 
 LOOP = {"batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "max_steps": 16, "eval_interval": 8, "eval_batches": 2,

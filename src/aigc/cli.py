@@ -296,7 +296,7 @@ def train_text(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Pretrain or fine-tune a decoder LM; `task: sft` or `dpo` tunes a pretrained model on conversations or preference pairs. Override any config key with --section.key=value."""
-    from aigc.train.lm import TextTrainConfig, prepare_run, train
+    from aigc.train.text import TextTrainConfig, prepare_run, train
 
     cfg, run = _run_config(TextTrainConfig, ctx.args, config, data, run, resume, overwrite, "text", prepare_run)
     summary = _train("text", train, cfg, run, resume, as_json, ("loss", "val_loss"))

@@ -245,10 +245,6 @@ def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) ->
     from aigc.data.text import load_prepared
     from aigc.models.lm import load_pretrained_tokenizer
 
-    if cfg.task != "pretrain":
-        from aigc.train import chat
-
-        return chat.prepare_run(cfg, run_dir, overwrite)
     if not cfg.data.path:
         raise UserError("no training data: pass --data PREPARED_DIR (or set data.path)")
     try:
@@ -288,11 +284,6 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
           progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; return the summary also written to summary.json."""
     from aigc.data import tokenizers
-
-    if cfg.task != "pretrain":
-        from aigc.train import chat
-
-        return chat.train(cfg, run_dir, resume, progress)
 
     run_dir = Path(run_dir)
     loop = cfg.train
