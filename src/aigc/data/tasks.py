@@ -125,27 +125,32 @@ def product_rejected(p: Product, good: str, rng: random.Random) -> str:
 
 # ---------------------------------------------------------------- exercises
 
-def exercise(rng: random.Random) -> tuple[str, float]:
+def exercise(rng: random.Random) -> tuple[str, float, str]:
+    """(the question, its answer, the worked solution: one line of arithmetic a reader can check)."""
     kind = rng.choice(["boxes", "change", "km", "litres", "hours"])
     if kind == "boxes":
         a, b = rng.randint(3, 19), rng.randint(6, 24)
-        return f"A shop orders {a} boxes of {b} mugs each. How many mugs does it order?", a * b
+        return f"A shop orders {a} boxes of {b} mugs each. How many mugs does it order?", a * b, f"{a} × {b} = {a * b} mugs."
     if kind == "change":
         price, n = rng.randint(3, 40), rng.randint(2, 9)
         paid = 100 * (n * price // 100 + 1)  # the smallest round sum that covers it
-        return f"{n} lamps cost {price} EUR each. How much change is left from {paid} EUR?", paid - n * price
+        return (f"{n} lamps cost {price} EUR each. How much change is left from {paid} EUR?", paid - n * price,
+                f"{n} × {price} = {n * price} EUR; {paid} - {n * price} = {paid - n * price} EUR.")
     if kind == "km":
         a, b = rng.randrange(500, 12000, 250), rng.randrange(500, 12000, 250)
-        return f"A delivery route has two legs of {a} and {b} metres. How many kilometres is it in all?", (a + b) / 1000
+        return (f"A delivery route has two legs of {a} and {b} metres. How many kilometres is it in all?", (a + b) / 1000,
+                f"{a} + {b} = {a + b} m = {_fmt((a + b) / 1000)} km.")
     if kind == "litres":
         ml, n = rng.choice([200, 250, 330, 500, 750, 1000]), rng.randint(4, 48)
-        return f"A crate holds {n} bottles of {ml} ml. How many litres is that in all?", n * ml / 1000
+        return (f"A crate holds {n} bottles of {ml} ml. How many litres is that in all?", n * ml / 1000,
+                f"{n} × {ml} = {n * ml} ml = {_fmt(n * ml / 1000)} l.")
     mins, days = rng.randrange(30, 600, 15), rng.randint(2, 9)
-    return f"A machine runs {mins} minutes a day for {days} days. How many hours is that?", mins * days / 60
+    return (f"A machine runs {mins} minutes a day for {days} days. How many hours is that?", mins * days / 60,
+            f"{mins} × {days} = {mins * days} minutes = {_fmt(mins * days / 60)} hours.")
 
 
 def exercise_prompt(question: str) -> list[dict]:
-    return [{"role": "system", "content": "Solve the problem. End with a line 'Answer: <number>'."},
+    return [{"role": "system", "content": "Solve the problem in one line of arithmetic, then end with a line 'Answer: <number>'."},
             {"role": "user", "content": question}]
 
 
@@ -243,17 +248,19 @@ def _product_pairs(count: int, seed: int) -> list[dict]:
 def _exercises(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
-    for q, a in _distinct(exercise, count, rng):
-        out.append({"messages": exercise_prompt(q) + [{"role": "assistant", "content": f"Answer: {_fmt(a)}"}]})
+    for q, a, steps in _distinct(exercise, count, rng):
+        out.append({"messages": exercise_prompt(q) + [{"role": "assistant", "content": f"{steps}\nAnswer: {_fmt(a)}"}]})
     return out
 
 
 def _exercise_pairs(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
-    for q, a in _distinct(exercise, count, rng):
+    for q, a, steps in _distinct(exercise, count, rng):
         wrong = a + rng.choice([-10, -2, -1, 1, 2, 10]) if float(a).is_integer() else a * rng.choice([10, 0.1])
-        out.append({"prompt": exercise_prompt(q), "chosen": f"Answer: {_fmt(a)}", "rejected": f"Answer: {_fmt(wrong)}"})
+        head, _, last = steps.rpartition("= ")  # the worked line with a wrong final result
+        out.append({"prompt": exercise_prompt(q), "chosen": f"{steps}\nAnswer: {_fmt(a)}",
+                    "rejected": f"{head}= {_fmt(wrong)} {last.split(' ', 1)[1]}\nAnswer: {_fmt(wrong)}"})
     return out
 
 
