@@ -4,8 +4,9 @@
    --seconds of training (config sft-smollm2-lora); then the held-out answers of the base and the tuned model,
    scored by each task's checker (products: attribute coverage, style compliance, invented facts, EOS before the
    token limit, ROUGE-L against the reference; exercises: the answer's accuracy).
-2. DPO: from the SFT model, LoRA DPO on product preference pairs for --dpo-seconds; the held-out preference
+2. DPO: LoRA DPO of the base model on product preference pairs for --dpo-seconds; the held-out preference
    accuracy (the share of pairs whose chosen answer has the higher mean per-token log-probability) before and after.
+   (From the SFT model it starts at 1.0: SFT on the same house style already prefers every chosen answer.)
 3. Reference: the same LoRA SFT for one pass over the same --ref-examples conversations with TRL's SFTTrainer
    (packing, completion-only loss, bf16, same sequence length, batch and LoRA settings) and with ours, in this
    run; tokens/s over the same examples' tokens. TRL is installed here if missing (a benchmark-only dependency,
@@ -167,8 +168,8 @@ def main() -> None:
     log(f"exercises: {ex}")
 
     dpo_seconds = args.dpo_seconds or args.seconds / 3
-    log(f"DPO for {dpo_seconds:.0f} s from the SFT model")
-    dpo = train("dpo", pairs, work / "dpo", str(work / "sft"), dpo_seconds, {"eval_batches": 16})
+    log(f"DPO for {dpo_seconds:.0f} s from the base model")
+    dpo = train("dpo", pairs, work / "dpo", "smollm2", dpo_seconds, {"eval_batches": 16})
     log(f"DPO: {dpo['steps']} steps; preference accuracy {dpo['start']['val_preference_accuracy']} -> {dpo['val_preference_accuracy']}")
 
     ref = {}
@@ -183,7 +184,9 @@ def main() -> None:
            "exercises": {side: {"accuracy": ex[side]["accuracy"], "eos_rate": ex[side]["eos_rate"]} for side in ("base", "tuned")},
            "dpo": {"preference_accuracy_before": dpo["start"]["val_preference_accuracy"],
                    "preference_accuracy_after": dpo["val_preference_accuracy"],
-                   "reward_accuracy_after": dpo["val_reward_accuracy"], "steps": dpo["steps"], "train_s": dpo["elapsed_s"]},
+                   "reward_accuracy_after": dpo["val_reward_accuracy"], "init": "smollm2",
+                   "held_out_pairs": min(32, json.loads((work / "dpo" / "data" / "val.json").read_text())["kept"]),
+                   "steps": dpo["steps"], "train_s": dpo["elapsed_s"]},
            "reference": {k: ref[k] for k in ("trl_tokens_per_s", "ours_tokens_per_s", "ratio", "examples", "tokens")} if ref else None,
            "threads": threads.current().to_dict()}
     print(json.dumps(out))
