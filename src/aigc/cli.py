@@ -293,12 +293,14 @@ def train_text(
     run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Pretrain or fine-tune a decoder LM; `task: sft` or `dpo` tunes a pretrained model on conversations or preference pairs. Override any config key with --section.key=value."""
     from aigc.train.text import TextTrainConfig, prepare_run, train
 
-    cfg, run = _run_config(TextTrainConfig, ctx.args, config, data, run, resume, overwrite, "text", prepare_run)
+    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
+    cfg, run = _run_config(TextTrainConfig, args, config, data, run, resume, overwrite, "text", prepare_run)
     summary = _train("text", train, cfg, run, resume, as_json, ("loss", "val_loss"))
     if as_json:
         _emit_json(summary)

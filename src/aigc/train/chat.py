@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from aigc import threads
+from aigc import devices, threads
 from aigc.config import save_yaml
 from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
 from aigc.errors import UserError
@@ -180,10 +180,10 @@ def supervised_logits(model, batch: dict, precision: str) -> tuple[torch.Tensor,
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # (B, T-1)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with devices.autocast(targets.device, precision):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
         logits = head(hidden[:, :-1][keep])  # (N, V)
-    rows = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[keep]
+    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
     return logits.float(), targets[keep], rows
 
 
@@ -197,8 +197,9 @@ def answer_logprobs(model, batch: dict, precision: str) -> tuple[torch.Tensor, t
     """(summed log-probabilities of each row's answer, its token count): (2B,), (2B,)."""
     logits, targets, rows = supervised_logits(model, batch, precision)
     picked = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
-    n = batch["labels"].shape[0]
-    return torch.zeros(n).index_add(0, rows, picked), torch.zeros(n, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
+    n, device = batch["labels"].shape[0], picked.device
+    return (torch.zeros(n, device=device).index_add(0, rows, picked),
+            torch.zeros(n, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows)))
 
 
 def reference_logprobs(model, reference, batch: dict, precision: str) -> torch.Tensor:
@@ -227,12 +228,27 @@ class _Trainable:
         self.params = params
 
     def state_dict(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.params.items()}
+        return {n: p.detach().to("cpu") for n, p in self.params.items()}
 
     def load_state_dict(self, saved: dict) -> None:
         with torch.no_grad():
             for n, t in saved.items():
                 self.params[n].copy_(t)
+
+
+class _Scaler:
+    """The fp16 gradient scaler as a checkpoint part: empty, and ignored, when it is off (bf16, fp32), so a run may
+    resume on another device."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
 
 
 def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
@@ -243,13 +259,14 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     run_dir = Path(run_dir)
     loop, dpo = cfg.train, cfg.task == "dpo"
     threads.configure(loop.threads)
-    precision = common.resolve_precision(loop.precision)
+    device = devices.resolve(loop.device, "train.device")
+    precision = devices.resolve_precision(loop.precision, device)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows, val_rows = common.read_jsonl(run_dir / "data" / "train.jsonl"), common.read_jsonl(run_dir / "data" / "val.jsonl")
     val_rows = val_rows[: loop.eval_batches * loop.batch_size]
 
-    model = make_model(cfg, tokenizer)
+    model = make_model(cfg, tokenizer).to(device)
     context = getattr(model.config, "max_position_embeddings", cfg.model.block_size)
     if cfg.model.block_size > context:
         raise UserError(f"--model.block_size={cfg.model.block_size} is longer than the model's context of {context} tokens")
@@ -260,13 +277,17 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
-    parts = {"params": _Trainable(trainable), "optimizer": optimizer}
+    scaler = devices.grad_scaler(device, precision)
+    parts = {"params": _Trainable(trainable), "optimizer": optimizer, "scaler": _Scaler(scaler)}
     state, ckpt_path = common.resume(run_dir, resume, state, parts)
 
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
-    make_batch = dpo_batch if dpo else sft_batch
+    collate = dpo_batch if dpo else sft_batch
+
+    def make_batch(rows: list[dict], pad_id: int) -> dict:
+        return devices.to_device(collate(rows, pad_id), device)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -319,10 +340,12 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                         extra[key] = extra.get(key, 0.0) + float(value) / loop.grad_accum
                 else:
                     loss, _ = sft_loss(model, batch, precision)
-                (loss / loop.grad_accum).backward()
+                scaler.scale(loss / loop.grad_accum).backward()
                 total += loss.item() / loop.grad_accum
+            scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op unless fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
@@ -376,6 +399,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "best_val_loss": state["best_val"],
         "elapsed_s": round(state["elapsed"], 2),
         "precision": precision,
+        "device": str(device),
         "block_size": cfg.model.block_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from aigc import devices
 from aigc.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -186,19 +187,27 @@ def fit_tokenizer(tokenizer, texts: list[str], settings) -> dict:
     return report
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 dot products (AVX-512 BF16 or AMX), so autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
+def cpu_only(device: str, loop: str) -> None:
+    """Loops that run on the CPU only so far: ``auto`` means the CPU for them, another device is refused."""
+    if (device or "auto").strip().lower() not in ("auto", "cpu"):
+        raise UserError(f"train.device={device}: the {loop} loop runs on the CPU in this version; use --train.device=cpu or auto")
 
 
 def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return precision
+    """A CPU loop's precision (``auto``: bf16 where the CPU has native bf16, else fp32)."""
+    return devices.resolve_precision(precision, torch.device("cpu"))
+
+
+def to_cpu(obj: Any) -> Any:
+    """A state dict (nested dicts and lists of tensors) with every tensor on the CPU: checkpoints do not depend on
+    the device they were written from."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")  # no copy when it is there already: torch.save writes it at once
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -233,7 +242,7 @@ def resume(run_dir: Path, resume: bool, state: dict, parts: dict) -> tuple[dict,
 
 def save_checkpoint(path: Path, state: dict, parts: dict) -> None:
     """What ``resume`` reads: each part's state under its key, and the counters."""
-    atomic_torch_save({**{key: part.state_dict() for key, part in parts.items()}, "state": dict(state)}, path)
+    atomic_torch_save({**{key: to_cpu(part.state_dict()) for key, part in parts.items()}, "state": dict(state)}, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aigc import threads
+from aigc import devices, threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
@@ -111,7 +111,8 @@ class LoopConfig:
     checkpoint_interval: int = 200
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     min_delta: float = 0.0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the device has it (fp16 on older GPUs)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a resume may change it
     compile: bool = False  # torch.compile the step: ~30 s up front, then faster steps
     threads: int = 0  # torch intra-op threads; 0 = follow the free CPU (aigc/threads.py)
     seed: int = 1337
@@ -126,6 +127,7 @@ class LoopConfig:
             raise UserError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
         if self.warmup_steps < 0 or self.max_seconds < 0 or self.patience < 0:
             raise UserError("train.warmup_steps, train.max_seconds and train.patience must be >= 0")
+        devices.check(self.device, "train.device")
 
 
 @dataclass
@@ -288,11 +290,12 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     run_dir = Path(run_dir)
     loop = cfg.train
     threads.configure(loop.threads)
-    precision = common.resolve_precision(loop.precision)
+    device = devices.resolve(loop.device, "train.device")
+    precision = devices.resolve_precision(loop.precision, device)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
 
-    model = make_model(cfg, tokenizer)
+    model = make_model(cfg, tokenizer).to(device)
     block = _block_size(cfg, model)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) < block + 2:
@@ -306,12 +309,16 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     ckpt_path = ckpt_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
+    scaler = devices.grad_scaler(device, precision)
     if resume and ckpt_path.is_file():
+        # Saved on the CPU and mapped there: a run trained on a GPU resumes on a CPU and the other way round.
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
             for name, tensor in ckpt["params"].items():
                 trainable[name].copy_(tensor)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
         state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
         common.truncate_metrics(metrics_path, state["step"])
@@ -325,8 +332,13 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
 
     emb_layer = model.get_input_embeddings()
 
+    def batch(data, seed, step_, micro=0):
+        x, y = get_batch(data, block, loop.batch_size, seed, step_, micro)
+        b = devices.to_device({"x": x, "y": y}, device)
+        return b["x"], b["y"]
+
     def forward_loss(embeds, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with devices.autocast(device, precision):
             logits = model(inputs_embeds=embeds).logits  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
 
@@ -338,14 +350,15 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         model.eval()
         losses = []
         for i in range(loop.eval_batches):  # the same batches every time, so evaluations compare
-            x, y = get_batch(val_ids, block, loop.batch_size, loop.seed + 1, i)
+            x, y = batch(val_ids, loop.seed + 1, i)
             losses.append(forward_loss(emb_layer(x), y).item())
         model.train()
         return float(np.mean(losses))
 
     def checkpoint() -> None:
-        common.atomic_torch_save({"params": {n: p.detach().clone() for n, p in trainable.items()},
-                                  "optimizer": optimizer.state_dict(), "state": dict(state)}, ckpt_path)
+        common.atomic_torch_save({"params": {n: p.detach().to("cpu") for n, p in trainable.items()},
+                                  "optimizer": common.to_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
+                                  "state": dict(state)}, ckpt_path)
 
     model.train()
     step = state["step"]
@@ -363,20 +376,22 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
             total = 0.0
             for micro in range(loop.grad_accum):
-                x, y = get_batch(train_ids, block, loop.batch_size, loop.seed, step, micro)
+                x, y = batch(train_ids, loop.seed, step, micro)
                 embeds = emb_layer(x)  # (B, T, C)
                 if cfg.adversarial.enabled:
                     embeds.retain_grad()
                 loss = compiled(embeds, y)
-                (loss / loop.grad_accum).backward()
+                scaler.scale(loss / loop.grad_accum).backward()
                 if cfg.adversarial.enabled:
                     grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
                     adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
-                    (adv_loss / loop.grad_accum).backward()
+                    scaler.scale(adv_loss / loop.grad_accum).backward()
                 total += loss.item() / loop.grad_accum
+            scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op unless fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
@@ -423,6 +438,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "best_val_loss": state["best_val"],
         "elapsed_s": round(state["elapsed"], 2),
         "precision": precision,
+        "device": str(device),
         "block_size": block,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),

@@ -162,6 +162,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     run_dir = Path(run_dir)
     loop = cfg.train
     threads.configure(loop.threads)
+    common.cpu_only(loop.device, "music")
     precision = common.resolve_precision(loop.precision)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
