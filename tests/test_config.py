@@ -13,7 +13,7 @@ def test_overrides_are_typed_and_nested():
 
 @pytest.mark.parametrize("override, message", [
     (["--model.n_lyer=3"], "unknown config key model.n_lyer (allowed under model.: n_layer"),
-    (["--train.precision=fp16"], "train.precision: got 'fp16', expected one of 'auto', 'bf16', 'fp32'"),
+    (["--train.precision=fp8"], "train.precision: got 'fp8', expected one of 'auto', 'bf16', 'fp16', 'fp32'"),
     (["--train.batch_size=many"], "train.batch_size: got 'many', expected int"),
     (["--model.n_embd=30", "--model.n_head=4"], "model.n_embd (30) must be divisible by model.n_head (4)"),
     (["--train.max_steps"], "has no value"),
