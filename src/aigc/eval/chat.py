@@ -101,8 +101,8 @@ def score(gen, pairs: list[tuple[list[dict], str]], checker: Checker | None, max
     return result, answers
 
 
-def base_generator(run_dir: Path):
-    """The model a chat run started from (its ``init.path``), with the run's chat template."""
+def base_generator(run_dir: Path, own):
+    """The model a chat run started from (its ``init.path``), with the chat template of the run's tokenizer ``own``."""
     from aigc.config import load_yaml
     from aigc.data.chat_tokens import ensure_chat_template
     from aigc.generate.text import TextGenerator
@@ -112,7 +112,6 @@ def base_generator(run_dir: Path):
     if not init:
         return None, ""
     model, tok = load_pretrained(init)
-    own = _run_tokenizer(run_dir)
     if not getattr(tok, "chat_template", None) and own.chat_template:
         tok.chat_template = own.chat_template
     ensure_chat_template(tok)
@@ -122,14 +121,6 @@ def base_generator(run_dir: Path):
         fit_vocabulary(model, len(own))
         tok = own
     return TextGenerator(model, tok), init
-
-
-def _run_tokenizer(run_dir: Path):
-    from transformers import AutoTokenizer
-
-    from aigc.run import model_folder
-
-    return AutoTokenizer.from_pretrained(str(model_folder(run_dir)))
 
 
 def evaluate_chat(run_dir: str | Path, data: str | Path | None = None, checker: str | None = None, limit: int = 100,
@@ -164,12 +155,12 @@ def evaluate_chat(run_dir: str | Path, data: str | Path | None = None, checker: 
     def stage(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
 
-    tuned, answers = score(TextGenerator.from_path(run_dir), pairs, check, max_new_tokens, progress=stage("answering (tuned)"))
-    report["tuned"] = tuned
+    tuned_gen = TextGenerator.from_path(run_dir)
+    report["tuned"], answers = score(tuned_gen, pairs, check, max_new_tokens, progress=stage("answering (tuned)"))
     if base:
-        gen, init = base_generator(run_dir)
+        gen, init = base_generator(run_dir, tuned_gen.tokenizer)
         if gen is not None:
-            report["base"], base_answers = score(gen, pairs, check, max_new_tokens, progress=stage("answering (base)"))
+            report["base"], _ = score(gen, pairs, check, max_new_tokens, progress=stage("answering (base)"))
             report["base_model"] = init
     report["samples"] = [{"prompt": p[-1]["content"], "reference": ref, "answer": a} for (p, ref), a in list(zip(pairs, answers))[:5]]
     out = Path(out_dir) if out_dir else run_dir / "eval" / ("chat" if data is None else f"chat-{Path(data).name}")
