@@ -105,16 +105,22 @@ def test_moderation_blocks_inputs_and_outputs(gov):
     m = call(gov, "POST", "/v1/moderations", dev, json={"input": ["I will kill you", "a poem about tea"]}).json()
     assert [x["flagged"] for x in m["results"]] == [True, False] and m["results"][0]["categories"]["violence"]
     # output stage: the tenant blocks a string its model is about to write
-    first = complete(gov, dev, temperature=0, max_tokens=30).json()["choices"][0]["text"]
+    # a random model may draw its end-of-text token at once: the first prompt whose greedy text is long enough
+    for prompt in ("The ", "A ", "In ", "Tea ", "We ", "It ", "On ", "My "):
+        first = complete(gov, dev, prompt=prompt, temperature=0, max_tokens=30).json()["choices"][0]["text"]
+        if len(first) >= 16 and len(max(first.split() or [""], key=len)) >= 4:
+            break
+    else:
+        pytest.fail(f"no prompt gave a long enough greedy text; last: {first!r}")
     # (dumped, not formatted: the text is random per session and may hold a quote or a backslash)
     rule = yaml.safe_dump({"rules": [{"id": "no-x", "action": "block", "applies_to": ["output"], "pattern": re.escape(first[10:16])}]})
     assert call(gov, "PUT", "/v1/organization/policy", dev, json={"moderation": rule}).status_code == 403
     assert call(gov, "PUT", "/v1/organization/policy", admin, json={"moderation": "rules: ["}).status_code == 400
     assert call(gov, "PUT", "/v1/organization/policy", admin, json={"moderation": rule}).status_code == 200
-    again = complete(gov, dev, temperature=0, max_tokens=30).json()["choices"][0]
+    again = complete(gov, dev, prompt=prompt, temperature=0, max_tokens=30).json()["choices"][0]
     assert again["finish_reason"] == "content_filter" and again["text"] == ""
     with httpx.stream("POST", gov.url + "/v1/completions", headers={"authorization": f"Bearer {dev}"}, timeout=60,
-                      json={"model": "spread", "prompt": "The ", "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
+                      json={"model": "spread", "prompt": prompt, "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
         body = "".join(s.iter_text())
     assert '"finish_reason": "content_filter"' in body and body.rstrip().endswith("[DONE]")
     assert first[10:16] not in body.replace("\\", "")
@@ -123,7 +129,7 @@ def test_moderation_blocks_inputs_and_outputs(gov):
     rule = yaml.safe_dump({"rules": [{"id": "hide", "action": "redact", "applies_to": ["output"], "pattern": re.escape(word)}]})
     assert call(gov, "PUT", "/v1/organization/policy", admin, json={"moderation": rule}).status_code == 200
     with httpx.stream("POST", gov.url + "/v1/completions", headers={"authorization": f"Bearer {dev}"}, timeout=60,
-                      json={"model": "spread", "prompt": "The ", "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
+                      json={"model": "spread", "prompt": prompt, "max_tokens": 30, "temperature": 0, "seed": 5, "stream": True}) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert "[REDACTED]" in streamed and word not in streamed and streamed.replace("[REDACTED]", word) == first
