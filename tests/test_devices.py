@@ -35,14 +35,16 @@ def test_a_device_the_machine_lacks_is_refused_before_any_work(tmp_path, pydoc_c
     assert not (tmp_path / "run").exists()
 
 
-def test_music_refuses_a_gpu_it_cannot_use(tmp_path, music_data):
+def test_music_takes_the_device_choice_too(tmp_path, music_data):
     from aigc.train.music import MusicTrainConfig, prepare_run as prep, train as fit
 
-    cfg = load_config(MusicTrainConfig, "src/aigc/configs/music/tiny.yaml", {"data": {"path": str(music_data)}})
+    cfg = load_config(MusicTrainConfig, "src/aigc/configs/music/tiny.yaml",
+                      {"data": {"path": str(music_data)}, "train": {"max_steps": 2, "samples": 0, "device": "cpu"}})
     prep(cfg, tmp_path / "m")
+    assert fit(cfg, tmp_path / "m")["device"] == "cpu"
     cfg.train.device = "mps"  # set after validation, as a resume on another machine would
-    with pytest.raises(UserError, match="music loop runs on the CPU"):
-        fit(cfg, tmp_path / "m")
+    with pytest.raises(UserError, match="mps: Apple's Metal backend is not available"):
+        fit(cfg, tmp_path / "m", resume=True)
 
 
 def test_checkpoints_hold_cpu_tensors_and_the_summary_names_the_device(tmp_path, pydoc_corpus):

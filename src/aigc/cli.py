@@ -207,9 +207,11 @@ def _resolve_config(name: str, modality: str = "text") -> Path:
 
 def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None, run: Path | None, resume: bool,
                 overwrite: bool, modality: str, prepare_run) -> tuple[object, Path]:
-    """The resolved config and run directory of a `train` verb: a new run (prepared here) or a resume."""
+    """The resolved config and run directory of a `train` verb: a new run (prepared here, by rank 0 of a distributed
+    job; ``prepare_run`` None only resolves it) or a resume."""
     import time
 
+    from aigc import distributed
     from aigc.config import load_config, load_yaml, parse_overrides
 
     extra = list(ctx_args)
@@ -228,18 +230,73 @@ def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None,
             raise UserError("--resume continues with the run's saved config; only --train.* settings may change "
                             "(to extend a run: --train.max_steps=N)")
         cfg = load_config(cls, base=load_yaml(run / "config.yaml"), overrides=overrides)
-        if overrides:
+        if overrides and prepare_run is not None:
             from dataclasses import asdict
 
             from aigc.config import save_yaml
 
-            save_yaml(asdict(cfg), run / "config.yaml")
+            distributed.on_main(save_yaml, asdict(cfg), run / "config.yaml")
     else:
         if data is not None:
             overrides.setdefault("data", {})["path"] = str(data)
         cfg = load_config(cls, _resolve_config(config, modality) if config else None, overrides)
-        prepare_run(cfg, run, overwrite=overwrite)
+        if prepare_run is not None:
+            distributed.on_main(prepare_run, cfg, run, overwrite=overwrite)
     return cfg, run
+
+
+NprocOpt = Annotated[int, typer.Option("--nproc", help="Train on N processes of this machine (DDP; re-runs the command under torchrun).")]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", help="Machines in the job (each runs the same command with its --node-rank).")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This machine's place in the job, 0 to nnodes-1.")]
+MasterAddrOpt = Annotated[str, typer.Option("--master-addr", help="Host of node 0, reachable from every node.")]
+MasterPortOpt = Annotated[int, typer.Option("--master-port", help="A free port on node 0, the same on every node (0: any free one, single node only).")]
+OversubscribeOpt = Annotated[bool, typer.Option("--oversubscribe", help="Allow more processes than CPU cores.")]
+
+
+def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], config: str | None, data: Path | None,
+                run: Path | None, resume: bool, overwrite: bool, as_json: bool, keys: tuple[str, ...], launch) -> dict | None:
+    """A `train` verb: in one process, or launched on several (``--nproc``/``--nnodes``: checked here, then the
+    same command under torchrun), or as one rank of a torchrun job. The summary, or None where this process is
+    not the one that reports (a launcher whose job ran, a rank other than 0)."""
+    import shlex
+
+    from aigc import devices, distributed
+
+    if launch.wanted:
+        cfg, run = _run_config(cls, ctx_args, config, data, run, resume, overwrite, modality, None)
+        device = devices.resolve(cfg.train.device, "train.device")
+        distributed.check_launch(launch, device)
+        world = distributed.World(0, launch.world_size, 0)
+        distributed.check_batch(cfg.train.batch_size, world)
+        if modality == "image" and cfg.model.kind == "dcgan":
+            from aigc.train.gan import DISTRIBUTED_REFUSAL
+
+            raise UserError(DISTRIBUTED_REFUSAL)
+        ckpt = run / "checkpoints" / "last.pt"
+        if resume and ckpt.is_file():
+            import torch
+
+            distributed.check_resume(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state"], world)
+        # every rank must use the same run directory: named once, here (--run-dir: torchrun would take --run as its own)
+        argv = [a for a in distributed.strip_flag(sys.argv[1:], ("--run", "--run-dir"))] + ["--run-dir", str(run)]
+        rc = distributed.launch(launch, argv)
+        if rc:
+            raise UserError(f"the distributed job stopped (exit status {rc}): a process failed or was killed, see its "
+                            f"messages above. Continue from the last checkpoint with: aigc train {modality} --resume "
+                            f"--run {shlex.quote(str(run))} --nproc {launch.nproc}"
+                            + (f" --nnodes {launch.nnodes}" if launch.nnodes > 1 else ""))
+        return None
+    world = distributed.start()
+    if world.active and run is None:
+        raise UserError("a distributed job needs --run RUN_DIR (the same on every process)")
+    try:
+        cfg, run = _run_config(cls, ctx_args, config, data, run, resume, overwrite, modality, prepare_run)
+        if not world.main:
+            train_fn(cfg, run, resume=resume, progress=None)
+            return None
+        return _train(modality, train_fn, cfg, run, resume, as_json, keys)
+    finally:
+        distributed.stop()
 
 
 def _training_progress(transient: bool, keys: tuple[str, ...]):
@@ -290,18 +347,28 @@ def train_text(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (char-small, bpe-small, tiny, lora-smollm2, sft-smollm2, sft-smollm2-lora, dpo-smollm2).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared corpus folder (from `aigc data prepare`).")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    nproc: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = 0,
+    oversubscribe: OversubscribeOpt = False,
 ):
     """Pretrain or fine-tune a decoder LM; `task: sft` or `dpo` tunes a pretrained model on conversations or preference pairs. Override any config key with --section.key=value."""
+    from aigc.distributed import Launch
     from aigc.train.text import TextTrainConfig, prepare_run, train
 
     args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
-    cfg, run = _run_config(TextTrainConfig, args, config, data, run, resume, overwrite, "text", prepare_run)
-    summary = _train("text", train, cfg, run, resume, as_json, ("loss", "val_loss"))
+    summary = _train_verb("text", TextTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+                          ("loss", "val_loss"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
+    if summary is None:
+        return
+    run = Path(summary["run"])
     if as_json:
         _emit_json(summary)
     else:
@@ -314,16 +381,28 @@ def train_image(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (ddpm-shapes, vae-digits, dcgan-digits, tiny, ...).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared image folder (from `aigc data prepare --kind image`).")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
+    nproc: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = 0,
+    oversubscribe: OversubscribeOpt = False,
 ):
     """Train a DCGAN, VAE or diffusion model on images. Override any config key with --section.key=value."""
+    from aigc.distributed import Launch
     from aigc.train.image import ImageTrainConfig, prepare_run, train
 
-    cfg, run = _run_config(ImageTrainConfig, ctx.args, config, data, run, resume, overwrite, "image", prepare_run)
-    summary = _train("image", train, cfg, run, resume, as_json, ("loss", "val_loss", "loss_d", "loss_g"))
+    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
+    summary = _train_verb("image", ImageTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+                          ("loss", "val_loss", "loss_d", "loss_g"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
+    if summary is None:
+        return
+    run = Path(summary["run"])
     if as_json:
         _emit_json(summary)
     else:
@@ -337,17 +416,29 @@ def train_music(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (chorale-small, tiny).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared music folder (from `aigc data prepare --kind music`).")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="Run directory to create or resume.")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
+    nproc: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = 0,
+    oversubscribe: OversubscribeOpt = False,
 ):
     """Train the music model (a decoder transformer over event tokens). Override any config key with --section.key=value."""
+    from aigc.distributed import Launch
     from aigc.train.music import MusicTrainConfig, prepare_run, train
 
     _quiet_libraries()
-    cfg, run = _run_config(MusicTrainConfig, ctx.args, config, data, run, resume, overwrite, "music", prepare_run)
-    summary = _train("music", train, cfg, run, resume, as_json, ("loss", "val_loss"))
+    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
+    summary = _train_verb("music", MusicTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+                          ("loss", "val_loss"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
+    if summary is None:
+        return
+    run = Path(summary["run"])
     if as_json:
         _emit_json(summary)
     else:

@@ -96,14 +96,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 class ImagePipeline:
-    """Sample images from an in-memory model (during training) or a run's saved model (``from_run``)."""
+    """Sample images from an in-memory model (during training) or a run's saved model (``from_run``), on the device
+    the model is on. Latents and sampler noise are drawn from seeded CPU generators and then moved there, so a seed
+    gives the same starting noise on every device."""
 
     def __init__(self, model: torch.nn.Module, meta: ImageMeta, scheduler_config: dict | None = None):
         self.model, self.meta, self.scheduler_config = model, meta, scheduler_config
+        self.device = next(model.parameters()).device
         model.eval()
 
     @classmethod
-    def from_run(cls, run: str | Path) -> ImagePipeline:
+    def from_run(cls, run: str | Path, device: str | torch.device = "cpu") -> ImagePipeline:
         from safetensors.torch import load_file
 
         meta = ImageMeta.load(run)
@@ -131,7 +134,7 @@ class ImagePipeline:
             scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         else:
             raise UserError(f"{run}: unknown image model kind {meta.kind!r}")
-        return cls(model, meta, scheduler_config)
+        return cls(model.to(device), meta, scheduler_config)
 
     # ------------------------------------------------------------ conditions
 
@@ -156,11 +159,11 @@ class ImagePipeline:
             if unknown:
                 raise UserError(f"unknown class {unknown[0]!r} (classes: {', '.join(meta.classes)})")
             names = _fit(names, n, "classes")
-            return torch.tensor([meta.classes.index(c) for c in names], dtype=torch.long), names
+            return torch.tensor([meta.classes.index(c) for c in names], dtype=torch.long, device=self.device), names
         if classes:
             raise UserError("this model is caption-conditional: pass --caption TEXT, not a class")
         texts = _fit(captions or [meta.prompts[i % len(meta.prompts)] for i in range(n)], n, "captions")
-        return encode_captions(texts, meta.vocab), texts
+        return encode_captions(texts, meta.vocab).to(self.device), texts
 
     # ------------------------------------------------------------ sampling
 
@@ -172,7 +175,7 @@ class ImagePipeline:
         return (self.meta.channels, self.meta.size, self.meta.size)
 
     def latents(self, seeds: list[int]) -> torch.Tensor:
-        return torch.stack([torch.randn(self.latent_shape(), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return torch.stack([torch.randn(self.latent_shape(), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, cond: torch.Tensor | None, steps: int | None = None, guidance: float | None = None,
@@ -219,7 +222,7 @@ class ImagePipeline:
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             threads.adapt()
-            tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
             pred = self.model.guided(x, tt, c, null, guidance)
             kwargs = {"generator": gen} if sampler == "ddpm" else {"eta": 0.0}
             x = scheduler.step(pred, t, x, **kwargs).prev_sample

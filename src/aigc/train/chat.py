@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from aigc import devices, threads
+from aigc import devices, distributed, threads
 from aigc.config import save_yaml
 from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
 from aigc.errors import UserError
@@ -187,15 +187,40 @@ def supervised_logits(model, batch: dict, precision: str) -> tuple[torch.Tensor,
     return logits.float(), targets[keep], rows
 
 
-def sft_loss(model, batch: dict, precision: str) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over the batch's supervised tokens, how many there were)."""
-    logits, targets, _ = supervised_logits(model, batch, precision)
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(1, len(targets)), len(targets)
+class SupervisedLM(torch.nn.Module):
+    """``supervised_logits`` as a module's forward: what DistributedDataParallel wraps, since DDP averages the
+    gradients of what ran through its own forward."""
+
+    def __init__(self, model, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, batch: dict):
+        return supervised_logits(self.model, batch, self.precision)
+
+
+def _logits(model, batch: dict, precision: str):
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model(batch)  # a SupervisedLM inside
+    return supervised_logits(model, batch, precision)
+
+
+def supervised_count(rows: list[dict]) -> int:
+    """How many supervised next tokens ``rows`` hold (as ``supervised_logits`` counts them)."""
+    return sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)
+
+
+def sft_loss(model, batch: dict, precision: str, count: int = 0) -> tuple[torch.Tensor, int]:
+    """(the cross-entropy summed over the batch's supervised tokens, divided by ``count``: by default how many there
+    were, the mean; in a distributed job the global batch's count, so the ranks' losses add up to its mean),
+    and how many there were."""
+    logits, targets, _ = _logits(model, batch, precision)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(1, count or len(targets)), len(targets)
 
 
 def answer_logprobs(model, batch: dict, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probabilities of each row's answer, its token count): (2B,), (2B,)."""
-    logits, targets, rows = supervised_logits(model, batch, precision)
+    logits, targets, rows = _logits(model, batch, precision)
     picked = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
     n, device = batch["labels"].shape[0], picked.device
     return (torch.zeros(n, device=device).index_add(0, rows, picked),
@@ -208,10 +233,11 @@ def reference_logprobs(model, reference, batch: dict, precision: str) -> torch.T
         return answer_logprobs(reference if reference is not None else model, batch, precision)[0]
 
 
-def preference_stats(model, reference, batch: dict, beta: float, precision: str) -> tuple[common.DPOStats, torch.Tensor]:
+def preference_stats(model, reference, batch: dict, beta: float, precision: str, net=None) -> tuple[common.DPOStats, torch.Tensor]:
     """The DPO loss of a batch and, per pair, whether the policy's mean per-token log-probability prefers the chosen
-    answer (a preference that needs no reference, so a model can be scored before any DPO)."""
-    logp, n = answer_logprobs(model, batch, precision)
+    answer (a preference that needs no reference, so a model can be scored before any DPO). ``net``: what the
+    policy's forward runs through when it trains (DDP in a distributed job)."""
+    logp, n = answer_logprobs(net if net is not None else model, batch, precision)
     ref = reference_logprobs(model, reference, batch, precision)
     half = logp.shape[0] // 2
     stats = common.dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], beta)
@@ -236,31 +262,17 @@ class _Trainable:
                 self.params[n].copy_(t)
 
 
-class _Scaler:
-    """The fp16 gradient scaler as a checkpoint part: empty, and ignored, when it is off (bf16, fp32), so a run may
-    resume on another device."""
-
-    def __init__(self, scaler: torch.amp.GradScaler):
-        self.scaler = scaler
-
-    def state_dict(self) -> dict:
-        return self.scaler.state_dict()
-
-    def load_state_dict(self, saved: dict) -> None:
-        if saved and self.scaler.is_enabled():
-            self.scaler.load_state_dict(saved)
-
-
 def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
           progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train (or resume) the SFT or DPO run in ``run_dir``; return the summary also written to summary.json."""
     from aigc.data import tokenizers
 
     run_dir = Path(run_dir)
-    loop, dpo = cfg.train, cfg.task == "dpo"
+    loop, dpo, world = cfg.train, cfg.task == "dpo", distributed.current()
     threads.configure(loop.threads)
-    device = devices.resolve(loop.device, "train.device")
+    device = distributed.place(devices.resolve(loop.device, "train.device"), world)
     precision = devices.resolve_precision(loop.precision, device)
+    distributed.check_batch(loop.batch_size, world)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows, val_rows = common.read_jsonl(run_dir / "data" / "train.jsonl"), common.read_jsonl(run_dir / "data" / "val.jsonl")
@@ -273,18 +285,18 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     reference = None
     if dpo and not cfg.lora.enabled:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+    net = distributed.wrap(SupervisedLM(model, precision), world, device) if world.active else model
     optimizer = make_optimizer(model, loop)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
     scaler = devices.grad_scaler(device, precision)
-    parts = {"params": _Trainable(trainable), "optimizer": optimizer, "scaler": _Scaler(scaler)}
+    parts = {"params": _Trainable(trainable), "optimizer": optimizer, "scaler": common.ScalerPart(scaler)}
     state, ckpt_path = common.resume(run_dir, resume, state, parts)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+    writer = common.summary_writer(run_dir, state["step"], world)
     collate = dpo_batch if dpo else sft_batch
+    local_val = val_rows[world.rank :: world.world_size]  # each rank scores its share of the held-out rows
 
     def make_batch(rows: list[dict], pad_id: int) -> dict:
         return devices.to_device(collate(rows, pad_id), device)
@@ -294,20 +306,20 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         model.eval()
         out: dict = {}
         if dpo:
-            losses, correct, wins = [], [], []
-            for i in range(0, len(val_rows), loop.batch_size):
-                stats, prefers = preference_stats(model, reference, make_batch(val_rows[i : i + loop.batch_size], pad),
+            loss_sum, correct, wins, pairs = 0.0, 0, 0, 0
+            for i in range(0, len(local_val), loop.batch_size):
+                stats, prefers = preference_stats(model, reference, make_batch(local_val[i : i + loop.batch_size], pad),
                                                   cfg.dpo.beta, precision)
-                losses.append(float(stats.loss) * len(prefers))
-                correct += (stats.margins > 0).tolist()
-                wins += prefers.tolist()
-            out = {"val_loss": sum(losses) / len(correct), "val_reward_accuracy": float(np.mean(correct)),
-                   "val_preference_accuracy": float(np.mean(wins))}
+                loss_sum += float(stats.loss) * len(prefers)
+                correct, wins, pairs = correct + int((stats.margins > 0).sum()), wins + int(prefers.sum()), pairs + len(prefers)
+            loss_sum, correct, wins, pairs = distributed.sums([loss_sum, correct, wins, pairs])
+            out = {"val_loss": loss_sum / pairs, "val_reward_accuracy": correct / pairs, "val_preference_accuracy": wins / pairs}
         else:
             total, count = 0.0, 0
-            for i in range(0, len(val_rows), loop.batch_size):
-                loss, n = sft_loss(model, make_batch(val_rows[i : i + loop.batch_size], pad), precision)
+            for i in range(0, len(local_val), loop.batch_size):
+                loss, n = sft_loss(model, make_batch(local_val[i : i + loop.batch_size], pad), precision)
                 total, count = total + float(loss) * n, count + n
+            total, count = distributed.sums([total, count])
             out = {"val_loss": total / max(1, count)}
         model.train()
         return out
@@ -322,26 +334,31 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     with common.StopSignals() as signals:
         while not budget.reason(step, state["elapsed"]):
             threads.adapt()
-            done = budget.progress(step, time.perf_counter() - t_start)
+            done = budget.progress(step, state["elapsed"])  # the clock every rank agreed on
             lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
+            common.seed_step(loop.seed, step, world)  # dropout noise is a function of the step (and the rank) too
             total, extra = 0.0, {}
             for micro in range(loop.grad_accum):
                 picked = common.epoch_order(len(train_rows), loop.batch_size, loop.seed, (step * loop.grad_accum + micro) * loop.batch_size)
-                batch = make_batch([train_rows[i] for i in picked], pad)
+                rows = [train_rows[i] for i in picked]  # the global batch; this rank trains on its share
+                batch = make_batch(distributed.shard(rows, world), pad)
                 tokens_since += batch["tokens"]
-                if dpo:
-                    stats, _ = preference_stats(model, reference, batch, cfg.dpo.beta, precision)
-                    loss = stats.loss
-                    for key, value in (("rewards_chosen", stats.chosen_rewards.mean()), ("rewards_rejected", stats.rejected_rewards.mean()),
-                                       ("reward_margin", stats.margins.mean()), ("reward_accuracy", stats.accuracy)):
-                        extra[key] = extra.get(key, 0.0) + float(value) / loop.grad_accum
-                else:
-                    loss, _ = sft_loss(model, batch, precision)
-                scaler.scale(loss / loop.grad_accum).backward()
-                total += loss.item() / loop.grad_accum
+                with common.no_sync(net, micro < loop.grad_accum - 1):  # DDP averages gradients once, at the last micro-step
+                    if dpo:  # the mean over pairs: equal shares, so the ranks' mean is the batch's
+                        stats, _ = preference_stats(model, reference, batch, cfg.dpo.beta, precision, net=net)
+                        loss, share = stats.loss, stats.loss
+                        for key, value in (("rewards_chosen", stats.chosen_rewards.mean()), ("rewards_rejected", stats.rejected_rewards.mean()),
+                                           ("reward_margin", stats.margins.mean()), ("reward_accuracy", stats.accuracy)):
+                            extra[key] = extra.get(key, 0.0) + float(value) / loop.grad_accum
+                    else:  # the mean over the global batch's supervised tokens: this rank's share of it
+                        share, _ = sft_loss(net, batch, precision, count=supervised_count(rows))
+                        loss = share * world.world_size  # DDP averages over the ranks
+                    scaler.scale(loss / loop.grad_accum).backward()
+                total += share.item() / loop.grad_accum
+            total = (distributed.mean if dpo else distributed.sums)([total])[0]
+            extra = dict(zip(extra, distributed.mean(list(extra.values()))))
             scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op unless fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
             scaler.step(optimizer)
@@ -354,8 +371,8 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             record = {"step": step, "time_s": round(state["elapsed"], 3), "loss": round(total, 6), "lr": lr,
                       "grad_norm": round(float(grad_norm), 6), "epoch": round(step * loop.grad_accum * loop.batch_size / len(train_rows), 4),
                       **{k: round(v, 6) for k, v in extra.items()}}
-            if step % 10 == 0 or step == 1:
-                record["tokens_per_s"] = round(tokens_since / max(1e-9, now - t_last))
+            if step % 10 == 0 or step == 1:  # (the same steps on every rank: the sum is a collective)
+                record["tokens_per_s"] = round(distributed.sums([tokens_since])[0] / max(1e-9, now - t_last))
                 t_last, tokens_since = now, 0
             previous, reason = common.end_of_step(state, budget, signals)
             cost = len(val_rows) / (3 * loop.batch_size * loop.grad_accum)  # an evaluation's price in training steps
@@ -364,26 +381,30 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 record.update({k: round(v, 6) for k, v in scores.items()})
                 if scores["val_loss"] < state["best_val"] - loop.min_delta:
                     state["best_val"], state["bad_evals"] = scores["val_loss"], 0
-                    save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    if world.main:
+                        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
                     record["best"] = True
                 else:
                     state["bad_evals"] += 1
                     if loop.patience and state["bad_evals"] >= loop.patience:
                         reason = reason or "early_stop"
             state["stopped"] = reason
-            common.append_jsonl(metrics_path, record)
-            for key in ("loss", "lr", *extra):
-                writer.add_scalar(f"train/{key}", record[key], step)
-            for key in [k for k in record if k.startswith("val_")]:
-                writer.add_scalar(f"val/{key[4:]}", record[key], step)
-            if "val_loss" in record:
-                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+            if world.main:
+                common.append_jsonl(metrics_path, record)
+                for key in ("loss", "lr", *extra):
+                    writer.add_scalar(f"train/{key}", record[key], step)
+                for key in [k for k in record if k.startswith("val_")]:
+                    writer.add_scalar(f"val/{key[4:]}", record[key], step)
+                if "val_loss" in record:
+                    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
             if step % loop.checkpoint_interval == 0 or reason:
                 common.save_checkpoint(ckpt_path, state, parts)
             if progress:
                 progress(step, state["progress"], record)
             if reason:
                 break
+    if not world.main:  # rank 0 writes the run directory's results
+        return {"task": cfg.task, "steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
     writer.close()
     if not (run_dir / "model").is_dir():
         save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
@@ -400,6 +421,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "elapsed_s": round(state["elapsed"], 2),
         "precision": precision,
         "device": str(device),
+        "world_size": world.world_size,
         "block_size": cfg.model.block_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from aigc import devices
+from aigc import distributed
 from aigc.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,12 @@ def scheduled_lr(state: dict, budget: Budget, step: int, progress: float, lr: fl
 
 def end_of_step(state: dict, budget: Budget, signals: "StopSignals") -> tuple[float, str]:
     """After a step: the progress before it, and what ends the run now ("" while it goes on). The new
-    progress is kept in ``state`` (checkpoints carry it)."""
+    progress is kept in ``state`` (checkpoints carry it). In a distributed job the clock is the slowest rank's and
+    a signal on any rank stops all, so every rank takes the same decision (and the same learning rate next)."""
+    state["elapsed"], interrupted = distributed.agree(state["elapsed"], bool(signals.received))
     previous = state.get("progress", 0.0)
     state["progress"] = budget.progress(state["step"], state["elapsed"])
-    return previous, "interrupted" if signals.received else budget.reason(state["step"], state["elapsed"])
+    return previous, "interrupted" if interrupted else budget.reason(state["step"], state["elapsed"])
 
 
 def eval_due(state: dict, step: int, interval: int, previous: float, cost: float, final: bool = False) -> bool:
@@ -100,6 +102,29 @@ def eval_due(state: dict, step: int, interval: int, previous: float, cost: float
     if due:
         state["eval_progress"], state["evals"] = done, state.get("evals", 0) + 1
     return due
+
+
+def seed_step(seed: int, step: int, world: "distributed.World") -> None:
+    """Seed torch's generator for one step (its dropout noise): a function of (seed, step, rank) only, so a resumed
+    run draws the same noise, and the ranks of a distributed job different noise for their different rows."""
+    torch.manual_seed(seed * 1_000_003 + step + world.rank * 7_919_000_003)
+
+
+def no_sync(net: torch.nn.Module, skip: bool):
+    """DDP's ``no_sync`` while ``skip`` (the micro-steps before the last of an accumulated step: their gradients are
+    averaged with the last one's, in one exchange); nothing to skip for a single process."""
+    from contextlib import nullcontext
+
+    return net.no_sync() if skip and hasattr(net, "no_sync") else nullcontext()
+
+
+def summary_writer(run_dir: Path, step: int, world: "distributed.World"):
+    """The run's TensorBoard writer (rank 0's; None on the others), cutting what a resumed run logged after ``step``."""
+    if not world.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
 
 
 class StopSignals:
@@ -187,17 +212,6 @@ def fit_tokenizer(tokenizer, texts: list[str], settings) -> dict:
     return report
 
 
-def cpu_only(device: str, loop: str) -> None:
-    """Loops that run on the CPU only so far: ``auto`` means the CPU for them, another device is refused."""
-    if (device or "auto").strip().lower() not in ("auto", "cpu"):
-        raise UserError(f"train.device={device}: the {loop} loop runs on the CPU in this version; use --train.device=cpu or auto")
-
-
-def resolve_precision(precision: str) -> str:
-    """A CPU loop's precision (``auto``: bf16 where the CPU has native bf16, else fp32)."""
-    return devices.resolve_precision(precision, torch.device("cpu"))
-
-
 def to_cpu(obj: Any) -> Any:
     """A state dict (nested dicts and lists of tensors) with every tensor on the CPU: checkpoints do not depend on
     the device they were written from."""
@@ -227,21 +241,45 @@ def resume(run_dir: Path, resume: bool, state: dict, parts: dict) -> tuple[dict,
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     ckpt_path.parent.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
+    world = distributed.current()
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        distributed.check_resume(ckpt["state"], world)
         for key, part in parts.items():
+            if key not in ckpt and isinstance(part, ScalerPart):  # a checkpoint from before the loop had a scaler
+                continue
             part.load_state_dict(ckpt[key])
         state = ckpt["state"]
         state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        truncate_metrics(metrics_path, state["step"])
+        if world.main:
+            truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
     else:
-        metrics_path.unlink(missing_ok=True)
+        state = {**state, "world_size": world.world_size}
+        if world.main:
+            metrics_path.unlink(missing_ok=True)
     return state, ckpt_path
 
 
+class ScalerPart:
+    """The fp16 gradient scaler as a checkpoint part: empty, and ignored, when it is off (bf16, fp32), so a run may
+    resume on another device."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
+
+
 def save_checkpoint(path: Path, state: dict, parts: dict) -> None:
-    """What ``resume`` reads: each part's state under its key, and the counters."""
+    """What ``resume`` reads: each part's state under its key, and the counters (rank 0 writes, for all)."""
+    if not distributed.current().main:
+        return
     atomic_torch_save({**{key: to_cpu(part.state_dict()) for key, part in parts.items()}, "state": dict(state)}, path)
 
 

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from aigc import threads
+from aigc import devices, distributed, threads
+from aigc.errors import UserError
 from aigc.models.dcgan import Discriminator, Generator, init_weights
 from aigc.train import common
 from aigc.train.image import (ImageTrainConfig, ema_update, get_batch, load_run_data, run_meta, sample_grid,
@@ -42,10 +43,14 @@ def gradient_penalty(kind: str, D, real: torch.Tensor, fake: torch.Tensor, cond,
         x = real.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(D(x, cond).sum(), x, create_graph=True)
         return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
-    eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen)
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
     x = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(x, cond).sum(), x, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
+
+
+DISTRIBUTED_REFUSAL = ("the dcgan loop trains in one process in this version (its two networks and gradient penalty "
+                       "are not set up for DDP): drop --nproc; the vae and ddpm loops train on several")
 
 
 def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Callable | None = None) -> dict:
@@ -54,13 +59,18 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     from aigc.generate.image import ImagePipeline
 
     loop, gcfg = cfg.train, cfg.dcgan
+    if distributed.current().active:
+        raise UserError(DISTRIBUTED_REFUSAL)
+    device = devices.resolve(loop.device, "train.device")
+    precision = devices.resolve_precision(loop.precision, device)
+    if precision == "fp16":
+        raise UserError("the dcgan loop trains in bf16 or fp32 (two optimisers, no gradient scaler): set --train.precision")
     meta = run_meta(cfg, run_dir, 0)
     data = load_run_data(run_dir, "train", meta.condition, meta.vocab)
-    precision = common.resolve_precision(loop.precision)
 
     torch.manual_seed(loop.seed)
     args = (gcfg, meta.size, meta.channels, meta.condition, len(meta.classes), len(meta.vocab))
-    G, D = Generator(*args), Discriminator(*args)
+    G, D = Generator(*args).to(device), Discriminator(*args).to(device)
     init_weights(G)
     init_weights(D)
     G_ema = copy.deepcopy(G).requires_grad_(False).eval()
@@ -71,7 +81,7 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     parts = {"G": G, "D": D, "G_ema": G_ema, "opt_g": opt_g, "opt_d": opt_d}
     state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "elapsed": 0.0, "stopped": ""}, parts)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = devices.autocast(device, precision)
 
     def save(step: int) -> None:
         meta.step = step
@@ -94,20 +104,21 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
             gen = step_generator(loop.seed, step)
             for k in range(gcfg.d_steps):
                 real, cond = get_batch(data, loop.batch_size, loop.seed, step, k)
-                z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)
+                z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)  # CPU generator: the same noise on every device
+                real, cond, z = (None if t is None else t.to(device) for t in (real, cond, z))
                 with autocast:
                     with torch.no_grad():
                         fake = G(z, cond)
                     d_real, d_fake = D(real, cond).float(), D(fake.float(), cond).float()
                 loss_d = d_loss_fn(gcfg.loss, d_real, d_fake, gcfg.label_smoothing)
-                penalty = torch.zeros(())
+                penalty = torch.zeros((), device=device)
                 if gcfg.gradient_penalty != "none":
                     penalty = gradient_penalty(gcfg.gradient_penalty, D, real, fake, cond, gen)
                     loss_d = loss_d + gcfg.gp_weight * penalty
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
-            z = torch.randn(loop.batch_size, gcfg.nz, generator=gen)
+            z = torch.randn(loop.batch_size, gcfg.nz, generator=gen).to(device)
             with autocast:
                 loss_g = g_loss_fn(gcfg.loss, D(G(z, cond), cond).float())
             opt_g.zero_grad(set_to_none=True)
@@ -146,6 +157,6 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
     writer.close()
     rates = [r["images_per_s"] for r in common.read_jsonl(metrics_path) if "images_per_s" in r][1:]
     return {"kind": "dcgan", "steps": step, "elapsed_s": round(state["elapsed"], 2),
-            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]), "precision": precision,
+            "stopped": state["stopped"] or budget.reason(step, state["elapsed"]), "precision": precision, "device": str(device),
             "condition": meta.condition, "parameters": sum(p.numel() for p in G.parameters()),
             "images_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None}

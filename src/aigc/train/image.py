@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from aigc import threads
+from aigc import devices, distributed, threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.dcgan import DCGANConfig
@@ -60,7 +60,8 @@ class ImageLoopConfig:
     sample_interval: int = 500  # sample grid PNG
     samples: int = 64  # images in a grid
     checkpoint_interval: int = 250
-    precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # auto: bf16 where the device has it (fp16 on older GPUs)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a resume may change it
     threads: int = 0  # torch intra-op threads; 0 = follow the free CPU (aigc/threads.py)
     seed: int = 1337
 
@@ -72,6 +73,7 @@ class ImageLoopConfig:
             raise UserError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
         if self.warmup_steps < 0 or self.max_seconds < 0:
             raise UserError("train.warmup_steps and train.max_seconds must be >= 0")
+        devices.check(self.device, "train.device")
 
 
 @dataclass
@@ -128,8 +130,15 @@ def get_batch(data: ImageData, batch: int, seed: int, step: int, micro: int = 0)
     return x, (None if data.cond is None else data.cond[idx])
 
 
+def local(world: "distributed.World", device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """This rank's rows of a step's global tensors (images, conditions, noise: all drawn for the whole batch, on the
+    CPU, as one process would), moved to the device."""
+    return [None if t is None else distributed.shard(t, world).to(device, non_blocking=True) for t in tensors]
+
+
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
-    """The torch RNG of one step: latents, noise and timesteps are a function of (seed, step)."""
+    """The torch RNG of one step: latents, noise and timesteps are a function of (seed, step). A CPU generator on
+    every device, so a run draws the same noise on a GPU as on a CPU."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + micro)
 
 
@@ -206,7 +215,7 @@ def save_model(run_dir: Path, meta, weights: dict[str, torch.nn.Module], unet=No
     with store.atomic_folder(run_dir / "model", overwrite=True) as tmp:
         meta.save(tmp)
         for name, module in weights.items():
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
         if unet is not None:
             unet.save_pretrained(str(tmp / "unet"))
             scheduler.save_pretrained(str(tmp / "scheduler"))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aigc import devices, threads
+from aigc import devices, distributed, threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
@@ -288,14 +288,16 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     from aigc.data import tokenizers
 
     run_dir = Path(run_dir)
-    loop = cfg.train
+    loop, world = cfg.train, distributed.current()
     threads.configure(loop.threads)
-    device = devices.resolve(loop.device, "train.device")
+    device = distributed.place(devices.resolve(loop.device, "train.device"), world)
     precision = devices.resolve_precision(loop.precision, device)
+    distributed.check_batch(loop.batch_size, world)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
 
     model = make_model(cfg, tokenizer).to(device)
+    net = distributed.wrap(model, world, device)  # what the training forward runs through (DDP in a distributed job)
     block = _block_size(cfg, model)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) < block + 2:
@@ -308,7 +310,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     ckpt_dir.mkdir(exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "world_size": world.world_size}
     scaler = devices.grad_scaler(device, precision)
     if resume and ckpt_path.is_file():
         # Saved on the CPU and mapped there: a run trained on a GPU resumes on a CPU and the other way round.
@@ -320,26 +322,27 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
+        distributed.check_resume(state, world)
         state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        common.truncate_metrics(metrics_path, state["step"])
+        if world.main:
+            common.truncate_metrics(metrics_path, state["step"])
         log.info("resumed from step %d", state["step"])
-    else:  # a fresh start, or a resume of a run killed before its first checkpoint
+    elif world.main:  # a fresh start, or a resume of a run killed before its first checkpoint
         metrics_path.unlink(missing_ok=True)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
+    writer = common.summary_writer(run_dir, state["step"], world)
 
     emb_layer = model.get_input_embeddings()
 
     def batch(data, seed, step_, micro=0):
+        """This rank's rows of the global batch of (seed, step, micro)."""
         x, y = get_batch(data, block, loop.batch_size, seed, step_, micro)
-        b = devices.to_device({"x": x, "y": y}, device)
+        b = devices.to_device({"x": distributed.shard(x, world), "y": distributed.shard(y, world)}, device)
         return b["x"], b["y"]
 
-    def forward_loss(embeds, y):
+    def forward_loss(embeds, y, module=net):
         with devices.autocast(device, precision):
-            logits = model(inputs_embeds=embeds).logits  # (B, T, V)
+            logits = module(inputs_embeds=embeds).logits  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
 
     # The embedding lookup stays outside the compiled part, so FGM can read the gradient at its output.
@@ -351,14 +354,15 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         losses = []
         for i in range(loop.eval_batches):  # the same batches every time, so evaluations compare
             x, y = batch(val_ids, loop.seed + 1, i)
-            losses.append(forward_loss(emb_layer(x), y).item())
+            losses.append(forward_loss(emb_layer(x), y, model).item())
         model.train()
-        return float(np.mean(losses))
+        return distributed.mean([float(np.mean(losses))])[0]  # equal shards: the mean over the whole batch
 
     def checkpoint() -> None:
-        common.atomic_torch_save({"params": {n: p.detach().to("cpu") for n, p in trainable.items()},
-                                  "optimizer": common.to_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
-                                  "state": dict(state)}, ckpt_path)
+        if world.main:
+            common.atomic_torch_save({"params": {n: p.detach().to("cpu") for n, p in trainable.items()},
+                                      "optimizer": common.to_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
+                                      "state": dict(state)}, ckpt_path)
 
     model.train()
     step = state["step"]
@@ -369,25 +373,27 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     with common.StopSignals() as signals:
         while not budget.reason(step, state["elapsed"]):
             threads.adapt()
-            done = budget.progress(step, time.perf_counter() - t_start)
+            done = budget.progress(step, state["elapsed"])  # the clock every rank agreed on
             lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(loop.seed * 1_000_003 + step)  # dropout noise is a function of the step too
+            common.seed_step(loop.seed, step, world)  # dropout noise is a function of the step (and the rank) too
             total = 0.0
             for micro in range(loop.grad_accum):
                 x, y = batch(train_ids, loop.seed, step, micro)
                 embeds = emb_layer(x)  # (B, T, C)
                 if cfg.adversarial.enabled:
                     embeds.retain_grad()
-                loss = compiled(embeds, y)
-                scaler.scale(loss / loop.grad_accum).backward()
-                if cfg.adversarial.enabled:
-                    grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
-                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
-                    adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
-                    scaler.scale(adv_loss / loop.grad_accum).backward()
+                with common.no_sync(net, micro < loop.grad_accum - 1):  # DDP averages gradients once, at the last micro-step
+                    loss = compiled(embeds, y)
+                    scaler.scale(loss / loop.grad_accum).backward()
+                    if cfg.adversarial.enabled:
+                        grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
+                        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # per sequence
+                        adv_loss = compiled(emb_layer(x) + cfg.adversarial.epsilon * grad / norm, y)
+                        scaler.scale(adv_loss / loop.grad_accum).backward()
                 total += loss.item() / loop.grad_accum
+            total = distributed.mean([total])[0]
             scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op unless fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
             scaler.step(optimizer)
@@ -409,25 +415,29 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 record["val_loss"] = round(val, 6)
                 if val < state["best_val"] - loop.min_delta:
                     state["best_val"], state["bad_evals"] = val, 0
-                    save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    if world.main:
+                        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
                     record["best"] = True
                 else:
                     state["bad_evals"] += 1
                     if loop.patience and state["bad_evals"] >= loop.patience:
                         reason = reason or "early_stop"
             state["stopped"] = reason
-            common.append_jsonl(metrics_path, record)
-            writer.add_scalar("train/loss", total, step)
-            writer.add_scalar("train/lr", lr, step)
-            if "val_loss" in record:
-                writer.add_scalar("val/loss", record["val_loss"], step)
-                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
+            if world.main:
+                common.append_jsonl(metrics_path, record)
+                writer.add_scalar("train/loss", total, step)
+                writer.add_scalar("train/lr", lr, step)
+                if "val_loss" in record:
+                    writer.add_scalar("val/loss", record["val_loss"], step)
+                    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
             if step % loop.checkpoint_interval == 0 or reason:
                 checkpoint()
             if progress:
                 progress(step, state["progress"], record)
             if reason:
                 break
+    if not world.main:  # rank 0 writes the run directory's results
+        return {"steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
     writer.close()
     if not (run_dir / "model").is_dir():
         save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
@@ -439,6 +449,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "elapsed_s": round(state["elapsed"], 2),
         "precision": precision,
         "device": str(device),
+        "world_size": world.world_size,
         "block_size": block,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),

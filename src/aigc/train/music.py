@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aigc import threads
+from aigc import devices, distributed, threads
 from aigc.config import save_yaml
 from aigc.errors import UserError
 from aigc.models.lm import LMConfig
@@ -160,10 +160,11 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     from aigc.models.music import build
 
     run_dir = Path(run_dir)
-    loop = cfg.train
+    loop, world = cfg.train, distributed.current()
     threads.configure(loop.threads)
-    common.cpu_only(loop.device, "music")
-    precision = common.resolve_precision(loop.precision)
+    device = distributed.place(devices.resolve(loop.device, "train.device"), world)
+    precision = devices.resolve_precision(loop.precision, device)
+    distributed.check_batch(loop.batch_size, world)
     tokenizer = tokenizers.load(run_dir / "tokenizer")
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
     bos = tokenizer.bos_token_id
@@ -173,31 +174,36 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
         if len(ids) < block + 2:
             raise UserError(f"the {split} split has {len(ids)} tokens, fewer than one block of {block}; "
                             f"use more scores or a smaller --model.block_size")
-    model = build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=loop.seed)
+    model = build(cfg.model, len(tokenizer), tokenizer.eos_token_id, seed=loop.seed).to(device)
+    net = distributed.wrap(model, world, device)  # what the training forward runs through (DDP in a distributed job)
     meta = run_meta(run_dir)
     optimizer = make_optimizer(model, loop)
     params = dict(model.named_parameters())
 
     metrics_path = run_dir / "metrics.jsonl"
-    parts = {"model": model, "optimizer": optimizer}
+    scaler = devices.grad_scaler(device, precision)
+    parts = {"model": model, "optimizer": optimizer, "scaler": common.ScalerPart(scaler)}
     state, ckpt_path = common.resume(run_dir, resume, {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0,
                                                         "stopped": ""}, parts)
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = common.summary_writer(run_dir, state["step"], world)
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=x).logits  # (B, T, V)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    def loss_of(x: torch.Tensor, y: torch.Tensor, module=net) -> torch.Tensor:
+        """The mean loss over the global batch's targets (x, y: this rank's rows of it): the header positions carry
+        none, so rows differ in how many targets they have, and each rank's sum is divided by the global count."""
+        count = int((y != -100).sum())
+        x, y = devices.to_device({"x": distributed.shard(x, world), "y": distributed.shard(y, world)}, device).values()
+        with devices.autocast(device, precision):
+            logits = module(input_ids=x).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum") / max(1, count)
 
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = [loss_of(*get_batch(val_ids, val_starts, block, loop.batch_size, loop.seed + 1, i)).item() for i in range(loop.eval_batches)]
+        losses = [loss_of(*get_batch(val_ids, val_starts, block, loop.batch_size, loop.seed + 1, i), module=model).item()
+                  for i in range(loop.eval_batches)]
         model.train()
-        return float(np.mean(losses))
+        return distributed.sums([float(np.mean(losses))])[0]  # each rank's share of every batch's mean
 
     model.train()
     step = state["step"]
@@ -208,18 +214,23 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     with common.StopSignals() as signals:
         while not budget.reason(step, state["elapsed"]):
             threads.adapt()
-            done = budget.progress(step, time.perf_counter() - t_start)
+            done = budget.progress(step, state["elapsed"])  # the clock every rank agreed on
             lr = common.scheduled_lr(state, budget, step, done, loop.lr, loop.min_lr, loop.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(loop.seed * 1_000_003 + step)
+            common.seed_step(loop.seed, step, world)
             total = 0.0
             for micro in range(loop.grad_accum):
-                loss = loss_of(*get_batch(train_ids, train_starts, block, loop.batch_size, loop.seed, step, micro))
-                (loss / loop.grad_accum).backward()
+                with common.no_sync(net, micro < loop.grad_accum - 1):
+                    loss = loss_of(*get_batch(train_ids, train_starts, block, loop.batch_size, loop.seed, step, micro))
+                    # DDP averages the ranks' gradients; each rank's loss is its share of the global mean
+                    scaler.scale(loss * world.world_size / loop.grad_accum).backward()
                 total += loss.item() / loop.grad_accum
+            total = distributed.sums([total])[0]
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), loop.grad_clip if loop.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
@@ -238,25 +249,29 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
                 if val < state["best_val"] - loop.min_delta:
                     state["best_val"], state["bad_evals"] = val, 0
                     meta.step = step
-                    save_model(model, tokenizer, meta, run_dir / "model")
+                    if world.main:
+                        save_model(model, tokenizer, meta, run_dir / "model")
                     record["best"] = True
                 else:
                     state["bad_evals"] += 1
                     if loop.patience and state["bad_evals"] >= loop.patience:
                         reason = reason or "early_stop"
             state["stopped"] = reason
-            common.append_jsonl(metrics_path, record)
-            writer.add_scalar("train/loss", total, step)
-            writer.add_scalar("train/lr", lr, step)
-            if "val_loss" in record:
-                writer.add_scalar("val/loss", record["val_loss"], step)
-                common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
+            if world.main:
+                common.append_jsonl(metrics_path, record)
+                writer.add_scalar("train/loss", total, step)
+                writer.add_scalar("train/lr", lr, step)
+                if "val_loss" in record:
+                    writer.add_scalar("val/loss", record["val_loss"], step)
+                    common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name, ylabel="loss (nats/event token)")
             if step % loop.checkpoint_interval == 0 or reason:
                 common.save_checkpoint(ckpt_path, state, parts)
             if progress:
                 progress(step, state["progress"], record)
             if reason:
                 break
+    if not world.main:  # rank 0 writes the run directory's results
+        return {"steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
     writer.close()
     if not (run_dir / "model").is_dir():
         meta.step = step
@@ -268,6 +283,8 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
         "best_val_loss": state["best_val"],
         "elapsed_s": round(state["elapsed"], 2),
         "precision": precision,
+        "device": str(device),
+        "world_size": world.world_size,
         "block_size": block,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": int(len(train_ids)),
