@@ -32,6 +32,10 @@ def fit(cfg: ImageTrainConfig, run_dir: Path, resume: bool = False, progress: Ca
 
     torch.manual_seed(loop.seed)
     model = VAE(vcfg, meta.size, meta.channels, meta.condition, len(meta.classes), len(meta.vocab)).to(device)
+    if isinstance(getattr(model.cond, "null", None), torch.nn.Parameter):
+        # the learned null condition is for diffusion's guidance: a VAE never uses it (and DDP wants every trained
+        # parameter used in each step)
+        model.cond.null.requires_grad_(False)
     net = distributed.wrap(model, world, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=0.0)
     scaler = devices.grad_scaler(device, precision)
