@@ -245,6 +245,7 @@ def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None,
     return cfg, run
 
 
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", help="Train on N processes of this machine (DDP; re-runs the command under torchrun).")]
 NnodesOpt = Annotated[int, typer.Option("--nnodes", help="Machines in the job (each runs the same command with its --node-rank).")]
 NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This machine's place in the job, 0 to nnodes-1.")]
@@ -476,6 +477,7 @@ def generate_text(
     watermark: Annotated[bool, typer.Option(help="Green-list watermark keyed to this machine (detect with `aigc verify`).")] = True,
     chat: Annotated[Optional[str], typer.Option(help="A user message, answered through the model's chat template (an SFT run's).")] = None,
     system: Annotated[Optional[str], typer.Option(help="With --chat: a system message before it.")] = None,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print completions as JSON.")] = False,
 ):
     """Generate text from a trained run, from a prompt, a vertical template or (--chat) a conversation."""
@@ -504,8 +506,11 @@ def generate_text(
     params = from_dict(SamplingParams, settings)
     if watermark:
         params.watermark = _local_mark()
+    from aigc import devices
+
+    target = devices.resolve(device)
     with err.status("loading the model"):
-        gen = TextGenerator.from_path(run)
+        gen = TextGenerator.from_path(run, device=target)
     source = gen.encode_chat(messages) if chat is not None else prompt  # chat: the ids training used, answer only shown
     echo = "" if chat is not None else prompt
     if as_json or not stream:
@@ -545,6 +550,7 @@ def generate_image(
     gif: Annotated[bool, typer.Option("--gif", help="Also write the interpolation as an animated GIF.")] = False,
     image_format: Annotated[str, typer.Option("--format", help="png or jpeg (each watermarked, described and C2PA-signed).")] = "png",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
@@ -560,7 +566,9 @@ def generate_image(
     mime = {"png": delivery.PNG, "jpeg": delivery.JPEG, "jpg": delivery.JPEG}.get(image_format.lower())
     if mime is None:
         raise UserError(f"--format must be png or jpeg, got {image_format!r}")
-    pipe = ImagePipeline.from_run(run)
+    from aigc import devices
+
+    pipe = ImagePipeline.from_run(run, device=devices.resolve(device))
     out_dir = out_dir or run / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
     deliver = size or pipe.meta.size
@@ -623,6 +631,7 @@ def generate_music(
     soundfont: Annotated[Optional[Path], typer.Option(help="A General MIDI .sf2 for FluidSynth.")] = None,
     wav: Annotated[bool, typer.Option(help="Also render 44.1 kHz WAV audio (C2PA-signed).")] = True,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
 ):
     """Generate music: MIDI plus WAV audio, unconditionally or continuing a primer, with key, length and tempo controls."""
@@ -646,7 +655,9 @@ def generate_music(
             primer_piece = read_score(primer)
         except ValueError as e:
             raise UserError(f"{primer}: {e}") from None
-    pipe = MusicPipeline.from_run(run)
+    from aigc import devices
+
+    pipe = MusicPipeline.from_run(run, device=devices.resolve(device))
     out_dir = out_dir or run / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
     provenance = None
@@ -770,20 +781,21 @@ def eval_text(
     base: Annotated[bool, typer.Option(help="Chat: also score the model the run started from, beside it.")] = True,
     report_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: RUN/eval, or RUN/eval/data-NAME with --data; chat: RUN/eval/chat).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """Perplexity, bits/char, BLEU, ROUGE and diversity; for a chat run (SFT, DPO) the task checker's scores, BLEU/ROUGE,
     the share of answers that stop and their lengths, beside the base model's. Writes report.{json,md}."""
     threads.configure()
     if _is_chat_eval(run, data, checker):
-        return _eval_chat(run, data, checker, limit, max_new_tokens or 256, base, report_dir, as_json)
+        return _eval_chat(run, data, checker, limit, max_new_tokens or 256, base, report_dir, as_json, device)
     from aigc.eval.text import evaluate_run
 
     bar, progress = _stage_progress()
     with bar:
         report = evaluate_run(run, str(references) if references else None, n_pairs=pairs, n_samples=samples,
                               max_new_tokens=max_new_tokens or 100, max_tokens=max_tokens, seed=seed, progress=progress, data=data,
-                              out_dir=report_dir)
+                              out_dir=report_dir, device=device)
     if as_json:
         _emit_json(report)
         return
@@ -813,13 +825,13 @@ def _is_chat_eval(run: Path, data: Path | None, checker: str | None) -> bool:
 
 
 def _eval_chat(run: Path, data: Path | None, checker: str | None, limit: int, max_new_tokens: int, base: bool,
-               report_dir: Path | None, as_json: bool) -> None:
+               report_dir: Path | None, as_json: bool, device: str = "auto") -> None:
     from aigc.eval.chat import evaluate_chat
 
     bar, progress = _stage_progress()
     with bar:
         report = evaluate_chat(run, data, checker, limit=limit, max_new_tokens=max_new_tokens, base=base, out_dir=report_dir,
-                               progress=progress)
+                               progress=progress, device=device)
     if as_json:
         _emit_json(report)
         return
@@ -838,6 +850,7 @@ def eval_music(
     bars: Annotated[int, typer.Option(help="Bars per generated piece.")] = 8,
     max_pieces: Annotated[int, typer.Option(help="Held-out pieces scored (0: all).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """NLL per token, note and 16th step on held-out pieces; pitch-class, density, key and polyphony statistics."""
@@ -849,7 +862,7 @@ def eval_music(
         raise UserError("--samples and --bars must be >= 1")
     bar, progress = _stage_progress()
     with bar:
-        report = evaluate_run(run, n_samples=samples, bars=bars, seed=seed, max_pieces=max_pieces, progress=progress)
+        report = evaluate_run(run, n_samples=samples, bars=bars, seed=seed, max_pieces=max_pieces, progress=progress, device=device)
     if as_json:
         _emit_json(report)
         return
@@ -870,6 +883,7 @@ def eval_image(
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps (default: the run's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Diffusion: guidance scale (default: the run's).")] = None,
     feature_steps: Annotated[int, typer.Option(help="Training steps of the dataset's feature network (cached per value).")] = 400,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
     """FID, KID, precision/recall and conditional accuracy; writes eval/report.{json,md} and eval/samples.png."""
@@ -878,7 +892,8 @@ def eval_image(
 
     bar, progress = _stage_progress()
     with bar:
-        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance, feature_steps=feature_steps, progress=progress)
+        report = evaluate_run(run, n=n, seed=seed, steps=steps, guidance=guidance, feature_steps=feature_steps, progress=progress,
+                              device=device)
     if as_json:
         _emit_json(report)
         return
@@ -982,6 +997,8 @@ def serve(
     home: Annotated[Optional[Path], typer.Option(help="Data folder (database, generated images); default ~/.aigc.")] = None,
     echo_model: Annotated[Optional[list[str]], typer.Option(help="Also serve a stub text model under this id (for gateway load tests).")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Sequences decoded together per text model.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Where the models compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (AIGC_DEVICE).")] = None,
+    model_device: Annotated[Optional[list[str]], typer.Option("--model-device", help="NAME=DEVICE: put one model on another device (repeatable; AIGC_MODEL_DEVICES).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
 ):
     """Serve trained runs through an OpenAI-compatible API (keys, plans, metering, rate limits, /metrics)."""
@@ -993,11 +1010,14 @@ def serve(
     import threading
     import time
 
-    settings = _settings(db, home=home, max_batch=max_batch)
+    settings = _settings(db, home=home, max_batch=max_batch, device=device)
     _check_port_free(host, port)
     setup_logging(settings.log_json)
+    placements = _parse_vars([p for p in settings.model_devices.split(",") if p.strip()], "AIGC_MODEL_DEVICES")
+    placements.update(_parse_vars(model_device or [], "--model-device"))
     registry = Registry.from_paths(list(runs or []), models_dir or settings.models_dir, echo_model,
-                                   memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens)
+                                   memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens,
+                                   device=settings.device, model_devices=placements, gpu_memory_budget_mb=settings.gpu_memory_budget_mb)
     threads.configure()
     application = create_app(settings, registry)
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",

@@ -26,8 +26,10 @@ class Settings(BaseSettings):
     # What a second of compute costs the operator, in USD: the basis of per-request cost and margin.
     cpu_second_cost: float = 0.00002
     gpu_second_cost: float = 0.0008
-    device: str = "cpu"
-    memory_budget_mb: int = 4096  # loaded models beyond this are evicted, least recently used first
+    device: str = Field("auto", description="Where served models compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+    model_devices: str = Field("", description="Per-model placement, NAME=DEVICE[,NAME=DEVICE...]: overrides AIGC_DEVICE for those models.")
+    memory_budget_mb: int = 4096  # loaded CPU models beyond this are evicted, least recently used first
+    gpu_memory_budget_mb: int = 0  # the same per GPU; 0: 90% of the GPU's memory
     request_timeout_s: float = 120.0
     max_prompt_chars: int = 100_000
     max_batch: int = 32  # sequences decoded together per text model

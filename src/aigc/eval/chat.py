@@ -101,7 +101,7 @@ def score(gen, pairs: list[tuple[list[dict], str]], checker: Checker | None, max
     return result, answers
 
 
-def base_generator(run_dir: Path, own):
+def base_generator(run_dir: Path, own, device=None):
     """The model a chat run started from (its ``init.path``), with the chat template of the run's tokenizer ``own``."""
     from aigc.config import load_yaml
     from aigc.data.chat_tokens import ensure_chat_template
@@ -120,12 +120,12 @@ def base_generator(run_dir: Path, own):
 
         fit_vocabulary(model, len(own))
         tok = own
-    return TextGenerator(model, tok), init
+    return TextGenerator(model.to(device) if device is not None else model, tok), init
 
 
 def evaluate_chat(run_dir: str | Path, data: str | Path | None = None, checker: str | None = None, limit: int = 100,
                   max_new_tokens: int = 256, base: bool = True, out_dir: str | Path | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+                  progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> dict:
     """Score a chat run (and its starting model) on held-out conversations; write report.json and report.md."""
     from aigc.data import chat as chat_data
     from aigc.generate.text import TextGenerator
@@ -155,10 +155,10 @@ def evaluate_chat(run_dir: str | Path, data: str | Path | None = None, checker: 
     def stage(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
 
-    tuned_gen = TextGenerator.from_path(run_dir)
+    tuned_gen = TextGenerator.from_path(run_dir, device=device)
     report["tuned"], answers = score(tuned_gen, pairs, check, max_new_tokens, progress=stage("answering (tuned)"))
     if base:
-        gen, init = base_generator(run_dir, tuned_gen.tokenizer)
+        gen, init = base_generator(run_dir, tuned_gen.tokenizer, tuned_gen.device)
         if gen is not None:
             report["base"], _ = score(gen, pairs, check, max_new_tokens, progress=stage("answering (base)"))
             report["base_model"] = init

@@ -253,7 +253,7 @@ def conditional_accuracy(net: FeatureNet, info: dict, images: np.ndarray, reques
 # ---------------------------------------------------------------- a run
 
 def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 feature_steps: int = 400, progress: Callable[[str, int, int], None] | None = None) -> dict:
+                 feature_steps: int = 400, progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> dict:
     """Generate n images from the run and score them; writes eval/report.{json,md} and eval/samples.png.
     ``progress(stage, done, total)`` hears how each stage advances."""
     from aigc.data.images import load_prepared
@@ -264,7 +264,9 @@ def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | Non
         raise UserError(f"{run}: not an image run directory (no data/manifest.json)")
     if n < 4:
         raise UserError(f"n must be >= 4 for FID/KID, got {n}")
-    pipe = ImagePipeline.from_run(run)
+    from aigc import devices
+
+    pipe = ImagePipeline.from_run(run, device=devices.resolve(device))
     train, val, manifest = load_prepared(run / "data")
     net, info = get_feature_net(run / "data", steps=feature_steps, progress=progress)
     started = time.time()

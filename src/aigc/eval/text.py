@@ -60,6 +60,7 @@ def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int
         start += stride
     total, count = 0.0, 0
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for i in range(0, len(windows), batch):
         if progress:
             progress("held-out likelihood (windows)", i, len(windows))
@@ -71,6 +72,7 @@ def likelihood(model, ids: np.ndarray, n_chars: int, block: int, max_tokens: int
         for r, ((s, skip), ln) in enumerate(zip(rows, lens)):
             x[r, :ln] = ids_t[s : s + ln]
             y[r, skip:ln] = ids_t[s + 1 + skip : s + 1 + ln]
+        x, y = x.to(device), y.to(device)  # built on the CPU row by row, moved once
         logits = model(input_ids=x).logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
         total += loss.item()
@@ -152,7 +154,7 @@ def _stage(progress: Callable[[str, int, int], None] | None, stage: str) -> Call
 def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: int = 20, n_samples: int = 8,
                  max_new_tokens: int = 100, max_tokens: int = 200_000, seed: int = 0, prompt: str = "",
                  progress: Callable[[str, int, int], None] | None = None, data: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> dict:
+                 out_dir: str | Path | None = None, device: str = "cpu") -> dict:
     """Evaluate a run's best model (or any model folder); writes report.json and report.md to ``out_dir`` (default:
     RUN/eval, or RUN/eval/data-NAME with ``data``). ``data`` is a prepared text corpus scored instead of the run's own
     held-out text, so two models compare on the same text; ``progress(stage, done, total)`` hears each stage."""
@@ -160,7 +162,7 @@ def evaluate_run(run_dir: str | Path, references: str | None = None, n_pairs: in
     from aigc.generate.text import SamplingParams, TextGenerator
 
     run_dir = Path(run_dir)
-    gen = TextGenerator.from_path(run_dir)
+    gen = TextGenerator.from_path(run_dir, device=device)
     model = gen.model
     report: dict = {"run": str(run_dir)}
     block = gen.context

@@ -99,15 +99,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class MusicPipeline:
-    """Sample scores from a music run's ``model/`` folder."""
+    """Sample scores from a music run's ``model/`` folder, on the device the model is on (the grammar and the
+    sampling of each next event run on the CPU, on its logits)."""
 
     def __init__(self, model, meta, vocab: Vocab | None = None):
         self.model, self.meta, self.vocab = model, meta, vocab or Vocab()
         model.eval()
+        self.device = model.device
         self.block = int(model.config.max_position_embeddings)
 
     @classmethod
-    def from_run(cls, run: str | Path) -> MusicPipeline:
+    def from_run(cls, run: str | Path, device: str | torch.device = "cpu") -> MusicPipeline:
         from transformers import AutoModelForCausalLM
 
         from aigc.run import MusicMeta, model_folder
@@ -118,7 +120,7 @@ class MusicPipeline:
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         if model.config.vocab_size != len(vocab):
             raise UserError(f"{run}: the model has {model.config.vocab_size} tokens, this version's event vocabulary {len(vocab)}")
-        return cls(model, meta, vocab)
+        return cls(model.to(device), meta, vocab)
 
     # ------------------------------------------------------------ sampling
 
@@ -189,9 +191,9 @@ class MusicPipeline:
             if len(ctx) >= self.block:  # the model never saw positions past its block: keep the header + the newest tokens
                 ctx = ctx[:4] + ctx[-(window - 4):]
                 cache, fed = DynamicCache(), 0
-            out = self.model(input_ids=torch.tensor([ctx[fed:]]), use_cache=True, **{cache_name: cache})
+            out = self.model(input_ids=torch.tensor([ctx[fed:]], device=self.device), use_cache=True, **{cache_name: cache})
             fed = len(ctx)  # the cache was extended in place
-            logits = out.logits[0, -1]
+            logits = out.logits[0, -1].float().cpu()
             if len(history) == 1:  # after <bos> alone: the model picks the key; time signature and tempo are set
                 mask = np.zeros(len(v), dtype=bool)
                 mask[v.key0: v.key0 + 24] = True
@@ -225,14 +227,14 @@ class MusicPipeline:
         """
         header = 4  # <bos> Key TimeSig Tempo
         x = torch.tensor(ids)
-        logp = torch.log_softmax(self.model(input_ids=x[: self.block][None]).logits[0, :-1].float(), -1)  # (T-1, V)
+        logp = torch.log_softmax(self.model(input_ids=x[: self.block][None].to(self.device)).logits[0, :-1].float().cpu(), -1)  # (T-1, V)
         total = -float(logp.gather(1, x[1: self.block, None]).sum())
         pos = min(len(ids), self.block)
         while pos < len(ids):
             begin = pos - self.block // 2  # >= header, since pos >= block
             end = min(len(ids), begin + self.block - header)
             window = torch.cat([x[:header], x[begin:end]])
-            logp = torch.log_softmax(self.model(input_ids=window[None]).logits[0].float(), -1)  # (T, V)
+            logp = torch.log_softmax(self.model(input_ids=window[None].to(self.device)).logits[0].float().cpu(), -1)  # (T, V)
             rows = torch.arange(header - 1 + pos - begin, header - 1 + end - begin)  # row r predicts window[r + 1]
             total -= float(logp[rows, x[pos:end]].sum())
             pos = end

@@ -80,6 +80,9 @@ class LlamaDecoder:
     gate/up are single matmuls, RoPE is applied to Q, K and V at once (V's rotation is the identity),
     and K and V share one cache tensor written by one copy. RMSNorm's epsilon becomes a tiny
     ``hypot``; logits match the HF model to ~1e-6 (tested).
+
+    It runs on the device the model is on: the weights it keeps are the model's own tensors there, and every
+    buffer it makes (cache, masks, RoPE tables) is created on that device.
     """
 
     @staticmethod
@@ -96,12 +99,13 @@ class LlamaDecoder:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.window = c.max_position_embeddings
         self.dtype = model.dtype
+        self.device = model.model.embed_tokens.weight.device
         self.rotary = model.model.rotary_emb
         m = model.model
         C = c.hidden_size
         self.C = C
         # rms(x) * sqrt(C) = sqrt(sum x^2 + C*eps) = hypot(||x||, sqrt(C*eps)): exact, in three operators.
-        self.eps_root = torch.tensor((c.rms_norm_eps * C) ** 0.5, dtype=self.dtype)
+        self.eps_root = torch.tensor((c.rms_norm_eps * C) ** 0.5, dtype=self.dtype, device=self.device)
         root = C**0.5
 
         def fold(norm_weight, *linears):  # (x / ||x||) @ fold(...) == rmsnorm(x) @ W.T
@@ -123,24 +127,25 @@ class LlamaDecoder:
         self.head = fold(m.norm.weight, model.lm_head)  # (C, V)
         hd = self.head_dim
         # rotate_half(x) == x @ P: one matmul instead of slice/negate/concatenate.
-        P = torch.zeros(hd, hd, dtype=self.dtype)
+        P = torch.zeros(hd, hd, dtype=self.dtype, device=self.device)
         half = hd // 2
-        P[half:, :half] = -torch.eye(half)
-        P[:half, half:] = torch.eye(half)
+        P[half:, :half] = -torch.eye(half, device=self.device)
+        P[:half, half:] = torch.eye(half, device=self.device)
         self.rot = P
 
     def start(self, batch: int, length: int) -> None:
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
         self.size = min(length, self.window)
-        self.kv = [torch.zeros(batch, 2 * nkv, self.size, hd, dtype=self.dtype) for _ in self.layers]
-        self.valid = torch.zeros(batch, self.size, dtype=torch.bool)
-        self.bias = torch.full((batch, 1, 1, self.size), float("-inf"), dtype=self.dtype)  # 0 where a slot is valid
+        dev = self.device
+        self.kv = [torch.zeros(batch, 2 * nkv, self.size, hd, dtype=self.dtype, device=dev) for _ in self.layers]
+        self.valid = torch.zeros(batch, self.size, dtype=torch.bool, device=dev)
+        self.bias = torch.full((batch, 1, 1, self.size), float("-inf"), dtype=self.dtype, device=dev)  # 0 where a slot is valid
         self.pos = 0
-        positions = torch.arange(length)
+        positions = torch.arange(length, device=dev)
         cos, sin = self.rotary(self.embed[:1], positions[None])  # the model's own RoPE, scaling included
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (L, hd)
         heads = nh + 2 * nkv
-        is_v = torch.zeros(heads, 1, dtype=torch.bool)
+        is_v = torch.zeros(heads, 1, dtype=torch.bool, device=dev)
         is_v[nh + nkv :] = True
         self.cos = torch.where(is_v, 1.0, cos[:, None, :]).to(self.dtype)  # (L, heads, hd): V is not rotated
         self.sin = torch.where(is_v, 0.0, sin[:, None, :]).to(self.dtype)
@@ -160,9 +165,10 @@ class LlamaDecoder:
         index = slice(self.pos, self.pos + T)
         self.valid[:, index] = True if pad is None else ~pad
         self.bias[:, 0, 0, index] = torch.where(self.valid[:, index], 0.0, float("-inf"))
-        mask = torch.zeros(B, 1, T, self.size, dtype=torch.bool)
-        mask[:, 0, :, index] = torch.ones(T, T, dtype=torch.bool).tril() & self.valid[:, None, index]
-        mask[:, 0, torch.arange(T), torch.arange(self.pos, self.pos + T)] = True
+        dev = self.device
+        mask = torch.zeros(B, 1, T, self.size, dtype=torch.bool, device=dev)
+        mask[:, 0, :, index] = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & self.valid[:, None, index]
+        mask[:, 0, torch.arange(T, device=dev), torch.arange(self.pos, self.pos + T, device=dev)] = True
         x = self.embed[tokens]  # (B, T, C)
         for i, (w_qkv, w_o, w_gu, w_down) in enumerate(self.layers):
             qkv = (self._norm(x) @ w_qkv).view(B, T, heads, hd)
@@ -214,18 +220,19 @@ class HFDecoder:
     def __init__(self, model):
         self.model = model
         self.window = getattr(model.config, "max_position_embeddings", 2048)
+        self.device = model.device
 
     def start(self, batch: int, length: int) -> None:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
         self.cache_arg = {cache_arg(self.model): self.cache}
-        self.mask = torch.zeros(batch, 0, dtype=torch.long)
-        self.positions = torch.zeros(batch, dtype=torch.long)
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         B, T = tokens.shape
-        new = torch.ones(B, T, dtype=torch.long) if pad is None else (~pad).long()
+        new = torch.ones(B, T, dtype=torch.long, device=self.device) if pad is None else (~pad).long()
         self.mask = torch.cat([self.mask, new], dim=1)
         pos = (self.positions[:, None] + new.cumsum(1) - 1).clamp_min(0)
         self.positions = pos[:, -1] + 1
@@ -297,19 +304,26 @@ class _Stream:
 
 
 class TextGenerator:
-    """Inference pipeline for one causal LM and its tokenizer."""
+    """Inference pipeline for one causal LM and its tokenizer, on the device the model is on. The decoder's forward
+    runs there; sampling (the filters, the watermark, each sequence's seeded generator) runs on the CPU on the
+    last logits, so a seed draws the same text on every device, up to the device's float rounding."""
 
     def __init__(self, model, tokenizer, fast: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fast = fast and LlamaDecoder.supports(model)
         self.decoder = LlamaDecoder(model) if self.fast else HFDecoder(model)
+        self.device = self.decoder.device
         self.context = self.decoder.window
 
     @classmethod
-    def from_path(cls, path: str | Path, fast: bool = True) -> "TextGenerator":
+    def from_path(cls, path: str | Path, fast: bool = True, device: str | torch.device = "cpu") -> "TextGenerator":
+        """Load a run directory or model folder onto ``device`` (a name as ``--device`` takes it, or a torch device)."""
+        from aigc import devices
+
+        target = device if isinstance(device, torch.device) else devices.resolve(device)
         model, tokenizer = load_model(path)
-        return cls(model, tokenizer, fast=fast)
+        return cls(model.to(target), tokenizer, fast=fast)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A prompt's ids (a list of ids passes through), cut to the context from the left."""
@@ -356,7 +370,7 @@ class TextGenerator:
         streams = [_Stream(self.tokenizer, params.stop) for _ in range(B)]
         eos = self.tokenizer.eos_token_id
         self.decoder.start(B, longest + params.max_new_tokens)
-        logits = self.decoder.forward(tokens, pad)
+        logits = self.decoder.forward(tokens.to(self.device), pad.to(self.device)).float().cpu()  # (B, V): sampled on the CPU
         active = list(range(B))
         history = [list(ids[-8:]) for ids in seqs]  # the watermark's context
         for step in range(params.max_new_tokens):
@@ -391,7 +405,7 @@ class TextGenerator:
             if not active:
                 return
             # Finished rows keep decoding (cheap at these sizes) so the batch stays rectangular.
-            logits = self.decoder.forward(nxt[:, None])
+            logits = self.decoder.forward(nxt[:, None].to(self.device)).float().cpu()
 
     def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[Completion]:

@@ -83,10 +83,13 @@ class TextEngine:
         dec.start(1, self.L)  # computes the RoPE tables for L positions (its own 1-row cache is unused)
         self.cos, self.sin = dec.cos, dec.sin  # (L, heads, hd)
         nkv, hd = dec.n_kv, dec.head_dim
-        self.kv = [torch.zeros(self.S, 2 * nkv, self.L, hd, dtype=dec.dtype) for _ in dec.layers]
-        self.bias = torch.full((self.S, 1, 1, self.L), float("-inf"), dtype=dec.dtype)
+        # A static cache, allocated once on the model's device: S rows of L positions. Sampling runs on the CPU
+        # on each step's last logits (see TextGenerator).
+        self.device = dev = dec.device
+        self.kv = [torch.zeros(self.S, 2 * nkv, self.L, hd, dtype=dec.dtype, device=dev) for _ in dec.layers]
+        self.bias = torch.full((self.S, 1, 1, self.L), float("-inf"), dtype=dec.dtype, device=dev)
         self.bias[:, 0, 0, 0] = 0.0  # idle rows attend to slot 0 so they never produce NaN
-        self.pos = torch.zeros(self.S, dtype=torch.long)
+        self.pos = torch.zeros(self.S, dtype=torch.long, device=dev)
         self.slots: list[Sequence | None] = [None] * self.S
         self.waiting: queue.Queue[Sequence] = queue.Queue()
         self.running = True
@@ -160,7 +163,7 @@ class TextEngine:
         dec = self.dec
         nh, nkv, hd = dec.n_head, dec.n_kv, dec.head_dim
         heads = nh + 2 * nkv
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)[None]  # (1, T)
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         T = ids.shape[1]
         cos, sin = self.cos[:T], self.sin[:T]
         x = dec.embed[ids]  # (1, T, C)
@@ -174,7 +177,7 @@ class TextEngine:
             x = x + att.transpose(1, 2).reshape(1, T, nh * hd) @ w_o
             gate, up = (dec._norm(x) @ w_gu).chunk(2, dim=-1)
             x = x + (torch.nn.functional.silu(gate) * up) @ w_down
-        logits = dec._norm(x[:, -1]) @ dec.head  # (1, V)
+        logits = (dec._norm(x[:, -1]) @ dec.head).float().cpu()  # (1, V)
         self.bias[r] = float("-inf")
         self.bias[r, 0, 0, :T] = 0.0
         self.pos[r] = T
@@ -197,11 +200,12 @@ class TextEngine:
         heads, group = nh + 2 * nkv, nh // nkv
         pos = self.pos[:R]
         span = int(pos.max()) + 1  # attend over the used prefix of the cache only
-        toks = torch.zeros(R, dtype=torch.long)
+        last = [0] * R
         for r in rows:
-            toks[r] = self.slots[r].last  # type: ignore[union-attr]
+            last[r] = self.slots[r].last  # type: ignore[union-attr]
+        toks = torch.tensor(last, dtype=torch.long, device=self.device)
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, heads, 1, hd)
-        ar = torch.arange(R)
+        ar = torch.arange(R, device=self.device)
         self.bias[ar, 0, 0, pos] = 0.0
         bias = self.bias[:R, :, :, :span]
         x = dec.embed[toks]  # (R, C)
@@ -216,9 +220,9 @@ class TextEngine:
             x = torch.addmm(x, att.view(R, nh * hd), w_o)
             gate, up = (dec._norm(x) @ w_gu).chunk(2, dim=-1)
             x = torch.addmm(x, torch.nn.functional.silu(gate) * up, w_down)
-        logits = dec._norm(x) @ dec.head  # (R, V)
+        logits = (dec._norm(x) @ dec.head).float().cpu()  # (R, V)
         idx = torch.tensor(rows)
-        self.pos[idx] += 1
+        self.pos[idx.to(self.device)] += 1
         seqs = [self.slots[r] for r in rows]
         share = (time.perf_counter() - t0) / len(rows)
         for s in seqs:

@@ -1,12 +1,17 @@
 """The model registry: which run directories are served, under which id and version, and which are
-loaded. Models load lazily on first use into an LRU bounded by a memory budget; a model in use by a
-request is never unloaded under it (the request holds its own reference).
+loaded, and on which device. Models load lazily on first use into an LRU bounded by a memory budget per
+device (host memory for CPU models, the GPU's own memory for GPU models); a model in use by a request is never
+unloaded under it (the request holds its own reference).
+
+Each model is placed on the server's device (``AIGC_DEVICE`` / ``--device``: auto, cpu, cuda, cuda:N, mps) unless
+``--model-device NAME=DEVICE`` (``AIGC_MODEL_DEVICES``) puts it elsewhere.
 
 A modality plugs in with a loader in ``LOADERS`` (a literal dict, greppable) and a ``kind`` test in
 ``aigc.run.detect_kind``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -32,23 +37,61 @@ class ModelEntry:
     size_bytes: int
     owned_by: str = "aigc"
     info: dict = field(default_factory=dict)
+    device: str = "cpu"  # where it computes once loaded (resolved: cpu, cuda:N, mps)
+
+
+def loaded_size(run: Path, files_bytes: int) -> int:
+    """The bytes a run's model takes once loaded: its files, or for a LoRA run (an adapter of a few megabytes) the
+    base model it is merged into. A GGUF base is dequantised to fp32 on load: about 4x its file at 8 bits."""
+    from aigc.run import model_folder
+
+    folder = model_folder(run)
+    base = folder / "aigc_base.json"
+    if not ((folder / "adapter_config.json").is_file() and base.is_file()):
+        return files_bytes
+    init = json.loads(base.read_text(encoding="utf-8")).get("init_path", "")
+    try:
+        from aigc.models.lm import resolve_pretrained
+
+        where, gguf = resolve_pretrained(init)
+    except UserError:
+        return files_bytes
+    if gguf:
+        return files_bytes + 4 * (where / gguf).stat().st_size
+    if (where / "model").is_dir():  # an aigc run directory
+        return files_bytes + loaded_size(where, fingerprint(where).size_bytes)
+    return files_bytes + sum(f.stat().st_size for f in where.glob("*.safetensors")) + sum(f.stat().st_size for f in where.glob("*.bin"))
 
 
 def entry_for(run: Path, model_id: str | None = None) -> ModelEntry:
     run = Path(run)
     kind = require_kind(run)
     fp = fingerprint(run)
-    return ModelEntry(model_id or run.name, kind, run, fp.version, fp.created, fp.size_bytes)
+    return ModelEntry(model_id or run.name, kind, run, fp.version, fp.created, loaded_size(run, fp.size_bytes))
 
 
 class Registry:
-    def __init__(self, entries: list[ModelEntry], memory_budget_mb: int = 4096, max_batch: int = 32, context: int = 1024):
+    def __init__(self, entries: list[ModelEntry], memory_budget_mb: int = 4096, max_batch: int = 32, context: int = 1024,
+                 device: str = "cpu", model_devices: dict[str, str] | None = None, gpu_memory_budget_mb: int = 0):
+        from aigc import devices
+
         ids = [e.id for e in entries]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
             raise UserError(f"two models share the id {sorted(dup)[0]!r}: pass them as NAME=PATH")
+        unknown = sorted(set(model_devices or {}) - set(ids))
+        if unknown:
+            raise UserError(f"--model-device {unknown[0]}=...: no model has that id (served: {', '.join(ids)})")
+        self.device = devices.resolve(device, "AIGC_DEVICE")
+        for e in entries:
+            wanted = (model_devices or {}).get(e.id)
+            e.device = str(devices.resolve(wanted, f"--model-device {e.id}") if wanted else self.device)
+            if e.kind == ECHO:
+                e.device = "cpu"
+            e.info = {**e.info, "device": e.device}
         self.entries = {e.id: e for e in entries}
         self.budget = memory_budget_mb * 2**20
+        self.gpu_budget = gpu_memory_budget_mb * 2**20
         self.max_batch, self.context = max_batch, context
         self.loaded: OrderedDict[str, object] = OrderedDict()
         self.lock = threading.Lock()
@@ -95,16 +138,34 @@ class Registry:
             log.info("loaded model", extra={"model": model_id, "seconds": round(time.perf_counter() - t0, 3)})
             with self.lock:
                 self.loaded[model_id] = handle
-                self._evict()
+                self._evict(entry.device)
             return handle
 
-    def resident_bytes(self) -> int:
-        return sum(self.entries[m].size_bytes * 2 for m in self.loaded)  # weights + working memory, roughly
+    def resident_bytes(self, device: str | None = None) -> int:
+        """Memory the loaded models take (on ``device`` only, when given): weights + working memory, roughly."""
+        return sum(self.entries[m].size_bytes * 2 for m in self.loaded if device is None or self.entries[m].device == device)
 
-    def _evict(self) -> None:
-        while len(self.loaded) > 1 and self.resident_bytes() > self.budget:
-            victim, handle = self.loaded.popitem(last=False)
-            log.info("evicted model", extra={"model": victim})
+    def budget_bytes(self, device: str) -> int:
+        """The memory budget of a device: ``memory_budget_mb`` for the CPU (and MPS, which shares it), the GPU's
+        ``gpu_memory_budget_mb``, or 90% of its memory when that is 0."""
+        if not device.startswith("cuda"):
+            return self.budget
+        if self.gpu_budget:
+            return self.gpu_budget
+        import torch
+
+        return int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+
+    def _evict(self, device: str) -> None:
+        """Unload the least recently used models of ``device`` until its models fit its budget (one always stays)."""
+        budget = self.budget_bytes(device)
+        while True:
+            here = [m for m in self.loaded if self.entries[m].device == device]
+            if len(here) <= 1 or self.resident_bytes(device) <= budget:
+                return
+            victim = here[0]
+            handle = self.loaded.pop(victim)
+            log.info("evicted model", extra={"model": victim, "device": device})
             close = getattr(handle, "close", None)
             if close:
                 threading.Thread(target=close, daemon=True).start()  # finishes its in-flight sequences first
@@ -135,7 +196,7 @@ def _load_text(entry: ModelEntry, reg: Registry):
     from aigc.generate.text import TextGenerator
     from aigc.serve.batching import SerialTextEngine, TextEngine
 
-    gen = TextGenerator.from_path(entry.path)
+    gen = TextGenerator.from_path(entry.path, device=entry.device)
     if gen.fast:
         return TextEngine(gen, max_batch=reg.max_batch, context=reg.context, name=entry.id)
     return SerialTextEngine(gen, name=entry.id)
@@ -144,13 +205,13 @@ def _load_text(entry: ModelEntry, reg: Registry):
 def _load_image(entry: ModelEntry, reg: Registry):
     from aigc.generate.image import ImagePipeline
 
-    return LockedPipeline(ImagePipeline.from_run(entry.path))
+    return LockedPipeline(ImagePipeline.from_run(entry.path, device=entry.device))
 
 
 def _load_music(entry: ModelEntry, reg: Registry):
     from aigc.generate.music import MusicPipeline
 
-    return LockedPipeline(MusicPipeline.from_run(entry.path))
+    return LockedPipeline(MusicPipeline.from_run(entry.path, device=entry.device))
 
 
 def _load_echo(entry: ModelEntry, reg: Registry):

@@ -46,7 +46,8 @@ class Service:
     @classmethod
     def build(cls, settings: Settings, registry: Registry) -> Service:
         sessions = open_db(settings.resolved_database_url())
-        cost_per_s = settings.gpu_second_cost if settings.device != "cpu" else settings.cpu_second_cost
+        # the operator's compute price follows where the models run (the server's device)
+        cost_per_s = settings.gpu_second_cost if registry.device.type != "cpu" else settings.cpu_second_cost
         service = cls(settings, registry, sessions, Billing(sessions, cost_per_s), RateLimiter(), Metrics(registry),
                       url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)

@@ -435,18 +435,18 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         **{k: v for k, v in last_eval.items() if k.startswith("val_") and k != "val_loss"},
     }
     if loop.samples and summary["stopped"] != "interrupted":
-        _write_samples(run_dir, loop)
+        _write_samples(run_dir, loop, device)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
-def _write_samples(run_dir: Path, loop) -> None:
+def _write_samples(run_dir: Path, loop, device) -> None:
     """Answers to the first held-out prompts, with the run's chat template."""
     from aigc.generate.text import SamplingParams, TextGenerator
 
     records = common.read_jsonl(run_dir / "data" / "val.records.jsonl")[: loop.samples]
     prompts = [r["messages"][:-1] if "messages" in r else r["prompt"] for r in records]
-    gen = TextGenerator.from_path(run_dir)
+    gen = TextGenerator.from_path(run_dir, device=device)
     outs = gen.chat(prompts, SamplingParams(max_new_tokens=loop.sample_tokens, temperature=0.0, seed=loop.seed))
     parts = [f"{p[-1]['content']}\n>>>\n{o.text}" for p, o in zip(prompts, outs)]
     (run_dir / "samples.txt").write_text("\n\n----\n\n".join(parts) + "\n", encoding="utf-8")

@@ -463,7 +463,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.text import SamplingParams, TextGenerator
 
-        gen = TextGenerator.from_path(run_dir)
+        gen = TextGenerator.from_path(run_dir, device=device)
         outs = gen.generate([""], SamplingParams(max_new_tokens=loop.sample_tokens, temperature=0.8, n=loop.samples, seed=loop.seed))
         (run_dir / "samples.txt").write_text("\n\n----\n\n".join(o.text for o in outs) + "\n", encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -295,7 +295,7 @@ def train(cfg: MusicTrainConfig, run_dir: str | Path, resume: bool = False,
     if loop.samples and summary["stopped"] != "interrupted":
         from aigc.generate.music import MusicParams, MusicPipeline
 
-        pipe = MusicPipeline.from_run(run_dir)
+        pipe = MusicPipeline.from_run(run_dir, device=device)
         folder = run_dir / "samples"
         folder.mkdir(exist_ok=True)
         for i in range(loop.samples):
