@@ -717,6 +717,7 @@ def generate_video(
     chroma: Annotated[str, typer.Option(help="420 (plays everywhere) or 444 (keeps the frames' watermark readable).")] = "420",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: IMAGE_RUN/video-SEED).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Compose a video: storyboard -> key frames -> latent interpolation -> soundtrack -> H.264 + AAC MP4 (C2PA-signed)."""
@@ -729,7 +730,7 @@ def generate_video(
     from aigc.govern.c2pa import Provenance
 
     _quiet_libraries()
-    params = from_dict(VideoParams, {"prompt": prompt, "scenes": scenes, "scene_texts": list(scene or []), "seconds": seconds,
+    params = from_dict(VideoParams, {"device": device, "prompt": prompt, "scenes": scenes, "scene_texts": list(scene or []), "seconds": seconds,
                                      "fps": fps, "size": size, "captions": captions, "seed": seed, "steps": steps,
                                      "guidance": guidance, "key": key, "tempo": tempo, "synth": synth, "chroma": chroma})
     out_dir = out_dir or image_run / f"video-{seed}"
@@ -1566,15 +1567,19 @@ def train_moderation(
     data: Annotated[Optional[Path], typer.Option(help="Labelled JSONL (text, label 0/1, optional split). Default: the built-in bilingual set.")] = None,
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Classifier file (JSON) to write.")] = Path("moderation-classifier.json"),
     threshold: Annotated[float, typer.Option(help="Probability at which the classifier fires.")] = 0.5,
+    device: DeviceOpt = "auto",
 ):
     """Train the moderation classifier: sentence embeddings (offline all-MiniLM-L6-v2) + logistic regression."""
     threads.configure()
+    from aigc import devices
     from aigc.govern import moderation as m
+
+    target = str(devices.resolve(device))
 
     rows = m.read_labelled(data or BUILTIN_MODERATION)
     train = [r for r in rows if r["split"] != "test"] or rows
     with err.status(f"embedding {len(train)} examples"):
-        clf = m.Classifier.train([r["text"] for r in train], [r["label"] for r in train], threshold=threshold)
+        clf = m.Classifier.train([r["text"] for r in train], [r["label"] for r in train], threshold=threshold, device=target)
     clf.save(out_file)
     test = [r for r in rows if r["split"] == "test"]
     msg = f"wrote {out_file} ({len(train)} training examples)"

@@ -60,6 +60,7 @@ class VideoParams:
     # readable after encoding, which 4:2:0 chroma often erases on saturated, flat frames (measured).
     chroma: str = "420"
     scene_tokens: int = 48  # text model tokens per scene line
+    device: str = "cpu"  # where the image, text and music models compute (cpu, cuda, cuda:N, mps, auto)
 
     def validate(self) -> None:
         if not 1 <= self.scenes <= 32:
@@ -109,7 +110,8 @@ class VideoResult:
 
 # ---------------------------------------------------------------- storyboard
 
-def write_storyboard(prompt: str, scenes: int, text_run: str | Path | None, seed: int, tokens: int = 48) -> list[str]:
+def write_storyboard(prompt: str, scenes: int, text_run: str | Path | None, seed: int, tokens: int = 48,
+                     device: str = "cpu") -> list[str]:
     """One line of text per scene: the text model continuing the prompt, or the prompt itself."""
     if text_run is None:
         if not prompt:
@@ -118,7 +120,7 @@ def write_storyboard(prompt: str, scenes: int, text_run: str | Path | None, seed
         return parts if len(parts) > 1 else [prompt] * scenes
     from aigc.generate.text import SamplingParams, TextGenerator
 
-    gen = TextGenerator.from_path(text_run)
+    gen = TextGenerator.from_path(text_run, device=device)
     lines = []
     for i in range(scenes):
         head = f"{prompt}\n" if prompt else ""
@@ -338,10 +340,13 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pipe = ImagePipeline.from_run(image_run)
+    from aigc import devices
+
+    device = devices.resolve(params.device)
+    pipe = ImagePipeline.from_run(image_run, device=device)
     if pipe.meta.channels not in (1, 3):
         raise UserError(f"{image_run}: images with {pipe.meta.channels} channels cannot be encoded as video")
-    texts = list(params.scene_texts) or write_storyboard(params.prompt, params.scenes, text_run, params.seed, params.scene_tokens)
+    texts = list(params.scene_texts) or write_storyboard(params.prompt, params.scenes, text_run, params.seed, params.scene_tokens, device)
     timings["storyboard_s"] = time.perf_counter() - t0
     n = len(texts)
     plan = frame_plan(params.frames, n, params.hold)
@@ -386,7 +391,7 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         t3 = time.perf_counter()
         from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline, read_wav, wav_bytes
 
-        music = MusicPipeline.from_run(music_run).generate(MusicParams(seconds=params.seconds, key=params.key, tempo=params.tempo,
+        music = MusicPipeline.from_run(music_run, device=device).generate(MusicParams(seconds=params.seconds, key=params.key, tempo=params.tempo,
                                                                      seed=params.seed))
         midi = music.midi_bytes()
         wav, synth = music.render(params.synth)

