@@ -77,6 +77,8 @@ def flags(overrides: dict, prefix: str = "") -> list[str]:
 
 JOBS = {
     "pretrain": ("text", "tiny", "pydoc_corpus", {"train": {"max_steps": 12, "samples": 0}}),
+    # FSDP2 shards the model instead of replicating it: the same losses (on gloo here; on NCCL in benchmarks/gpu.py)
+    "pretrain-fsdp2": ("text", "tiny", "pydoc_corpus", {"train": {"max_steps": 8, "samples": 0, "fsdp": True}}),
     "music": ("music", "tiny", "music_data", {"train": {"max_steps": 6, "samples": 0, "eval_interval": 3}}),
     "vae": ("image", "tiny", "shapes", {"model": {"kind": "vae"}, "train": {"max_steps": 6, "precision": "fp32", "sample_interval": 100}}),
 }
@@ -86,7 +88,7 @@ JOBS = {
 def test_two_processes_log_the_losses_of_one(tmp_path, request, job):
     modality, config, data_fixture, overrides = JOBS[job]
     data = request.getfixturevalue(data_fixture)
-    one = single_run(tmp_path, modality, config, data, overrides)
+    one = single_run(tmp_path, modality, config, data, {**overrides, "train": {**overrides["train"], "fsdp": False}})
     r = aigc("train", modality, config, "--data", data, "--run", tmp_path / "two", "--nproc", 2, *flags(overrides), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])  # rank 0 alone reports
@@ -95,15 +97,26 @@ def test_two_processes_log_the_losses_of_one(tmp_path, request, job):
     assert (tmp_path / "two" / "checkpoints" / "last.pt").is_file() and (tmp_path / "two" / "model").is_dir()
 
 
-def test_sft_on_two_processes_weights_every_supervised_token_once(tmp_path, chat_model, products_chat):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2-lora"])
+def test_sft_on_two_processes_weights_every_supervised_token_once(tmp_path, chat_model, products_chat, strategy):
     """SFT rows hold different numbers of supervised tokens: each rank's loss is its share of the global mean."""
     overrides = {"task": "sft", "init": {"path": str(chat_model)}, "model": {"block_size": 768},
                  "train": {"batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "max_steps": 4, "eval_interval": 2, "eval_batches": 2,
                            "checkpoint_interval": 4, "precision": "fp32", "samples": 0}}
+    if strategy == "fsdp2-lora":
+        overrides["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
     one = single_run(tmp_path, "text", "none", products_chat, overrides)
-    r = aigc("train", "text", "--data", products_chat, "--run", tmp_path / "two", "--nproc", 2, *flags(overrides))
+    extra = ["--train.fsdp=true"] if strategy.startswith("fsdp2") else []
+    r = aigc("train", "text", "--data", products_chat, "--run", tmp_path / "two", "--nproc", 2, *flags(overrides), *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same(losses(one), losses(tmp_path / "two"))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["strategy"] == ("fsdp2" if extra else "ddp")
+    if extra:  # the adapter gathered from the shards is the one a single process trains
+        from safetensors.torch import load_file
+
+        a, b = (load_file(str(run / "model" / "adapter_model.safetensors")) for run in (one, tmp_path / "two"))
+        assert sorted(a) == sorted(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def _rank_pid(run: Path, rank: int) -> int | None:

@@ -134,6 +134,63 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def fsdp2(root: torch.nn.Module, layers, world: World) -> torch.nn.Module:
+    """Shard ``root`` with FSDP2 (``fully_shard``): each of ``layers`` (the decoder blocks) is its own unit, gathered
+    just before it runs and freed after, and ``root`` holds the rest (embeddings, final norm, output layer).
+    Parameters, gradients and optimizer state are split across the ranks: for models that do not fit one GPU.
+    Compute precision stays with the loop's autocast."""
+    if not world.active:
+        raise UserError("train.fsdp shards a model across processes: launch with --nproc N (N >= 2) or torchrun")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(root)
+    return root
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(root: torch.nn.Module, prefix: str = "", trainable_only: bool = False) -> dict:
+    """The whole (unsharded) state dict of an FSDP2 ``root`` on CPU tensors, keys without ``prefix``: on rank 0 (the
+    others get {}). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(root, options=_options(cpu_offload=True, ignore_frozen_params=trainable_only))
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def load_full_state(root: torch.nn.Module, state: dict, prefix: str = "") -> None:
+    """Load a whole state dict (every rank holds it, read from the checkpoint) into an FSDP2 ``root``: each rank
+    keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(root, {prefix + k: v for k, v in state.items()}, options=_options(strict=False))
+
+
+def full_optimizer_state(root: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's whole state on rank 0 (CPU tensors), {} elsewhere. A collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(root, optimizer, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(root: torch.nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=_options())
+
+
 def sums(values: list[float]) -> list[float]:
     """Each value summed over the ranks (the values themselves for a single process). Python numbers, sent through
     gloo on the CPU in float64: a few per step, never a GPU tensor."""

@@ -37,7 +37,7 @@ from aigc.config import save_yaml
 from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
 from aigc.errors import UserError
 from aigc.train import common
-from aigc.train.lm import TextTrainConfig, make_model, make_optimizer, save_model
+from aigc.train.lm import TextTrainConfig, decoder_layers, make_model, make_optimizer, save_model
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ class SupervisedLM(torch.nn.Module):
 
 
 def _logits(model, batch: dict, precision: str):
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model(batch)  # a SupervisedLM inside
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, SupervisedLM)):
+        return model(batch)  # a SupervisedLM (inside DDP, or itself the FSDP2 root)
     return supervised_logits(model, batch, precision)
 
 
@@ -227,18 +227,21 @@ def answer_logprobs(model, batch: dict, precision: str) -> tuple[torch.Tensor, t
             torch.zeros(n, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows)))
 
 
-def reference_logprobs(model, reference, batch: dict, precision: str) -> torch.Tensor:
-    """The frozen starting model's log-probabilities: the LoRA model with its adapter off, or the frozen copy."""
+def reference_logprobs(model, reference, batch: dict, precision: str, net=None) -> torch.Tensor:
+    """The frozen starting model's log-probabilities: the LoRA model with its adapter off (through ``net`` when the
+    model is sharded), or the frozen copy."""
     with torch.no_grad(), (model.disable_adapter() if reference is None else nullcontext()):
-        return answer_logprobs(reference if reference is not None else model, batch, precision)[0]
+        return answer_logprobs(reference if reference is not None else net if net is not None else model, batch, precision)[0]
 
 
-def preference_stats(model, reference, batch: dict, beta: float, precision: str, net=None) -> tuple[common.DPOStats, torch.Tensor]:
+def preference_stats(model, reference, batch: dict, beta: float, precision: str, net=None,
+                     sharded: bool = False) -> tuple[common.DPOStats, torch.Tensor]:
     """The DPO loss of a batch and, per pair, whether the policy's mean per-token log-probability prefers the chosen
     answer (a preference that needs no reference, so a model can be scored before any DPO). ``net``: what the
-    policy's forward runs through when it trains (DDP in a distributed job)."""
+    policy's forward runs through when it trains (DDP in a distributed job; with ``sharded``, the FSDP2 root, which
+    every forward must go through)."""
     logp, n = answer_logprobs(net if net is not None else model, batch, precision)
-    ref = reference_logprobs(model, reference, batch, precision)
+    ref = reference_logprobs(model, reference, batch, precision, net if sharded else None)
     half = logp.shape[0] // 2
     stats = common.dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], beta)
     mean = logp.detach() / n.clamp(min=1)
@@ -246,6 +249,37 @@ def preference_stats(model, reference, batch: dict, beta: float, precision: str,
 
 
 # ---------------------------------------------------------------- the loop
+
+class _ShardedParams:
+    """The trainable parameters of an FSDP2 root as one checkpoint part: gathered whole (every rank takes part,
+    rank 0 gets them), loaded back into each rank's shards."""
+
+    collective = True
+
+    def __init__(self, root):
+        self.root = root
+
+    def state_dict(self) -> dict:
+        return distributed.full_state(self.root, "model.", trainable_only=True)
+
+    def load_state_dict(self, saved: dict) -> None:
+        distributed.load_full_state(self.root, saved, "model.")
+
+
+class _ShardedOptimizer:
+    """The optimizer of an FSDP2 root as one checkpoint part (its state keyed by parameter names)."""
+
+    collective = True
+
+    def __init__(self, root, optimizer):
+        self.root, self.optimizer = root, optimizer
+
+    def state_dict(self) -> dict:
+        return distributed.full_optimizer_state(self.root, self.optimizer)
+
+    def load_state_dict(self, saved: dict) -> None:
+        distributed.load_optimizer_state(self.root, self.optimizer, saved)
+
 
 class _Trainable:
     """The trainable parameters as one checkpoint part (a LoRA run saves megabytes, not the whole model)."""
@@ -283,15 +317,24 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     if cfg.model.block_size > context:
         raise UserError(f"--model.block_size={cfg.model.block_size} is longer than the model's context of {context} tokens")
     reference = None
+    fsdp = loop.fsdp
     if dpo and not cfg.lora.enabled:
+        if fsdp:
+            raise UserError("train.fsdp with DPO needs LoRA (lora.enabled=true): the frozen reference of a full DPO would be "
+                            "a whole copy of the model in every process")
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    net = distributed.wrap(SupervisedLM(model, precision), world, device) if world.active else model
+    if fsdp:  # sharded: every forward, the reference's included, goes through the root
+        net = distributed.fsdp2(SupervisedLM(model, precision), decoder_layers(model), world)
+    else:
+        net = distributed.wrap(SupervisedLM(model, precision), world, device) if world.active else model
+    scorer = net if fsdp else model  # what evaluation runs through
     optimizer = make_optimizer(model, loop)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": ""}
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "fsdp": fsdp}
     scaler = devices.grad_scaler(device, precision)
-    parts = {"params": _Trainable(trainable), "optimizer": optimizer, "scaler": common.ScalerPart(scaler)}
+    parts = {"params": _ShardedParams(net) if fsdp else _Trainable(trainable),
+             "optimizer": _ShardedOptimizer(net, optimizer) if fsdp else optimizer, "scaler": common.ScalerPart(scaler)}
     state, ckpt_path = common.resume(run_dir, resume, state, parts)
 
     writer = common.summary_writer(run_dir, state["step"], world)
@@ -309,7 +352,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             loss_sum, correct, wins, pairs = 0.0, 0, 0, 0
             for i in range(0, len(local_val), loop.batch_size):
                 stats, prefers = preference_stats(model, reference, make_batch(local_val[i : i + loop.batch_size], pad),
-                                                  cfg.dpo.beta, precision)
+                                                  cfg.dpo.beta, precision, net=scorer if fsdp else None, sharded=fsdp)
                 loss_sum += float(stats.loss) * len(prefers)
                 correct, wins, pairs = correct + int((stats.margins > 0).sum()), wins + int(prefers.sum()), pairs + len(prefers)
             loss_sum, correct, wins, pairs = distributed.sums([loss_sum, correct, wins, pairs])
@@ -317,12 +360,21 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         else:
             total, count = 0.0, 0
             for i in range(0, len(local_val), loop.batch_size):
-                loss, n = sft_loss(model, make_batch(local_val[i : i + loop.batch_size], pad), precision)
+                loss, n = sft_loss(scorer, make_batch(local_val[i : i + loop.batch_size], pad), precision)
                 total, count = total + float(loss) * n, count + n
             total, count = distributed.sums([total, count])
             out = {"val_loss": total / max(1, count)}
         model.train()
         return out
+
+    written = [(run_dir / "model").is_dir()]  # known to every rank alike (rank 0 may still be writing the folder)
+
+    def write_model() -> None:
+        """model/ from the current weights (rank 0 writes; with FSDP2 every rank takes part in gathering them)."""
+        written[0] = True
+        weights = distributed.full_state(net, "model.") if fsdp else None
+        if world.main:
+            save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path, state_dict=weights)
 
     if "start" not in state:  # the held-out scores of the starting model, once per run: what tuning is measured against
         state["start"] = {k: round(v, 6) for k, v in evaluate().items()}
@@ -347,7 +399,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 tokens_since += batch["tokens"]
                 with common.no_sync(net, micro < loop.grad_accum - 1):  # DDP averages gradients once, at the last micro-step
                     if dpo:  # the mean over pairs: equal shares, so the ranks' mean is the batch's
-                        stats, _ = preference_stats(model, reference, batch, cfg.dpo.beta, precision, net=net)
+                        stats, _ = preference_stats(model, reference, batch, cfg.dpo.beta, precision, net=net, sharded=fsdp)
                         loss, share = stats.loss, stats.loss
                         for key, value in (("rewards_chosen", stats.chosen_rewards.mean()), ("rewards_rejected", stats.rejected_rewards.mean()),
                                            ("reward_margin", stats.margins.mean()), ("reward_accuracy", stats.accuracy)):
@@ -381,8 +433,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 record.update({k: round(v, 6) for k, v in scores.items()})
                 if scores["val_loss"] < state["best_val"] - loop.min_delta:
                     state["best_val"], state["bad_evals"] = scores["val_loss"], 0
-                    if world.main:
-                        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    write_model()
                     record["best"] = True
                 else:
                     state["bad_evals"] += 1
@@ -403,11 +454,11 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 progress(step, state["progress"], record)
             if reason:
                 break
+    if not written[0]:
+        write_model()
     if not world.main:  # rank 0 writes the run directory's results
         return {"task": cfg.task, "steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
     writer.close()
-    if not (run_dir / "model").is_dir():
-        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
     common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
     records = common.read_jsonl(metrics_path)
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # step 1 is warm-up
@@ -422,6 +473,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "precision": precision,
         "device": str(device),
         "world_size": world.world_size,
+        "strategy": "fsdp2" if fsdp else "ddp" if world.active else "single",
         "block_size": cfg.model.block_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),

@@ -245,6 +245,8 @@ def resume(run_dir: Path, resume: bool, state: dict, parts: dict) -> tuple[dict,
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         distributed.check_resume(ckpt["state"], world)
+        if ckpt["state"].get("fsdp", False) != state.get("fsdp", False):
+            raise UserError(f"this run was trained with train.fsdp={ckpt['state'].get('fsdp', False)}; resume it the same way")
         for key, part in parts.items():
             if key not in ckpt and isinstance(part, ScalerPart):  # a checkpoint from before the loop had a scaler
                 continue
@@ -278,9 +280,11 @@ class ScalerPart:
 
 def save_checkpoint(path: Path, state: dict, parts: dict) -> None:
     """What ``resume`` reads: each part's state under its key, and the counters (rank 0 writes, for all)."""
-    if not distributed.current().main:
-        return
-    atomic_torch_save({**{key: to_cpu(part.state_dict()) for key, part in parts.items()}, "state": dict(state)}, path)
+    main = distributed.current().main
+    # a part whose state is sharded over the ranks (FSDP2) is gathered by all of them; the others only on rank 0
+    states = {key: part.state_dict() for key, part in parts.items() if main or getattr(part, "collective", False)}
+    if main:
+        atomic_torch_save({**{key: to_cpu(v) for key, v in states.items()}, "state": dict(state)}, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

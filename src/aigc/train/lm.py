@@ -114,6 +114,9 @@ class LoopConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the device has it (fp16 on older GPUs)
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a resume may change it
     compile: bool = False  # torch.compile the step: ~30 s up front, then faster steps
+    # Several processes: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of
+    # replicating the model (DDP), for models that do not fit one GPU. Text loop only; needs --nproc >= 2.
+    fsdp: bool = False
     threads: int = 0  # torch intra-op threads; 0 = follow the free CPU (aigc/threads.py)
     seed: int = 1337
     samples: int = 3  # samples written to samples.txt at the end
@@ -153,6 +156,8 @@ class TextTrainConfig:
                             "a .gguf file or a run directory)")
         if self.task != "pretrain" and self.adversarial.enabled:
             raise UserError("adversarial training is for task pretrain only")
+        if self.train.fsdp and self.adversarial.enabled:
+            raise UserError("train.fsdp and adversarial training do not combine (FGM reads the embeddings' gradient outside the sharded model)")
         if self.dpo.beta <= 0:
             raise UserError(f"dpo.beta must be > 0, got {self.dpo.beta}")
         if not 0 <= self.tokenizer.max_unknown_rate <= 1:
@@ -183,12 +188,14 @@ def get_batch(data: np.ndarray, block: int, batch: int, seed: int, step: int, mi
 
 # ---------------------------------------------------------------- run directory
 
-def save_model(model, tokenizer, out: Path, is_lora: bool, base_path: str = "") -> None:
-    """Write an HF folder atomically (temp folder, then rename): config.json + model.safetensors + tokenizer."""
+def save_model(model, tokenizer, out: Path, is_lora: bool, base_path: str = "", state_dict: dict | None = None) -> None:
+    """Write an HF folder atomically (temp folder, then rename): config.json + model.safetensors + tokenizer.
+    ``state_dict``: the weights to write when the model's own are sharded (FSDP2: gathered with
+    ``distributed.full_state``)."""
     from aigc.data import store
 
     with store.atomic_folder(out, overwrite=True) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp), save_jinja_files=False)  # the chat template inside tokenizer_config.json
         if is_lora:
             (tmp / "aigc_base.json").write_text(json.dumps({"init_path": base_path}), encoding="utf-8")
@@ -231,7 +238,25 @@ def make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings decay; norms and biases do not
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    fused = not cfg.fsdp or all(p.is_cuda for p in params)  # fused AdamW takes sharded (DTensor) parameters on CUDA only
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+class TokensLM(torch.nn.Module):
+    """The causal LM's forward as the sharded root of FSDP2 sees it (``model`` inside: state keys gain "model.")."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
+
+
+def decoder_layers(model):
+    """The decoder blocks of a causal LM, a LoRA-wrapped one included: FSDP2's units."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.get_decoder().layers)
 
 
 # ---------------------------------------------------------------- the loop
@@ -297,7 +322,11 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     train_ids, val_ids = _load_ids(run_dir, "train"), _load_ids(run_dir, "val")
 
     model = make_model(cfg, tokenizer).to(device)
-    net = distributed.wrap(model, world, device)  # what the training forward runs through (DDP in a distributed job)
+    fsdp = loop.fsdp
+    if fsdp:  # shards: every forward goes through the root, which gathers what the blocks do not hold
+        net = distributed.fsdp2(TokensLM(model), decoder_layers(model), world)
+    else:
+        net = distributed.wrap(model, world, device)  # what the training forward runs through (DDP in a distributed job)
     block = _block_size(cfg, model)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) < block + 2:
@@ -310,15 +339,22 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     ckpt_dir.mkdir(exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "world_size": world.world_size}
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "world_size": world.world_size,
+             "fsdp": fsdp}
     scaler = devices.grad_scaler(device, precision)
     if resume and ckpt_path.is_file():
         # Saved on the CPU and mapped there: a run trained on a GPU resumes on a CPU and the other way round.
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for name, tensor in ckpt["params"].items():
-                trainable[name].copy_(tensor)
-        optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
+        if ckpt["state"].get("fsdp", False) != fsdp:
+            raise UserError(f"this run was trained with train.fsdp={ckpt['state'].get('fsdp', False)}; resume it the same way")
+        if fsdp:  # every rank read the whole state; each keeps its shards
+            distributed.load_full_state(net, ckpt["params"], "model.")
+            distributed.load_optimizer_state(net, optimizer, ckpt["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, tensor in ckpt["params"].items():
+                    trainable[name].copy_(tensor)
+            optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
@@ -340,9 +376,9 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         b = devices.to_device({"x": distributed.shard(x, world), "y": distributed.shard(y, world)}, device)
         return b["x"], b["y"]
 
-    def forward_loss(embeds, y, module=net):
+    def forward_loss(embeds, y, module=net, ids=None):
         with devices.autocast(device, precision):
-            logits = module(inputs_embeds=embeds).logits  # (B, T, V)
+            logits = (module(input_ids=ids) if ids is not None else module(inputs_embeds=embeds)).logits  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
 
     # The embedding lookup stays outside the compiled part, so FGM can read the gradient at its output.
@@ -354,15 +390,29 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         losses = []
         for i in range(loop.eval_batches):  # the same batches every time, so evaluations compare
             x, y = batch(val_ids, loop.seed + 1, i)
-            losses.append(forward_loss(emb_layer(x), y, model).item())
+            losses.append((forward_loss(None, y, net, ids=x) if fsdp else forward_loss(emb_layer(x), y, model)).item())
         model.train()
         return distributed.mean([float(np.mean(losses))])[0]  # equal shards: the mean over the whole batch
 
     def checkpoint() -> None:
+        if fsdp:  # gathered from the shards (a collective), written by rank 0
+            params = distributed.full_state(net, "model.", trainable_only=True)
+            optim = distributed.full_optimizer_state(net, optimizer)
         if world.main:
-            common.atomic_torch_save({"params": {n: p.detach().to("cpu") for n, p in trainable.items()},
-                                      "optimizer": common.to_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
-                                      "state": dict(state)}, ckpt_path)
+            if not fsdp:
+                params = {n: p.detach().to("cpu") for n, p in trainable.items()}
+                optim = common.to_cpu(optimizer.state_dict())
+            common.atomic_torch_save({"params": params, "optimizer": optim, "scaler": scaler.state_dict(), "state": dict(state)},
+                                     ckpt_path)
+
+    written = [(run_dir / "model").is_dir()]  # known to every rank alike (rank 0 may still be writing the folder)
+
+    def write_model() -> None:
+        """model/ from the current weights (rank 0 writes; with FSDP2 every rank takes part in gathering them)."""
+        written[0] = True
+        weights = distributed.full_state(net, "model.") if fsdp else None
+        if world.main:
+            save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path, state_dict=weights)
 
     model.train()
     step = state["step"]
@@ -381,11 +431,11 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
             total = 0.0
             for micro in range(loop.grad_accum):
                 x, y = batch(train_ids, loop.seed, step, micro)
-                embeds = emb_layer(x)  # (B, T, C)
+                embeds = None if fsdp else emb_layer(x)  # (B, T, C)
                 if cfg.adversarial.enabled:
                     embeds.retain_grad()
                 with common.no_sync(net, micro < loop.grad_accum - 1):  # DDP averages gradients once, at the last micro-step
-                    loss = compiled(embeds, y)
+                    loss = compiled(embeds, y, net, x) if fsdp else compiled(embeds, y)
                     scaler.scale(loss / loop.grad_accum).backward()
                     if cfg.adversarial.enabled:
                         grad = embeds.grad.detach()  # gradient of the clean loss at the input embeddings
@@ -415,8 +465,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 record["val_loss"] = round(val, 6)
                 if val < state["best_val"] - loop.min_delta:
                     state["best_val"], state["bad_evals"] = val, 0
-                    if world.main:
-                        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
+                    write_model()
                     record["best"] = True
                 else:
                     state["bad_evals"] += 1
@@ -436,11 +485,11 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 progress(step, state["progress"], record)
             if reason:
                 break
+    if not written[0]:
+        write_model()
     if not world.main:  # rank 0 writes the run directory's results
         return {"steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
     writer.close()
-    if not (run_dir / "model").is_dir():
-        save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path)
     common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
     rates = [r["tokens_per_s"] for r in common.read_jsonl(metrics_path) if "tokens_per_s" in r][1:]  # step 1 is warm-up
     summary = {
@@ -450,6 +499,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         "precision": precision,
         "device": str(device),
         "world_size": world.world_size,
+        "strategy": "fsdp2" if fsdp else "ddp" if world.active else "single",
         "block_size": block,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
