@@ -116,3 +116,29 @@ def test_templates_render_and_validate():
     with pytest.raises(UserError, match="unknown template"):
         templates.load("sonnet")
     assert {"ad-slogan", "poem", "product-description"} <= set(templates.available())
+
+
+def test_the_batching_engine_decodes_what_the_generator_decodes(spread_model):
+    """Greedy, several sequences at once at different positions (GQA model): the server's engine and the CLI's
+    generator give the same tokens."""
+    import threading
+
+    from aigc.serve.batching import Sequence, TextEngine
+
+    gen = TextGenerator.from_path(spread_model)
+    prompts = [gen.encode("The "), gen.encode("A longer prompt, "), gen.encode("x")]
+    want = [gen.generate([p], SamplingParams(max_new_tokens=10, temperature=0.0))[0].text for p in prompts]
+    engine = TextEngine(gen, max_batch=4, context=64)
+    done, got = threading.Event(), {}
+    try:
+        for i, p in enumerate(prompts):
+            def sink(delta, finish, i=i):
+                if finish is not None:
+                    got[i] = finish.text
+                    if len(got) == len(prompts):
+                        done.set()
+            engine.submit(Sequence(p, 10, 0.0, 1.0, [], 0, sink))
+        assert done.wait(60), "the engine did not finish"
+    finally:
+        engine.close()
+    assert [got[i] for i in range(len(prompts))] == want

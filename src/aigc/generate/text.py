@@ -184,7 +184,7 @@ class LlamaDecoder:
         return self._norm(x[:, -1]) @ self.head  # (B, V)
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One decode step for tokens (B,): 2-D activations, fused residual adds, attention by hand."""
+        """One decode step for tokens (B,): 2-D activations, fused residual adds, one attention call per layer."""
         B = tokens.shape[0]
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
         heads, group = nh + 2 * nkv, nh // nkv
@@ -198,7 +198,8 @@ class LlamaDecoder:
             kv = self.kv[i]
             kv[:, :, slot : slot + 1] = qkv[:, nh:]
             q = qkv[:, :nh].view(B, nkv, group, hd)  # query heads grouped by their KV head
-            att = (q @ kv[:, :nkv].transpose(2, 3) + self.bias).softmax(-1) @ kv[:, nkv:]  # (B, nkv, group, hd)
+            # the group's queries as SDPA's query length: one fused call, no causal mask (the bias masks empty slots)
+            att = F.scaled_dot_product_attention(q, kv[:, :nkv], kv[:, nkv:], attn_mask=self.bias, scale=1.0)  # (B, nkv, group, hd)
             x = torch.addmm(x, att.view(B, nh * hd), w_o)
             gate, up = (self._norm(x) @ w_gu).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w_down)

@@ -216,7 +216,8 @@ class TextEngine:
             kv[ar, :, pos] = qkv[:, nh:, 0]  # each row writes its own position
             k, v = kv[:R, :nkv, :span], kv[:R, nkv:, :span]
             q = qkv[:, :nh].view(R, nkv, group, hd)
-            att = (q @ k.transpose(2, 3) + bias).softmax(-1) @ v  # (R, nkv, group, hd)
+            # the group's queries as SDPA's query length (the bias masks empty and other rows' slots)
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (R, nkv, group, hd)
             x = torch.addmm(x, att.view(R, nh * hd), w_o)
             gate, up = (dec._norm(x) @ w_gu).chunk(2, dim=-1)
             x = torch.addmm(x, torch.nn.functional.silu(gate) * up, w_down)
