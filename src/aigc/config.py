@@ -191,4 +191,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict | Non
 
 
 def save_yaml(data: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """Write through a temp file and a rename: a reader (another rank of a job, a resume) never sees half a file."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
