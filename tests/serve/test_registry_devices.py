@@ -16,7 +16,7 @@ def test_models_go_on_the_servers_device_unless_placed_elsewhere(tiny_run, sprea
         Registry.from_paths([f"a={tiny_run}"], model_devices={"nope": "cpu"})
     with pytest.raises(UserError, match="--model-device a cuda:3: no CUDA device here"):
         Registry.from_paths([f"a={tiny_run}"], model_devices={"a": "cuda:3"})
-    with pytest.raises(UserError, match="AIGC_DEVICE 'tpu': expected auto, cpu, cuda"):
+    with pytest.raises(UserError, match=r"--device \(AIGC_DEVICE\) 'tpu': expected auto, cpu, cuda"):
         Registry.from_paths([f"a={tiny_run}"], device="tpu")
 
 

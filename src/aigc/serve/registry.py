@@ -82,7 +82,7 @@ class Registry:
         unknown = sorted(set(model_devices or {}) - set(ids))
         if unknown:
             raise UserError(f"--model-device {unknown[0]}=...: no model has that id (served: {', '.join(ids)})")
-        self.device = devices.resolve(device, "AIGC_DEVICE")
+        self.device = devices.resolve(device, "--device (AIGC_DEVICE)")
         for e in entries:
             wanted = (model_devices or {}).get(e.id)
             e.device = str(devices.resolve(wanted, f"--model-device {e.id}") if wanted else self.device)
