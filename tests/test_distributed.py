@@ -210,7 +210,14 @@ def test_bad_requests_are_refused_before_anything_starts(tmp_path, pydoc_corpus)
     assert r.returncode == 2 and "--master-port" in r.stderr
     r = run_cli("train", "image", "tiny", "--data", tmp_path, "--run", tmp_path / "d", "--model.kind=dcgan", "--nproc", 2, ok=False)
     assert r.returncode == 2 and "dcgan loop trains in one process" in r.stderr
-    assert not any((tmp_path / x).exists() for x in "abcd")  # nothing written
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    r = run_cli(*base, "--run", tmp_path / "taken", "--nproc", 2, ok=False)  # an existing run directory, not resumed
+    assert r.returncode == 2 and "already exists; use --resume to continue it or --overwrite" in r.stderr
+    r = run_cli("train", "text", "tiny", "--data", tmp_path / "nope", "--run", tmp_path / "f", "--nproc", 2, ok=False)
+    assert r.returncode == 2 and "data not found" in r.stderr
+    assert not any((tmp_path / x).exists() for x in "abcdf")  # nothing written
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     # a run trained in one process resumes in one
     run_cli(*base, "--run", tmp_path / "e")
     r = run_cli("train", "text", "--resume", "--run", tmp_path / "e", "--nproc", 2, "--train.max_steps=4", ok=False)

@@ -278,14 +278,23 @@ def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], 
             import torch
 
             distributed.check_resume(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state"], world)
+        if not resume and launch.node_rank == 0:  # what rank 0 would refuse, refused before the processes start
+            from aigc.data import store
+
+            try:
+                store.check_writable(run, overwrite)
+            except UserError:
+                raise UserError(f"run directory {run} already exists; use --resume to continue it or --overwrite to start over") from None
+            if cfg.data.path and not Path(cfg.data.path).exists():
+                raise UserError(f"data not found: {cfg.data.path}")
         # every rank must use the same run directory: named once, here (--run-dir: torchrun would take --run as its own)
-        argv = [a for a in distributed.strip_flag(sys.argv[1:], ("--run", "--run-dir"))] + ["--run-dir", str(run)]
+        argv = distributed.strip_flag(sys.argv[1:], ("--run", "--run-dir")) + ["--run-dir", str(run)]
         rc = distributed.launch(launch, argv)
         if rc:
+            again = (f" Continue from the last checkpoint with: aigc train {modality} --resume --run {shlex.quote(str(run))} "
+                     f"--nproc {launch.nproc}" + (f" --nnodes {launch.nnodes}" if launch.nnodes > 1 else "")) if ckpt.is_file() else ""
             raise UserError(f"the distributed job stopped (exit status {rc}): a process failed or was killed, see its "
-                            f"messages above. Continue from the last checkpoint with: aigc train {modality} --resume "
-                            f"--run {shlex.quote(str(run))} --nproc {launch.nproc}"
-                            + (f" --nnodes {launch.nnodes}" if launch.nnodes > 1 else ""))
+                            f"messages above.{again}")
         return None
     world = distributed.start()
     if world.active and run is None:
