@@ -79,7 +79,10 @@ def test_images_b64_and_signed_url(server, acme):
     ({"model": "rand", "prompt": "x", "temperature": 3}, 400),
     ({"model": "rand", "prompt": "x", "max_tokens": 0}, 400),
     ({"model": "rand", "prompt": "x", "n": 100}, 400),
-    ({"model": "rand", "prompt": "x", "frequency_penalty": 1}, 400),
+    ({"model": "rand", "prompt": "x", "frequency_penalty": 3}, 400),
+    ({"model": "rand", "prompt": "x", "logit_bias": {"99999": 5}}, 400),
+    ({"model": "rand", "prompt": "x", "logit_bias": {"a": 5}}, 400),
+    ({"model": "rand", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400),
     ({"model": "rand", "prompt": "x " * 200, "max_tokens": 5}, 400),  # over the 128-token context
     ({"model": "rand", "prompt": "x", "max_tokens": 1000}, 400),
     ({"model": "rand", "prompt": ["a", "b"]}, 400),

@@ -62,6 +62,16 @@ class Sequence:
     last: int = 0  # the token fed to the next decode step
     text: str = ""  # the prompt as text (engines that work on text, not ids)
     watermark: Watermark | None = None  # green-list key of the tenant; None: no watermark
+    # OpenAI's and vLLM's extra sampling controls; a row that uses none of them costs nothing more (see _adjust)
+    frequency_penalty: float = 0.0  # minus this times how often a token appeared in the output so far
+    presence_penalty: float = 0.0  # minus this once a token has appeared in the output
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, +100 forces)
+    min_tokens: int = 0  # the end-of-text token cannot be drawn before this many tokens
+    ignore_eos: bool = False  # the end-of-text token is never drawn: the sequence runs to max_tokens or a stop string
+
+    def adjusts(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.ignore_eos
+                    or self.produced < self.min_tokens)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -69,6 +79,8 @@ class Sequence:
 
 class TextEngine:
     """Batched decoding of many independent sequences over one Llama-architecture model."""
+
+    sampling_extras = True  # penalties, logit_bias, min_tokens (see Sequence)
 
     def __init__(self, generator: TextGenerator, max_batch: int = 32, context: int = 1024, name: str = "model"):
         if not generator.fast:
@@ -233,6 +245,8 @@ class TextEngine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator."""
         logits = logits[:, : self.vocab].float()
+        if any(s.adjusts() for s in seqs):
+            logits = self._adjust(logits, seqs)
         marks = [s.watermark for s in seqs]
         if any(marks):
             logits = text_watermark.bias(logits, marks, [s.prompt_ids[-8:] + s.stream.ids[-8:] for s in seqs])  # type: ignore[union-attr]
@@ -251,6 +265,22 @@ class TextEngine:
         u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs])  # type: ignore[arg-type]
         drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_max(cdf.shape[1] - 1)
         return torch.where(temp == 0, greedy, drawn)
+
+    def _adjust(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties, logit bias and the end-of-text rules, row by row, for the rows that ask for them."""
+        logits = logits.clone()
+        for r, s in enumerate(seqs):
+            if not s.adjusts():
+                continue
+            if (s.frequency_penalty or s.presence_penalty) and s.stream is not None and s.stream.ids:
+                tokens, counts = torch.tensor(s.stream.ids).unique(return_counts=True)
+                logits[r, tokens] -= s.frequency_penalty * counts + s.presence_penalty
+            if s.logit_bias:
+                ids = torch.tensor(list(s.logit_bias), dtype=torch.long)
+                logits[r, ids] += torch.tensor(list(s.logit_bias.values()))
+            if self.eos is not None and (s.ignore_eos or s.produced < s.min_tokens) and 0 <= self.eos < logits.shape[1]:
+                logits[r, self.eos] = float("-inf")
+        return logits
 
     def _emit(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         now = time.monotonic()
@@ -291,6 +321,8 @@ class TextEngine:
 class SerialTextEngine:
     """Any other causal LM (no lean decoder): one sequence at a time through ``TextGenerator.stream``."""
 
+    sampling_extras = False  # only ignore_eos of the extra sampling controls
+
     def __init__(self, generator: TextGenerator, name: str = "model"):
         self.gen, self.name = generator, name
         self.tokenizer = generator.tokenizer
@@ -329,7 +361,7 @@ class SerialTextEngine:
             t0, produced, text, reason = time.perf_counter(), 0, "", "error"
             try:
                 params = SamplingParams(max_new_tokens=seq.max_tokens, temperature=seq.temperature, top_p=seq.top_p,
-                                        stop=seq.stop, seed=seq.seed, watermark=seq.watermark)
+                                        stop=seq.stop, seed=seq.seed, watermark=seq.watermark, ignore_eos=seq.ignore_eos)
                 for _, delta, done in self.gen.stream([seq.text], params):
                     if seq.cancelled or time.monotonic() > seq.deadline:
                         reason = "cancelled" if seq.cancelled else "timeout"
@@ -351,6 +383,7 @@ class EchoEngine:
     """A stub text model that answers instantly with the prompt's words: measures the gateway alone."""
 
     context = 1_000_000
+    sampling_extras = True  # accepted, and meaningless for an echo
 
     def __init__(self):
         self.tokens_out = 0

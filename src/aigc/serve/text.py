@@ -38,10 +38,24 @@ class TextJob:
     stream: bool
     include_usage: bool
     messages: list[dict] | None = None  # chat through the model's template: encoded turn by turn, as in training
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # as sent: token id (a string) -> bias
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def params(self, model: str, max_tokens: int) -> dict:
-        return {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
-                "stop": self.stop, "seed": self.seed, "stream": self.stream}
+        out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
+               "stop": self.stop, "seed": self.seed, "stream": self.stream}
+        for key, off in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("logit_bias", None), ("min_tokens", 0),
+                         ("ignore_eos", False)):
+            if getattr(self, key) not in (off, {}):
+                out[key] = getattr(self, key)
+        return out
+
+    def extras(self) -> list[str]:
+        """The extra sampling controls this job uses (those an engine without them must refuse)."""
+        return [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
 
 
 @dataclass
@@ -52,6 +66,25 @@ class Shape:
     full: Callable[[str, int, str, list[tuple[str, str]], dict], dict]  # (id, created, model, [(text, finish)], usage)
     chunk: Callable[[str, int, str, int, str, str | None, bool], dict]  # (id, created, model, index, text, finish, first)
     usage_chunk: Callable[[str, int, str, dict], dict]
+
+
+def _token_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as strings, values -100..100) as ids -> bias; a bad id is a 400 naming it."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", code="invalid_value", param="logit_bias") from None
+        if token < 0 or (vocab is not None and token >= vocab):
+            raise ApiError(400, f"logit_bias: token {token} is not in this model's vocabulary (0 to {(vocab or 1) - 1})",
+                           code="invalid_value", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias values are between -100 and 100, got {value}", code="invalid_value", param="logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -76,6 +109,7 @@ class TextGeneration:
         self.finished: dict[int, Finish] = {}
         self.sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
         self.filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
+        self.bias: dict[int, float] | None = None  # logit_bias, checked against the model's vocabulary
 
     # ------------------------------------------------------------ admit, moderate, limit, hold, render
 
@@ -92,14 +126,26 @@ class TextGeneration:
         # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
         ids = engine.encode_chat(job.messages) if job.messages is not None and prompt == job.prompt else engine.encode(prompt)
         room = engine.context - len(ids)
+        where = "messages" if job.messages is not None or endpoint.startswith("chat") else "prompt"
+        if room < 1:  # the prompt alone fills the context: the prompt is what to change
+            raise ApiError(400, f"this model's context is {engine.context} tokens and the {where} has {len(ids)}: shorten the "
+                           f"{where}", code="context_length_exceeded", param=where)
         max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
-        if max_tokens < 1 or len(ids) + max_tokens > engine.context:
-            raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and max_tokens "
-                           f"asks for {max_tokens}: shorten the prompt or lower max_tokens", code="context_length_exceeded",
-                           param="max_tokens")
+        if len(ids) + max_tokens > engine.context:
+            raise ApiError(400, f"this model's context is {engine.context} tokens; the {where} has {len(ids)} and max_tokens "
+                           f"asks for {max_tokens}: shorten the {where} or lower max_tokens (or leave it out: up to the "
+                           "context)", code="context_length_exceeded", param="max_tokens")
+        if job.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({job.min_tokens}) is more than max_tokens ({max_tokens})", code="invalid_value",
+                           param="min_tokens")
+        if job.extras() and not getattr(engine, "sampling_extras", False):
+            raise ApiError(400, f"{', '.join(job.extras())}: this model's engine (not a Llama-architecture model) does not "
+                           "support them", code="unsupported_parameter", param=job.extras()[0])
+        bias = _token_bias(job.logit_bias, getattr(engine, "vocab", None))
         gen.limit(len(ids) + job.n * max_tokens)
         await gen.hold(Units(len(ids), job.n * max_tokens))
         text = cls(gen, request, job, shape, engine, ids, max_tokens)
+        text.bias = bias
         text.render()
         return text
 
@@ -113,7 +159,9 @@ class TextGeneration:
                 loop.call_soon_threadsafe(self.events.put_nowait, (i, delta, done))
             seed = None if job.seed is None else job.seed + i
             self.seqs.append(Sequence(self.ids, self.max_tokens, job.temperature, job.top_p, job.stop, seed, sink,
-                                      deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark()))
+                                      deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark(),
+                                      frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
+                                      logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos))
         for s in self.seqs:
             self.engine.submit(s)
 

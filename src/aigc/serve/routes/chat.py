@@ -16,7 +16,7 @@ from aigc.serve.lifecycle import engine_for
 from aigc.serve.registry import ECHO
 from aigc.serve.routes.completions import SamplingFields
 from aigc.serve.schemas import ChatCompletion
-from aigc.serve.text import Shape, TextJob, run_text
+from aigc.serve.text import Shape, run_text
 
 router = APIRouter(tags=["text"])
 
@@ -79,6 +79,5 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     engine = await engine_for(service, entry)
     prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
-    job = TextJob(prompt, body.n, body.max_completion_tokens or body.max_tokens, 256, body.temperature, body.top_p, stop,
-                  body.seed, body.stream, bool(body.stream_options and body.stream_options.include_usage), turns)
+    job = body.job(prompt, None, stop, body.max_completion_tokens or body.max_tokens, messages=turns)  # omitted: up to the context
     return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)

@@ -20,17 +20,33 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
+    """What completions and chat share. An explicit null is accepted wherever OpenAI accepts one, and means the
+    default; ``min_tokens`` and ``ignore_eos`` are vLLM's extras, as its clients send them."""
+
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=200)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Omitted: up to the model's context.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Default 1.")
+    n: int | None = Field(None, ge=1, le=16, description="Default 1.")
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     user: str | None = Field(None, max_length=256)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this times a token's count in the output so far.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this once a token is in the output.")
+    logit_bias: dict[str, float] | None = Field(None, max_length=300, description="Token id -> bias added to its logit (-100 to 100).")
+    min_tokens: int | None = Field(None, ge=0, le=32768, description="vLLM: no end-of-text before this many tokens.")
+    ignore_eos: bool | None = Field(None, description="vLLM: never end at the end-of-text token (max_tokens or a stop string ends it).")
+
+    def job(self, prompt: str, default_max_tokens: int | None, stop: list[str], max_tokens: int | None, **kw):
+        """The TextJob of this request: nulls become the defaults."""
+        return TextJob(prompt, self.n or 1, max_tokens, default_max_tokens, 1.0 if self.temperature is None else self.temperature,
+                       self.top_p or 1.0, stop, self.seed, bool(self.stream),
+                       bool(self.stream and self.stream_options and self.stream_options.include_usage),
+                       frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
+                       logit_bias=self.logit_bias or None, min_tokens=self.min_tokens or 0, ignore_eos=bool(self.ignore_eos), **kw)
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,6 +87,5 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         if len(prompt) != 1:
             raise ApiError(400, "send one prompt per request (use n for several samples)", code="invalid_value", param="prompt")
         prompt = prompt[0]
-    job = TextJob(prompt, body.n, body.max_tokens, 16, body.temperature, body.top_p, body.stops(), body.seed, body.stream,
-                  bool(body.stream_options and body.stream_options.include_usage))
+    job = body.job(prompt, None, body.stops(), body.max_tokens)  # max_tokens omitted: up to the context
     return await run_text(service, request, p, entry, job, "completions", SHAPE)
