@@ -6,6 +6,7 @@ and the tests do; unknown ``AIGC_*`` variables are ignored, bad values raise a c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,8 @@ class Settings(BaseSettings):
     gpu_second_cost: float = 0.0008
     device: str = Field("auto", description="Where served models compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     model_devices: str = Field("", description="Per-model placement, NAME=DEVICE[,NAME=DEVICE...]: overrides AIGC_DEVICE for those models.")
+    quota_status: Literal[402, 429] = Field(402, description="HTTP status of exhausted credit or quota: 402, or 429 as OpenAI "
+                                            "answers it (type and code insufficient_quota either way).")
     memory_budget_mb: int = 4096  # loaded CPU models beyond this are evicted, least recently used first
     gpu_memory_budget_mb: int = 0  # the same per GPU; 0: 90% of the GPU's memory
     request_timeout_s: float = 120.0

@@ -146,3 +146,18 @@ def test_deliver_file_follows_the_tenants_policy(svc):
     svc.governance.forget(p.org_id)
     done, _ = gen_for(svc, p).deliver_file(img, delivery.JPEG, "a.jpg", parameters="circle")
     assert done.filters == [] and not done.signed and delivery.read_parameters(done.data) is None
+
+
+def test_exhausted_credit_can_be_answered_as_openai_does(tmp_path):
+    """AIGC_QUOTA_STATUS=429: the status OpenAI uses for exhausted credit (clients classify it by type and code)."""
+    service = Service.build(Settings(home=tmp_path, quota_status=429), Registry.from_paths([], echo=["echo"]))
+    try:
+        seed_billing(service.sessions)
+        g = gen_for(service, principal(service, "prepaid", credits=0.0), endpoint="completions", kind="text")
+        with pytest.raises(ApiError) as e:
+            asyncio.run(g.hold(Units(100, 400)))
+        assert e.value.status == 429 and e.value.type == e.value.code == "insufficient_quota"
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match="quota_status"):
+        Settings(home=tmp_path, quota_status=418)

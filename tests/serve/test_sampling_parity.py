@@ -83,3 +83,14 @@ def test_context_errors_name_what_to_shorten(server, acme):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     err = complete(server, acme[1], prompt="x", max_tokens=500).json()["error"]
     assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens" and "leave it out" in err["message"]
+
+
+def test_unsupported_endpoints_say_so_in_openais_shape(server, acme):
+    r = httpx.post(server.url + "/v1/audio/transcriptions", headers=H(acme[1]), json={})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "unsupported_endpoint" and "/v1/audio/transcriptions" in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+    r = httpx.get(server.url + "/v1/files/file-abc", headers=H(acme[1]))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint"
+    r = httpx.get(server.url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url" and "GET /v2/nothing" in r.json()["error"]["message"]

@@ -22,8 +22,9 @@ class Hold:
 
 
 class Billing:
-    def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0):
+    def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0, quota_status: int = 402):
         self.sessions, self.cost_per_s, self.price_ttl_s = sessions, cost_per_s, price_ttl_s
+        self.quota_status = quota_status  # 402, or 429 as OpenAI answers exhausted credit (clients classify it as a quota error)
         self.engine = sessions.kw["bind"]
         # SQLite in one process: a hold or settle is ~0.1-0.3 ms of local work, cheaper inline than a
         # thread hop, and the event loop serialises the writers. PostgreSQL waits on the network: threads.
@@ -56,7 +57,7 @@ class Billing:
                 return self._reserve(principal, model, version, estimate)
             return await anyio.to_thread.run_sync(self._reserve, principal, model, version, estimate)
         except PaymentRequired as exc:
-            raise ApiError(402, str(exc), code="insufficient_quota") from None
+            raise ApiError(self.quota_status, str(exc), code="insufficient_quota", type="insufficient_quota") from None
 
     def settle_blocking(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
         """``settle`` for a caller that may block (a job's worker thread)."""

@@ -51,9 +51,25 @@ async def validation_handler(_: Request, exc: RequestValidationError) -> JSONRes
     return JSONResponse(body(msg, "invalid_request_error", code, param), status_code=400)
 
 
-async def http_handler(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+# OpenAI endpoints this server does not implement (yet): a client that calls one hears so, by name
+OPENAI_ENDPOINTS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech",
+                    "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/batches", "/v1/assistants", "/v1/threads",
+                    "/v1/vector_stores", "/v1/responses", "/v1/realtime", "/v1/images/edits", "/v1/images/variations",
+                    "/v1/evals", "/v1/containers", "/v1/conversations")
+
+
+async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(body(str(exc.detail), TYPES.get(exc.status_code, "invalid_request_error"), code),
+    message = str(exc.detail)
+    if exc.status_code == 404 and exc.detail == "Not Found":  # no route: say what was asked and whether OpenAI has it
+        path = request.url.path
+        known = next((e for e in OPENAI_ENDPOINTS if path == e or path.startswith(e + "/")), None)
+        if known:
+            message, code = (f"{request.method} {path}: {known} is an OpenAI endpoint this server does not support; "
+                             "see GET /openapi.json for what it serves"), "unsupported_endpoint"
+        else:
+            message, code = f"unknown request URL: {request.method} {path} (see GET /openapi.json)", "unknown_url"
+    return JSONResponse(body(message, TYPES.get(exc.status_code, "invalid_request_error"), code),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 

@@ -48,7 +48,7 @@ class Service:
         sessions = open_db(settings.resolved_database_url())
         # the operator's compute price follows where the models run (the server's device)
         cost_per_s = settings.gpu_second_cost if registry.device.type != "cpu" else settings.cpu_second_cost
-        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s), RateLimiter(), Metrics(registry),
+        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status), RateLimiter(), Metrics(registry),
                       url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)
         return service
