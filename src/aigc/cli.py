@@ -1027,7 +1027,8 @@ def serve(
     placements.update(_parse_vars(model_device or [], "--model-device"))
     registry = Registry.from_paths(list(runs or []), models_dir or settings.models_dir, echo_model,
                                    memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens,
-                                   device=settings.device, model_devices=placements, gpu_memory_budget_mb=settings.gpu_memory_budget_mb)
+                                   device=settings.device, model_devices=placements, gpu_memory_budget_mb=settings.gpu_memory_budget_mb,
+                                   embeddings=settings.embeddings)
     threads.configure()
     application = create_app(settings, registry)
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",

@@ -87,7 +87,7 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.routes import admin, chat, completions, governance, health, images, media, models, usage
+    from aigc.serve.routes import admin, chat, completions, embeddings, governance, health, images, media, models, usage
 
     service = Service.build(settings, registry)
 
@@ -108,7 +108,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(Exception, errors.unhandled_handler)
-    for module in (models, completions, chat, images, media, usage, admin, governance, health):
+    for module in (models, completions, chat, embeddings, images, media, usage, admin, governance, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, service_getter=lambda: service)
     return app

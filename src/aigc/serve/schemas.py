@@ -29,7 +29,7 @@ class ModelCard(Out):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: str = Field(description="text, image, music or echo")
+    kind: str = Field(description="text, image, music, embedding or echo")
     version: str = Field(description="Fingerprint of the weights; changes whenever the model is retrained.")
 
 
@@ -74,6 +74,22 @@ class ChatCompletion(Out):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+
+
+class Embedding(Out):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="The vector, or with encoding_format=base64 its little-endian float32 bytes.")
+
+
+class EmbeddingUsage(Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(ListOf[Embedding]):
+    model: str
+    usage: EmbeddingUsage
 
 
 class ImageData(Out):
