@@ -146,3 +146,36 @@ def test_embeddings_through_the_openai_client(embed_server):
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
     resp = httpx.post(embed_server.url + "/v1/embeddings", headers=H(key), json={"model": "echo", "input": "x"})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "wrong_model_kind"
+
+
+def test_logprobs_in_openais_shapes(server, acme, text_model):
+    import math
+
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=acme[1], max_retries=0)
+    r = c.chat.completions.create(model="rand", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+                                  logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == 6
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode())
+        alts = [a.logprob for a in t.top_logprobs]
+        assert alts == sorted(alts, reverse=True) and sum(math.exp(v) for v in alts) <= 1 + 1e-4
+        # the drawn token, where it is among the alternatives, has the same log-probability there
+        assert all(abs(a.logprob - t.logprob) < 1e-5 for a in t.top_logprobs if a.token == t.token)
+        assert t.logprob >= alts[-1] - 1e-5 or t.token not in {a.token for a in t.top_logprobs}
+    r = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 5 and all(len(d) <= 2 for d in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(5)]
+    echoed = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0, echo=True, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == "The " + r.choices[0].text
+    plain = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+    for bad, param in (({"stream": True, "logprobs": 1}, "logprobs"), ({"echo": True, "logprobs": 1}, "echo")):
+        resp = complete(server, acme[1], max_tokens=3, **bad)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]),
+                      json={"model": "rand", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"

@@ -17,7 +17,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -68,6 +68,9 @@ class Sequence:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, +100 forces)
     min_tokens: int = 0  # the end-of-text token cannot be drawn before this many tokens
     ignore_eos: bool = False  # the end-of-text token is never drawn: the sequence runs to max_tokens or a stop string
+    logprobs: int = -1  # -1: off; k >= 0: each drawn token's log-probability and the k most likely alternatives
+    token_logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob)] * k) per emitted token
+    _pending: tuple | None = None  # the drawn token's entry, appended when it is emitted (not for the end of text)
 
     def adjusts(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.ignore_eos
@@ -243,10 +246,22 @@ class TextEngine:
         self._emit(idx, self._sample(logits[idx], seqs))  # type: ignore[arg-type]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator."""
+        """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator.
+        Rows that ask for logprobs get those of the model's distribution (with their penalties and logit_bias, before
+        the watermark, temperature and top-p)."""
         logits = logits[:, : self.vocab].float()
         if any(s.adjusts() for s in seqs):
             logits = self._adjust(logits, seqs)
+        wanted = [r for r, s in enumerate(seqs) if s.logprobs >= 0]
+        logp = logits[wanted].log_softmax(-1) if wanted else None
+        tokens = self._draw(logits, seqs)
+        for j, r in enumerate(wanted):
+            s, tok = seqs[r], int(tokens[r])
+            top = logp[j].topk(min(s.logprobs, logp.shape[1])) if s.logprobs else None
+            s._pending = (tok, float(logp[j, tok]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         marks = [s.watermark for s in seqs]
         if any(marks):
             logits = text_watermark.bias(logits, marks, [s.prompt_ids[-8:] + s.stream.ids[-8:] for s in seqs])  # type: ignore[union-attr]
@@ -297,6 +312,9 @@ class TextEngine:
             if tok == self.eos:
                 self._finish(r, "stop", seq.stream.finish("stop"))
                 continue
+            if seq._pending is not None:
+                seq.token_logprobs.append(seq._pending)
+                seq._pending = None
             seq.produced += 1
             self.tokens_out += 1
             delta = seq.stream.push(tok)

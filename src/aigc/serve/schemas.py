@@ -42,7 +42,7 @@ class Usage(Out):
 class CompletionChoice(Out):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: dict | None = Field(None, description="With logprobs: each token's log-probability (OpenAI's shape for the endpoint).")
     finish_reason: str | None
 
 
@@ -63,7 +63,7 @@ class ChatMessage(Out):
 class ChatChoice(Out):
     index: int
     message: ChatMessage
-    logprobs: None = None
+    logprobs: dict | None = Field(None, description="With logprobs: each token's log-probability (OpenAI's shape for the endpoint).")
     finish_reason: str | None
 
 

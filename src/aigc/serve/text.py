@@ -43,19 +43,22 @@ class TextJob:
     logit_bias: dict[str, float] | None = None  # as sent: token id (a string) -> bias
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
+    echo: bool = False  # completions: the prompt in front of the text
 
     def params(self, model: str, max_tokens: int) -> dict:
         out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
                "stop": self.stop, "seed": self.seed, "stream": self.stream}
         for key, off in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("logit_bias", None), ("min_tokens", 0),
-                         ("ignore_eos", False)):
+                         ("ignore_eos", False), ("logprobs", None), ("echo", False)):
             if getattr(self, key) not in (off, {}):
                 out[key] = getattr(self, key)
         return out
 
     def extras(self) -> list[str]:
         """The extra sampling controls this job uses (those an engine without them must refuse)."""
-        return [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
+        used = [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
+        return used + (["logprobs"] if self.logprobs is not None else [])
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Shape:
     full: Callable[[str, int, str, list[tuple[str, str]], dict], dict]  # (id, created, model, [(text, finish)], usage)
     chunk: Callable[[str, int, str, int, str, str | None, bool], dict]  # (id, created, model, index, text, finish, first)
     usage_chunk: Callable[[str, int, str, dict], dict]
+    # a choice's logprobs object from [(token text, logprob, [(text, logprob)])] and the text's offset (completions' echo)
+    logprobs: Callable[[list[tuple[str, float, list]], int], dict]
 
 
 def _token_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
@@ -142,6 +147,9 @@ class TextGeneration:
             raise ApiError(400, f"{', '.join(job.extras())}: this model's engine (not a Llama-architecture model) does not "
                            "support them", code="unsupported_parameter", param=job.extras()[0])
         bias = _token_bias(job.logit_bias, getattr(engine, "vocab", None))
+        if job.logprobs is not None and job.stream:
+            raise ApiError(400, "logprobs are not streamed by this server yet: leave out stream or logprobs",
+                           code="unsupported_parameter", param="logprobs")
         gen.limit(len(ids) + job.n * max_tokens)
         await gen.hold(Units(len(ids), job.n * max_tokens))
         text = cls(gen, request, job, shape, engine, ids, max_tokens)
@@ -161,7 +169,8 @@ class TextGeneration:
             self.seqs.append(Sequence(self.ids, self.max_tokens, job.temperature, job.top_p, job.stop, seed, sink,
                                       deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark(),
                                       frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
-                                      logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos))
+                                      logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos,
+                                      logprobs=-1 if job.logprobs is None else job.logprobs))
         for s in self.seqs:
             self.engine.submit(s)
 
@@ -216,9 +225,29 @@ class TextGeneration:
         err = self.failure()
         if err:
             raise err
-        results = [("".join(self.sent[i]), "content_filter" if self._blocked(i) else self.finished[i].reason) for i in range(job.n)]
+        head = gen.prompt if job.echo else ""
+        results = [(head + "".join(self.sent[i]), "content_filter" if self._blocked(i) else self.finished[i].reason,
+                    self._logprobs(i, len(head))) for i in range(job.n)]
         return JSONResponse(shape.full(shape.prefix + gen.request_id, self.created, gen.entry.id, results, self._usage()),
                             headers=self._headers())
+
+    def _logprobs(self, i: int, offset: int) -> dict | None:
+        """Choice i's logprobs in the endpoint's shape, for the tokens of the text that left: None when logprobs were not
+        asked for, or the output policy changed the text (the tokens no longer spell it)."""
+        if self.job.logprobs is None or i in self.filtered:
+            return None
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if tokenizer is None:  # the echo stub has no tokens
+            return self.shape.logprobs([], offset)
+        decode = tokenizer.decode
+        text, spelled, entries = "".join(self.sent[i]), 0, []
+        for tok, lp, top in self.seqs[i].token_logprobs:
+            piece = decode([tok])
+            if spelled + len(piece) > len(text):  # past a stop string
+                break
+            spelled += len(piece)
+            entries.append((piece, lp, [(decode([t]), v) for t, v in top]))
+        return self.shape.logprobs(entries, offset)
 
     def stream_response(self) -> MeteredStream:
         return MeteredStream(self.stream(), self.settle, media_type="text/event-stream",
@@ -270,7 +299,7 @@ class TextGeneration:
                     self.sent[i].append(out)
                 if out or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
-                    yield self._event(i, out, reason, first[i])
+                    yield self._event(i, (gen.prompt if job.echo and first[i] else "") + out, reason, first[i])
                     first[i] = False
             if job.include_usage:
                 chunk = self.shape.usage_chunk(self.shape.prefix + gen.request_id, self.created, gen.entry.id, self._usage())

@@ -40,6 +40,8 @@ class Message(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1, max_length=512)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    logprobs: bool | None = Field(None, description="Each answer token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
 
 
 def render(tokenizer, messages: list[Message]) -> tuple[str, list[str], list[dict] | None]:
@@ -52,8 +54,17 @@ def render(tokenizer, messages: list[Message]) -> tuple[str, list[str], list[dic
 
 def _full(id_, created, model, results, usage):
     return {"id": id_, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-                        for i, (t, f) in enumerate(results)], "usage": usage}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": f}
+                        for i, (t, f, lp) in enumerate(results)], "usage": usage}
+
+
+def _entry(piece: str, lp: float) -> dict:
+    return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+
+def _logprobs(entries, offset):
+    """Chat's shape: one entry per answer token, each with its most likely alternatives."""
+    return {"content": [{**_entry(p, lp), "top_logprobs": [_entry(t, v) for t, v in top]} for p, lp, top in entries], "refusal": None}
 
 
 def _chunk(id_, created, model, index, text, finish, first):
@@ -66,7 +77,7 @@ def _usage_chunk(id_, created, model, usage):
     return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
 
 
-SHAPE = Shape("chatcmpl-", _full, _chunk, _usage_chunk)
+SHAPE = Shape("chatcmpl-", _full, _chunk, _usage_chunk, _logprobs)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -79,5 +90,8 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     engine = await engine_for(service, entry)
     prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
-    job = body.job(prompt, None, stop, body.max_completion_tokens or body.max_tokens, messages=turns)  # omitted: up to the context
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
+    job = body.job(prompt, None, stop, body.max_completion_tokens or body.max_tokens, messages=turns,  # omitted: up to the context
+                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)

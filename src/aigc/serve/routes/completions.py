@@ -57,12 +57,24 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20, description="Each token's log-probability and this many alternatives.")
+    echo: bool | None = Field(None, description="The prompt in front of the completion.")
 
 
 def _full(id_, created, model, results, usage):
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(results)],
+            "choices": [{"text": t, "index": i, "logprobs": lp, "finish_reason": f} for i, (t, f, lp) in enumerate(results)],
             "usage": usage}
+
+
+def _logprobs(entries, offset):
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}, character offsets into the text."""
+    offsets, at = [], offset
+    for piece, _, _ in entries:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": [p for p, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
 def _chunk(id_, created, model, index, text, finish, first):
@@ -74,7 +86,7 @@ def _usage_chunk(id_, created, model, usage):
     return {"id": id_, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
 
 
-SHAPE = Shape("cmpl-", _full, _chunk, _usage_chunk)
+SHAPE = Shape("cmpl-", _full, _chunk, _usage_chunk, _logprobs)
 
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -87,5 +99,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         if len(prompt) != 1:
             raise ApiError(400, "send one prompt per request (use n for several samples)", code="invalid_value", param="prompt")
         prompt = prompt[0]
-    job = body.job(prompt, None, body.stops(), body.max_tokens)  # max_tokens omitted: up to the context
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (the prompt's own log-probabilities) is not supported: send one of them",
+                       code="unsupported_parameter", param="echo")
+    job = body.job(prompt, None, body.stops(), body.max_tokens, logprobs=body.logprobs, echo=bool(body.echo))  # omitted max_tokens: up to the context
     return await run_text(service, request, p, entry, job, "completions", SHAPE)
