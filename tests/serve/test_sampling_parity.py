@@ -179,3 +179,31 @@ def test_logprobs_in_openais_shapes(server, acme, text_model):
     resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]),
                       json={"model": "rand", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+
+
+def test_json_object_answers_always_parse(server, acme, tok):
+    """response_format json_object by grammar-constrained decoding: a tiny random-ish model's answers are JSON objects
+    (or, cut by max_tokens, a valid beginning of one)."""
+    import json
+
+    from aigc.generate import grammar
+
+    base = {"model": "rand", "messages": [{"role": "user", "content": "a product record"}], "response_format": {"type": "json_object"}}
+    close = {str(tok.convert_tokens_to_ids(c)): 8 for c in '"}'}  # nudged to close quickly; the grammar keeps it valid
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), timeout=60,
+                   json={**base, "n": 8, "seed": 3, "logit_bias": close}).json()
+    stopped = [c["message"]["content"] for c in r["choices"] if c["finish_reason"] == "stop"]
+    assert len(stopped) >= 6, r["choices"]
+    assert all(isinstance(json.loads(t), dict) for t in stopped)
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), timeout=60,
+                   json={**base, "n": 4, "seed": 5, "max_tokens": 40}).json()
+    for c in r["choices"]:  # unnudged: whole objects, or prefixes of one when the budget ran out
+        text = c["message"]["content"]
+        if c["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert c["finish_reason"] == "length" and text.lstrip().startswith("{"), text
+            assert grammar.walk(grammar.start("object"), text) is not None, text
+    resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]),
+                      json={**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format"

@@ -68,13 +68,14 @@ class Sequence:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, +100 forces)
     min_tokens: int = 0  # the end-of-text token cannot be drawn before this many tokens
     ignore_eos: bool = False  # the end-of-text token is never drawn: the sequence runs to max_tokens or a stop string
+    json_state: tuple | None = None  # response_format json_object: the JSON automaton's state (generate/grammar.py)
     logprobs: int = -1  # -1: off; k >= 0: each drawn token's log-probability and the k most likely alternatives
     token_logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob)] * k) per emitted token
     _pending: tuple | None = None  # the drawn token's entry, appended when it is emitted (not for the end of text)
 
     def adjusts(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.ignore_eos
-                    or self.produced < self.min_tokens)
+                    or self.produced < self.min_tokens or self.json_state is not None)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -94,6 +95,7 @@ class TextEngine:
         self.vocab = generator.model.config.vocab_size
         dec: LlamaDecoder = generator.decoder
         self.dec = dec
+        self._json_mask = None
         self.S, self.L = max_batch, min(context, dec.window)
         dec.start(1, self.L)  # computes the RoPE tables for L positions (its own 1-row cache is unused)
         self.cos, self.sin = dec.cos, dec.sin  # (L, heads, hd)
@@ -295,7 +297,21 @@ class TextEngine:
                 logits[r, ids] += torch.tensor(list(s.logit_bias.values()))
             if self.eos is not None and (s.ignore_eos or s.produced < s.min_tokens) and 0 <= self.eos < logits.shape[1]:
                 logits[r, self.eos] = float("-inf")
+            if s.json_state is not None:  # only tokens that keep the text valid JSON (the end of text once it is whole)
+                allowed = self.json_mask().allowed(s.json_state)[: logits.shape[1]]
+                row = logits[r].masked_fill(~allowed, float("-inf"))
+                if bool(torch.isinf(row).all()):  # a logit_bias of -100 banned every valid token: the grammar wins
+                    row = torch.zeros_like(row).masked_fill(~allowed, float("-inf"))
+                logits[r] = row
         return logits
+
+    def json_mask(self):
+        """The JSON token mask of this model's vocabulary (built on first use, about half a second for 49k tokens)."""
+        if self._json_mask is None:
+            from aigc.generate.grammar import TokenMask
+
+            self._json_mask = TokenMask.for_tokenizer(self.tokenizer)
+        return self._json_mask
 
     def _emit(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         now = time.monotonic()
@@ -315,6 +331,11 @@ class TextEngine:
             if seq._pending is not None:
                 seq.token_logprobs.append(seq._pending)
                 seq._pending = None
+            if seq.json_state is not None:
+                from aigc.generate import grammar
+
+                # (None cannot happen for a token the mask allowed; if it did, only the end of text may follow)
+                seq.json_state = grammar.walk(seq.json_state, self.json_mask().pieces[tok]) or (grammar.DONE, (), 0, "")
             seq.produced += 1
             self.tokens_out += 1
             delta = seq.stream.push(tok)

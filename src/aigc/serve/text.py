@@ -45,12 +45,13 @@ class TextJob:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
     echo: bool = False  # completions: the prompt in front of the text
+    json_object: bool = False  # response_format json_object: grammar-constrained to one JSON object
 
     def params(self, model: str, max_tokens: int) -> dict:
         out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
                "stop": self.stop, "seed": self.seed, "stream": self.stream}
         for key, off in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("logit_bias", None), ("min_tokens", 0),
-                         ("ignore_eos", False), ("logprobs", None), ("echo", False)):
+                         ("ignore_eos", False), ("logprobs", None), ("echo", False), ("json_object", False)):
             if getattr(self, key) not in (off, {}):
                 out[key] = getattr(self, key)
         return out
@@ -58,7 +59,7 @@ class TextJob:
     def extras(self) -> list[str]:
         """The extra sampling controls this job uses (those an engine without them must refuse)."""
         used = [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
-        return used + (["logprobs"] if self.logprobs is not None else [])
+        return used + (["logprobs"] if self.logprobs is not None else []) + (["response_format"] if self.json_object else [])
 
 
 @dataclass
@@ -71,6 +72,12 @@ class Shape:
     usage_chunk: Callable[[str, int, str, dict], dict]
     # a choice's logprobs object from [(token text, logprob, [(text, logprob)])] and the text's offset (completions' echo)
     logprobs: Callable[[list[tuple[str, float, list]], int], dict]
+
+
+def _json_start() -> tuple:
+    from aigc.generate.grammar import start
+
+    return start("object")
 
 
 def _token_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
@@ -170,7 +177,8 @@ class TextGeneration:
                                       deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark(),
                                       frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                                       logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos,
-                                      logprobs=-1 if job.logprobs is None else job.logprobs))
+                                      logprobs=-1 if job.logprobs is None else job.logprobs,
+                                      json_state=_json_start() if job.json_object else None))
         for s in self.seqs:
             self.engine.submit(s)
 

@@ -37,11 +37,18 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema's fields, read once it is supported
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1, max_length=512)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     logprobs: bool | None = Field(None, description="Each answer token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
+    response_format: ResponseFormat | None = Field(None, description="json_object: the answer is one JSON object, by "
+                                                                     "grammar-constrained decoding (it always parses).")
 
 
 def render(tokenizer, messages: list[Message]) -> tuple[str, list[str], list[dict] | None]:
@@ -90,8 +97,15 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     engine = await engine_for(service, entry)
     prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
+    fmt = body.response_format.type if body.response_format else "text"
+    if fmt == "json_schema":
+        raise ApiError(400, "response_format json_schema is not supported by this server yet: use json_object",
+                       code="unsupported_parameter", param="response_format")
+    if fmt == "json_object" and (body.ignore_eos or body.min_tokens):
+        raise ApiError(400, "response_format json_object ends the answer when its object closes: leave out ignore_eos and "
+                       "min_tokens", code="invalid_value", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     job = body.job(prompt, None, stop, body.max_completion_tokens or body.max_tokens, messages=turns,  # omitted: up to the context
-                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                   logprobs=(body.top_logprobs or 0) if body.logprobs else None, json_object=fmt == "json_object")
     return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)
