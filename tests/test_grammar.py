@@ -49,3 +49,69 @@ def test_the_mask_allows_exactly_the_tokens_that_continue_valid_json():
                 break
             tok = rng.choice(choices)
             state, text = g.walk(state, pieces[tok]), text + pieces[tok]
+
+
+SCHEMA = {
+    "$defs": {"Colour": {"enum": ["red", "green"], "type": "string"},
+              "Item": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3}, "qty": {"type": "integer"}},
+                       "required": ["name", "qty"], "additionalProperties": False}},
+    "type": "object",
+    "properties": {"title": {"type": "string", "minLength": 1, "maxLength": 5}, "price": {"type": "number"},
+                   "colour": {"$ref": "#/$defs/Colour"}, "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 2},
+                   "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "extra": {"type": "boolean"}, "any": {}},
+    "required": ["title", "price", "colour", "items", "note", "any"],
+}
+
+
+@pytest.mark.parametrize("text", [
+    '{"title":"ab","price":1.5,"colour":"red","items":[],"note":null,"any":[1,{"x":"y"}]}',
+    '{"title":"abcde","price":-2,"colour":"green","items":[{"name":"n","qty":3},{"name":"","qty":0}],"note":"hi","extra":true,"any":7}',
+])
+def test_schema_instances_are_accepted(text):
+    grammar = g.Schema(SCHEMA)
+    state = g.walk_with(grammar, grammar.start(), text)
+    assert state is not None and grammar.complete(state)
+
+
+@pytest.mark.parametrize("text", [
+    '{"price":1}',  # properties in the schema's order, required ones present
+    '{"title":"","price":1',  # minLength 1
+    '{"title":"abcdef"',  # maxLength 5
+    '{"title":"a","price":"1"',  # a number, not a string
+    '{"title":"a","price":1,"colour":"blue"',  # not in the enum
+    '{"title":"a","price":1,"colour":"red","items":[{"name":"n","qty":1.5}',  # an integer
+    '{"title":"a","price":1,"colour":"red","items":[{"name":"n","qty":1},{"name":"n","qty":1},{',  # maxItems 2
+    '{"title":"a","price":1,"colour":"red","items":[],"note":3',  # string or null
+    '{"title":"a","price":1,"colour":"red","items":[],"note":null,"any":1,"zzz"',  # no unknown keys
+    '{"title":"a","price":1,"colour":"red","items":[],"note":null}',  # "any" is required
+    '{ "title":"a"',  # compact: no whitespace
+])
+def test_schema_violations_are_refused(text):
+    grammar = g.Schema(SCHEMA)
+    state = g.walk_with(grammar, grammar.start(), text)
+    assert state is None or not grammar.complete(state)
+
+
+def test_schema_mask_agrees_with_the_automaton():
+    grammar = g.Schema(SCHEMA)
+    pieces = ['{"', 'title', '":"', 'a', 'ab', '","', 'price', '":', '1', '.', '5', ',"', 'colour', 'red', 'green', '"', 'items',
+              '[', ']', '{', '}', 'name', 'qty', 'note', 'null', 'any', 'true', ',', ':', '"a"', '"}', 'x\\\\', ' ']
+    mask = g.TokenMask(pieces + ["<eos>"], eos=len(pieces))
+    rng = random.Random(1)
+    for _ in range(200):
+        state = grammar.start()
+        for _ in range(30):
+            allowed = mask.allowed(state, grammar)
+            for tok, piece in enumerate(pieces):
+                assert bool(allowed[tok]) == (g.walk_with(grammar, state, piece) is not None), piece
+            choices = [t for t in range(len(pieces)) if allowed[t]]
+            if not choices:
+                break
+            state = g.walk_with(grammar, state, pieces[rng.choice(choices)])
+
+
+def test_unsupported_schema_keywords_are_named():
+    for schema, word in (({"type": "string", "pattern": "x"}, "pattern"), ({"not": {}}, "not"), ({"$ref": "#/nope"}, "does not resolve"),
+                         ({"type": "tuple"}, "tuple")):
+        with pytest.raises(g.SchemaError, match=word):
+            g.Schema(schema)

@@ -157,7 +157,7 @@ def test_logprobs_in_openais_shapes(server, acme, text_model):
     r = c.chat.completions.create(model="rand", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
                                   logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
-    assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content and 5 <= len(content) <= 6
     for t in content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode())
         alts = [a.logprob for a in t.top_logprobs]
@@ -167,8 +167,9 @@ def test_logprobs_in_openais_shapes(server, acme, text_model):
         assert t.logprob >= alts[-1] - 1e-5 or t.token not in {a.token for a in t.top_logprobs}
     r = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
-    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 5 and all(len(d) <= 2 for d in lp.top_logprobs)
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(5)]
+    n = len(lp.tokens)  # (a token that adds no text, a special one, is not listed past the end of the text)
+    assert "".join(lp.tokens) == r.choices[0].text and 4 <= n <= 5 and len(lp.token_logprobs) == n
+    assert all(len(d) <= 2 for d in lp.top_logprobs) and lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(n)]
     echoed = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0, echo=True, extra_body={"ignore_eos": True})
     assert echoed.choices[0].text == "The " + r.choices[0].text
     plain = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0)
@@ -193,8 +194,9 @@ def test_json_object_answers_always_parse(server, acme, tok):
     r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), timeout=60,
                    json={**base, "n": 8, "seed": 3, "logit_bias": close}).json()
     stopped = [c["message"]["content"] for c in r["choices"] if c["finish_reason"] == "stop"]
-    assert len(stopped) >= 6, r["choices"]
-    assert all(isinstance(json.loads(t), dict) for t in stopped)
+    assert len(stopped) >= 2, r["choices"]
+    for t in stopped:
+        assert isinstance(json.loads(t), dict), t
     r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), timeout=60,
                    json={**base, "n": 4, "seed": 5, "max_tokens": 40}).json()
     for c in r["choices"]:  # unnudged: whole objects, or prefixes of one when the budget ran out
@@ -204,6 +206,63 @@ def test_json_object_answers_always_parse(server, acme, tok):
         else:
             assert c["finish_reason"] == "length" and text.lstrip().startswith("{"), text
             assert grammar.walk(grammar.start("object"), text) is not None, text
-    resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]),
-                      json={**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format"
+
+
+def test_the_sdks_parse_returns_a_validated_object(server, acme):
+    """client.chat.completions.parse with a pydantic model: the schema (strict) constrains every token, so even a tiny
+    model's answer parses and validates."""
+    from enum import Enum
+    from typing import Optional
+
+    import openai
+    from pydantic import BaseModel, Field
+
+    class Colour(str, Enum):
+        red = "red"
+        green = "green"
+
+    class Item(BaseModel):
+        name: str = Field(max_length=4)
+        ok: bool
+
+    class Product(BaseModel):  # small enough for the test model's 128-token context, whatever it writes
+        title: str = Field(max_length=4)
+        colour: Colour
+        items: list[Item] = Field(max_length=1)
+        note: Optional[str] = Field(max_length=3)
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=acme[1], max_retries=0)
+    for seed in range(4):
+        r = c.chat.completions.parse(model="rand", messages=[{"role": "user", "content": "a product"}], response_format=Product,
+                                     seed=seed, temperature=1.0)
+        got = r.choices[0].message.parsed
+        assert r.choices[0].finish_reason == "stop" and isinstance(got, Product), r.choices[0].message.content
+        assert len(got.title) <= 4 and len(got.items) <= 1 and got.colour in Colour
+
+
+def test_unsupported_schemas_are_refused_by_name(server, acme):
+    base = {"model": "rand", "messages": [{"role": "user", "content": "x"}]}
+    for schema, word in (({"type": "string", "pattern": "a+"}, "pattern"), ({"$ref": "http://x/y"}, "local"),
+                         ({"type": "object", "required": ["a"]}, "'a'")):
+        resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), json={
+            **base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert resp.status_code == 400 and word in resp.json()["error"]["message"], resp.text
+
+
+
+def test_a_redaction_that_would_break_the_json_withholds_the_answer(server):
+    import uuid
+
+    import yaml
+
+    from tests.serve.helpers import tenant
+
+    _, admin = tenant(server.sessions, f"jr-{uuid.uuid4().hex[:8]}", "payg", role="admin")
+    rule = yaml.safe_dump({"rules": [{"id": "no-quotes", "action": "redact", "applies_to": ["output"], "pattern": '"'}]})
+    assert httpx.put(server.url + "/v1/organization/policy", headers=H(admin), json={"moderation": rule}).status_code == 200
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(admin), timeout=60, json={
+        "model": "rand", "messages": [{"role": "user", "content": "x"}], "max_tokens": 30, "seed": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+            "type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]}}}}).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == ""

@@ -68,7 +68,8 @@ class Sequence:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, +100 forces)
     min_tokens: int = 0  # the end-of-text token cannot be drawn before this many tokens
     ignore_eos: bool = False  # the end-of-text token is never drawn: the sequence runs to max_tokens or a stop string
-    json_state: tuple | None = None  # response_format json_object: the JSON automaton's state (generate/grammar.py)
+    json_state: tuple | None = None  # response_format: the grammar's state (generate/grammar.py)
+    grammar: object = None  # grammar.Json (json_object) or grammar.Schema (json_schema)
     logprobs: int = -1  # -1: off; k >= 0: each drawn token's log-probability and the k most likely alternatives
     token_logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob)] * k) per emitted token
     _pending: tuple | None = None  # the drawn token's entry, appended when it is emitted (not for the end of text)
@@ -298,7 +299,7 @@ class TextEngine:
             if self.eos is not None and (s.ignore_eos or s.produced < s.min_tokens) and 0 <= self.eos < logits.shape[1]:
                 logits[r, self.eos] = float("-inf")
             if s.json_state is not None:  # only tokens that keep the text valid JSON (the end of text once it is whole)
-                allowed = self.json_mask().allowed(s.json_state)[: logits.shape[1]]
+                allowed = self.json_mask().allowed(s.json_state, s.grammar)[: logits.shape[1]]
                 row = logits[r].masked_fill(~allowed, float("-inf"))
                 if bool(torch.isinf(row).all()):  # a logit_bias of -100 banned every valid token: the grammar wins
                     row = torch.zeros_like(row).masked_fill(~allowed, float("-inf"))
@@ -335,7 +336,7 @@ class TextEngine:
                 from aigc.generate import grammar
 
                 # (None cannot happen for a token the mask allowed; if it did, only the end of text may follow)
-                seq.json_state = grammar.walk(seq.json_state, self.json_mask().pieces[tok]) or (grammar.DONE, (), 0, "")
+                seq.json_state = grammar.walk_with(seq.grammar, seq.json_state, self.json_mask().pieces[tok]) or seq.grammar.end
             seq.produced += 1
             self.tokens_out += 1
             delta = seq.stream.push(tok)

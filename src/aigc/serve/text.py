@@ -45,13 +45,14 @@ class TextJob:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
     echo: bool = False  # completions: the prompt in front of the text
-    json_object: bool = False  # response_format json_object: grammar-constrained to one JSON object
+    grammar: object = None  # response_format: generate/grammar.py's Json (json_object) or Schema (json_schema)
+    response_format: str = "text"
 
     def params(self, model: str, max_tokens: int) -> dict:
         out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
                "stop": self.stop, "seed": self.seed, "stream": self.stream}
         for key, off in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("logit_bias", None), ("min_tokens", 0),
-                         ("ignore_eos", False), ("logprobs", None), ("echo", False), ("json_object", False)):
+                         ("ignore_eos", False), ("logprobs", None), ("echo", False), ("response_format", "text")):
             if getattr(self, key) not in (off, {}):
                 out[key] = getattr(self, key)
         return out
@@ -59,7 +60,7 @@ class TextJob:
     def extras(self) -> list[str]:
         """The extra sampling controls this job uses (those an engine without them must refuse)."""
         used = [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
-        return used + (["logprobs"] if self.logprobs is not None else []) + (["response_format"] if self.json_object else [])
+        return used + (["logprobs"] if self.logprobs is not None else []) + (["response_format"] if self.grammar is not None else [])
 
 
 @dataclass
@@ -72,12 +73,6 @@ class Shape:
     usage_chunk: Callable[[str, int, str, dict], dict]
     # a choice's logprobs object from [(token text, logprob, [(text, logprob)])] and the text's offset (completions' echo)
     logprobs: Callable[[list[tuple[str, float, list]], int], dict]
-
-
-def _json_start() -> tuple:
-    from aigc.generate.grammar import start
-
-    return start("object")
 
 
 def _token_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
@@ -178,7 +173,8 @@ class TextGeneration:
                                       frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                                       logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos,
                                       logprobs=-1 if job.logprobs is None else job.logprobs,
-                                      json_state=_json_start() if job.json_object else None))
+                                      json_state=job.grammar.start() if job.grammar is not None else None,
+                                      grammar=job.grammar))
         for s in self.seqs:
             self.engine.submit(s)
 
@@ -189,6 +185,14 @@ class TextGeneration:
         text, decided = self.gen.check_output(full)
         if decided is not None:
             self.filtered[i] = decided
+            grammar = self.job.grammar
+            if grammar is not None and text and text != full:
+                from aigc.generate.grammar import walk_with
+
+                state = walk_with(grammar, grammar.start(), text)
+                if state is None or not grammar.complete(state):  # (a number redacted as [REDACTED] is not JSON)
+                    self.filtered[i] = {**decided, "action": "block", "reason": "the output policy's redaction broke the JSON"}
+                    return ""
         return text
 
     def failure(self) -> ApiError | None:

@@ -51,6 +51,24 @@ class ChatRequest(SamplingFields):
                                                                      "grammar-constrained decoding (it always parses).")
 
 
+def _grammar(fmt: ResponseFormat | None):
+    """(the format's name, the grammar that constrains the answer, or None for text)."""
+    from aigc.generate import grammar
+
+    if fmt is None or fmt.type == "text":
+        return "text", None
+    if fmt.type == "json_object":
+        return "json_object", grammar.JSON_OBJECT
+    spec = (fmt.model_extra or {}).get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise ApiError(400, "response_format json_schema needs json_schema: {name, schema, strict}", code="invalid_value",
+                       param="response_format.json_schema")
+    try:
+        return "json_schema", grammar.Schema(spec.get("schema") or {})
+    except grammar.SchemaError as exc:
+        raise ApiError(400, f"response_format json_schema: {exc}", code="invalid_value", param="response_format.json_schema") from None
+
+
 def render(tokenizer, messages: list[Message]) -> tuple[str, list[str], list[dict] | None]:
     """(prompt text, default stop strings, the turns when the model's chat template encodes them)."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
@@ -97,15 +115,12 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     engine = await engine_for(service, entry)
     prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
-    fmt = body.response_format.type if body.response_format else "text"
-    if fmt == "json_schema":
-        raise ApiError(400, "response_format json_schema is not supported by this server yet: use json_object",
-                       code="unsupported_parameter", param="response_format")
-    if fmt == "json_object" and (body.ignore_eos or body.min_tokens):
-        raise ApiError(400, "response_format json_object ends the answer when its object closes: leave out ignore_eos and "
-                       "min_tokens", code="invalid_value", param="response_format")
+    fmt, grammar = _grammar(body.response_format)
+    if grammar is not None and (body.ignore_eos or body.min_tokens):
+        raise ApiError(400, f"response_format {fmt} ends the answer when its JSON closes: leave out ignore_eos and min_tokens",
+                       code="invalid_value", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     job = body.job(prompt, None, stop, body.max_completion_tokens or body.max_tokens, messages=turns,  # omitted: up to the context
-                   logprobs=(body.top_logprobs or 0) if body.logprobs else None, json_object=fmt == "json_object")
+                   logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar, response_format=fmt)
     return await run_text(service, request, p, entry, job, "chat.completions", SHAPE)
