@@ -12,6 +12,11 @@
 (2) Text generation through the API: aggregate completion tokens/s with 1, 8 and 32 concurrent
     streaming clients on a char-small model (trained for a few seconds: speed does not depend on
     quality). Target: 32 streams >= 8x one stream.
+(4) Sampling parity (--parts parity): 8 concurrent clients on the same model, chat completions of
+    --max-tokens tokens: plain sampling, with frequency/presence penalties and logprobs (top 5), and
+    constrained to a JSON schema (a product record); tokens/s of each in the same run, and the share of
+    --json-answers schema-constrained answers that parse and validate. Targets: json_valid_rate 1.0, the
+    penalised and the constrained paths within 25% of plain.
 """
 from __future__ import annotations
 
@@ -118,6 +123,65 @@ async def streams(url: str, key: str, concurrency: int, per_stream: int, max_tok
     return {"streams": concurrency, "tokens": tokens[0], "seconds": round(wall, 2), "tokens_per_s": round(tokens[0] / wall, 1)}
 
 
+# Small enough for the benchmark's character model (one token per character, a 128-token context) to close it
+PRODUCT_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"name": {"type": "string", "maxLength": 12}, "category": {"enum": ["lamp", "mug", "chair", "rug"]},
+                   "rating": {"enum": [1, 2, 3, 4, 5]}, "in_stock": {"type": "boolean"},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 1}},
+    "required": ["name", "category", "rating", "in_stock", "tags"]}
+
+
+def _valid_product(text: str) -> bool:
+    """Parses, and is an instance of PRODUCT_SCHEMA (checked here by hand, not by the server's grammar)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(obj, dict) and sorted(obj) == sorted(PRODUCT_SCHEMA["required"]) and isinstance(obj["name"], str)
+            and len(obj["name"]) <= 12 and obj["category"] in ("lamp", "mug", "chair", "rug") and obj["rating"] in (1, 2, 3, 4, 5)
+            and not isinstance(obj["rating"], bool) and isinstance(obj["in_stock"], bool) and isinstance(obj["tags"], list)
+            and len(obj["tags"]) <= 1 and all(isinstance(t, str) and len(t) <= 8 for t in obj["tags"]))
+
+
+async def parity(url: str, key: str, mode: str, requests: int, max_tokens: int, concurrency: int = 8) -> dict:
+    """Tokens/s of ``requests`` chat completions over ``concurrency`` clients in one sampling mode."""
+    headers = {"Authorization": f"Bearer {key}"}
+    extra = {"plain": {"ignore_eos": True},
+             "penalties_logprobs": {"ignore_eos": True, "frequency_penalty": 0.5, "presence_penalty": 0.5, "logprobs": True,
+                                    "top_logprobs": 5},
+             "json_schema": {"response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "product", "strict": True, "schema": PRODUCT_SCHEMA}}}}[mode]
+    tokens, valid, done = [0], [0], [0]
+    queue = list(range(requests))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def one(i):
+            body = {"model": "text", "messages": [{"role": "user", "content": "Describe a product."}], "temperature": 1.0,
+                    "seed": i, **({"max_tokens": max_tokens} if mode != "json_schema" else {}), **extra}  # JSON: up to the context
+            r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"{mode}: {r.status_code} {r.text[:300]}")
+            out = r.json()
+            tokens[0] += out["usage"]["completion_tokens"]
+            done[0] += 1
+            valid[0] += mode == "json_schema" and _valid_product(out["choices"][0]["message"]["content"])
+
+        async def worker():
+            while queue:
+                await one(queue.pop())
+
+        await one(requests + 1)  # warm-up (model load, the mask's vocabulary)
+        tokens[0] = valid[0] = done[0] = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    out = {"requests": done[0], "tokens": tokens[0], "seconds": round(wall, 2), "tokens_per_s": round(tokens[0] / wall, 1)}
+    if mode == "json_schema":
+        out["valid"] = valid[0]
+    return out
+
+
 def usage_at_scale(url: str, n: int) -> dict:
     """Fill the tables with n records (+ rollups) and time the reports and one more metered request."""
     import datetime as dt
@@ -202,6 +266,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=100)
     ap.add_argument("--parts", default="overhead,streams,usage")
     ap.add_argument("--records", type=int, default=1_000_000, help="usage records for the report test")
+    ap.add_argument("--requests", type=int, default=48, help="parity: requests per sampling mode")
+    ap.add_argument("--json-answers", type=int, default=200, help="parity: schema-constrained answers checked for validity")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aigc-serve-bench-"))
     env = {**os.environ, "AIGC_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -240,7 +306,7 @@ def main() -> None:
             o["target_met"] = o["added_p50_ms"] <= 2 and o["added_p99_ms"] <= 10 and full["achieved_rps"] >= 0.97 * args.rate \
                 and set(full["codes"]) == {200}
             print(json.dumps({"overhead": o}), flush=True)
-        if "streams" in parts:
+        if "streams" in parts or "parity" in parts:
             run = args.run
             if run is None:
                 aigc("data", "prepare", "--builtin", "pydoc", "--out", str(work / "corpus"), env=env)
@@ -253,16 +319,30 @@ def main() -> None:
             procs.append(srv)
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, srv)
-            rows = {}
-            for c, per in ((1, 6), (8, 3), (32, 2)):
-                rows[c] = asyncio.run(streams(url, key, c, per, args.max_tokens))
-                print(json.dumps({"streams": rows[c]}), flush=True)
+            if "streams" in parts:
+                rows = {}
+                for c, per in ((1, 6), (8, 3), (32, 2)):
+                    rows[c] = asyncio.run(streams(url, key, c, per, args.max_tokens))
+                    print(json.dumps({"streams": rows[c]}), flush=True)
+                result["streams"] = {str(c): r for c, r in rows.items()}
+                result["streams"]["ratio_32_vs_1"] = round(rows[32]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
+                result["streams"]["ratio_8_vs_1"] = round(rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
+                result["streams"]["target_ratio"] = 8.0
+            if "parity" in parts:
+                got = {mode: asyncio.run(parity(url, key, mode, args.requests, args.max_tokens))
+                       for mode in ("plain", "penalties_logprobs", "json_schema")}
+                valid = asyncio.run(parity(url, key, "json_schema", args.json_answers, args.max_tokens))
+                plain = got["plain"]["tokens_per_s"]
+                result["parity"] = {
+                    "plain_tokens_per_s": plain, "penalties_logprobs_tokens_per_s": got["penalties_logprobs"]["tokens_per_s"],
+                    "json_schema_tokens_per_s": got["json_schema"]["tokens_per_s"],
+                    "json_valid_rate": round(valid["valid"] / max(1, valid["requests"]), 4), "json_answers": valid["requests"],
+                    "penalties_logprobs_vs_plain": round(got["penalties_logprobs"]["tokens_per_s"] / plain, 3),
+                    "json_schema_vs_plain": round(got["json_schema"]["tokens_per_s"] / plain, 3), "runs": got,
+                    "target": {"json_valid_rate": 1.0, "within": 0.25}}
+                print(json.dumps({"parity": result["parity"]}), flush=True)
             srv.terminate()
             srv.wait(30)
-            result["streams"] = {str(c): r for c, r in rows.items()}
-            result["streams"]["ratio_32_vs_1"] = round(rows[32]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
-            result["streams"]["ratio_8_vs_1"] = round(rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)
-            result["streams"]["target_ratio"] = 8.0
         if "usage" in parts:  # last: it fills the database the servers above used
             result["usage"] = usage_at_scale(db, args.records)
             print(json.dumps({"usage": result["usage"]}), flush=True)

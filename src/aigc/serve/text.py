@@ -135,11 +135,11 @@ class TextGeneration:
         room = engine.context - len(ids)
         where = "messages" if job.messages is not None or endpoint.startswith("chat") else "prompt"
         if room < 1:  # the prompt alone fills the context: the prompt is what to change
-            raise ApiError(400, f"this model's context is {engine.context} tokens and the {where} has {len(ids)}: shorten the "
+            raise ApiError(400, f"this model's context is {engine.context} tokens and the {where} take {len(ids)}: shorten the "
                            f"{where}", code="context_length_exceeded", param=where)
         max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
         if len(ids) + max_tokens > engine.context:
-            raise ApiError(400, f"this model's context is {engine.context} tokens; the {where} has {len(ids)} and max_tokens "
+            raise ApiError(400, f"this model's context is {engine.context} tokens; the {where} take {len(ids)} and max_tokens "
                            f"asks for {max_tokens}: shorten the {where} or lower max_tokens (or leave it out: up to the "
                            "context)", code="context_length_exceeded", param="max_tokens")
         if job.min_tokens > max_tokens:
