@@ -266,3 +266,12 @@ def test_a_redaction_that_would_break_the_json_withholds_the_answer(server):
             "type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]}}}}).json()
     choice = r["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == ""
+
+
+def test_tools_are_refused_by_name_until_they_exist(server, acme):
+    base = {"model": "rand", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), json={**base, "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter" and r.json()["error"]["param"] == "tools"
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), json={**base, "tools": [], "tool_choice": None})
+    assert r.status_code == 200  # what some wrappers send by default

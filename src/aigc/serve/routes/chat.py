@@ -49,6 +49,12 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token.")
     response_format: ResponseFormat | None = Field(None, description="json_object: the answer is one JSON object, by "
                                                                      "grammar-constrained decoding (it always parses).")
+    # accepted so that a client sending them hears a clear answer: empty or null is fine, anything else is refused
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
 
 
 def _grammar(fmt: ResponseFormat | None):
@@ -115,6 +121,14 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     engine = await engine_for(service, entry)
     prompt, default_stop, turns = render(getattr(engine, "tokenizer", None), body.messages)
     stop = body.stops() if body.stop is not None else default_stop
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} (function calling) are not supported by this server yet", code="unsupported_parameter",
+                           param=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none", "auto"):
+            raise ApiError(400, f"{name}: function calling is not supported by this server yet", code="unsupported_parameter",
+                           param=name)
     fmt, grammar = _grammar(body.response_format)
     if grammar is not None and (body.ignore_eos or body.min_tokens):
         raise ApiError(400, f"response_format {fmt} ends the answer when its JSON closes: leave out ignore_eos and min_tokens",
