@@ -68,7 +68,7 @@ class Shape:
     """How an endpoint renders results: a whole response, and stream chunks."""
 
     prefix: str
-    full: Callable[[str, int, str, list[tuple[str, str]], dict], dict]  # (id, created, model, [(text, finish)], usage)
+    full: Callable[[str, int, str, list[tuple[str, str, dict | None]], dict], dict]  # (id, created, model, [(text, finish, logprobs)], usage)
     chunk: Callable[[str, int, str, int, str, str | None, bool], dict]  # (id, created, model, index, text, finish, first)
     usage_chunk: Callable[[str, int, str, dict], dict]
     # a choice's logprobs object from [(token text, logprob, [(text, logprob)])] and the text's offset (completions' echo)
