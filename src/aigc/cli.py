@@ -246,6 +246,8 @@ def _run_config(cls, ctx_args: list[str], config: str | None, data: Path | None,
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+TrainDeviceOpt = Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")]
+RunOpt = Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")]
 NprocOpt = Annotated[int, typer.Option("--nproc", help="Train on N processes of this machine (DDP; re-runs the command under torchrun).")]
 NnodesOpt = Annotated[int, typer.Option("--nnodes", help="Machines in the job (each runs the same command with its --node-rank).")]
 NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This machine's place in the job, 0 to nnodes-1.")]
@@ -254,8 +256,9 @@ MasterPortOpt = Annotated[int, typer.Option("--master-port", help="A free port o
 OversubscribeOpt = Annotated[bool, typer.Option("--oversubscribe", help="Allow more processes than CPU cores.")]
 
 
-def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], config: str | None, data: Path | None,
-                run: Path | None, resume: bool, overwrite: bool, as_json: bool, keys: tuple[str, ...], launch) -> dict | None:
+def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], device: str | None, config: str | None,
+                data: Path | None, run: Path | None, resume: bool, overwrite: bool, as_json: bool, keys: tuple[str, ...],
+                launch) -> dict | None:
     """A `train` verb: in one process, or launched on several (``--nproc``/``--nnodes``: checked here, then the
     same command under torchrun), or as one rank of a torchrun job. The summary, or None where this process is
     not the one that reports (a launcher whose job ran, a rank other than 0)."""
@@ -263,6 +266,7 @@ def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], 
 
     from aigc import devices, distributed
 
+    ctx_args = list(ctx_args) + ([f"--train.device={device}"] if device is not None else [])  # --device is --train.device
     if launch.wanted:
         cfg, run = _run_config(cls, ctx_args, config, data, run, resume, overwrite, modality, None)
         device = devices.resolve(cfg.train.device, "train.device")
@@ -357,10 +361,10 @@ def train_text(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (char-small, bpe-small, tiny, lora-smollm2, sft-smollm2, sft-smollm2-lora, dpo-smollm2).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared corpus folder (from `aigc data prepare`).")] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
+    run: RunOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
+    device: TrainDeviceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     nproc: NprocOpt = 1,
     nnodes: NnodesOpt = 1,
@@ -373,8 +377,7 @@ def train_text(
     from aigc.distributed import Launch
     from aigc.train.text import TextTrainConfig, prepare_run, train
 
-    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
-    summary = _train_verb("text", TextTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+    summary = _train_verb("text", TextTrainConfig, prepare_run, train, ctx.args, device, config, data, run, resume, overwrite, as_json,
                           ("loss", "val_loss"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
     if summary is None:
         return
@@ -391,11 +394,11 @@ def train_image(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (ddpm-shapes, vae-digits, dcgan-digits, tiny, ...).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared image folder (from `aigc data prepare --kind image`).")] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
+    run: RunOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
+    device: TrainDeviceOpt = None,
     nproc: NprocOpt = 1,
     nnodes: NnodesOpt = 1,
     node_rank: NodeRankOpt = 0,
@@ -407,8 +410,7 @@ def train_image(
     from aigc.distributed import Launch
     from aigc.train.image import ImageTrainConfig, prepare_run, train
 
-    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
-    summary = _train_verb("image", ImageTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+    summary = _train_verb("image", ImageTrainConfig, prepare_run, train, ctx.args, device, config, data, run, resume, overwrite, as_json,
                           ("loss", "val_loss", "loss_d", "loss_g"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
     if summary is None:
         return
@@ -426,11 +428,11 @@ def train_music(
     ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(help="YAML config file or built-in name (chorale-small, tiny).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared music folder (from `aigc data prepare --kind music`).")] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory to create or resume (--run-dir under torchrun, whose parser takes --run for its own --run-path).")] = None,
+    run: RunOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the same as --train.device.")] = None,
+    device: TrainDeviceOpt = None,
     nproc: NprocOpt = 1,
     nnodes: NnodesOpt = 1,
     node_rank: NodeRankOpt = 0,
@@ -443,8 +445,7 @@ def train_music(
     from aigc.train.music import MusicTrainConfig, prepare_run, train
 
     _quiet_libraries()
-    args = list(ctx.args) + ([f"--train.device={device}"] if device is not None else [])
-    summary = _train_verb("music", MusicTrainConfig, prepare_run, train, args, config, data, run, resume, overwrite, as_json,
+    summary = _train_verb("music", MusicTrainConfig, prepare_run, train, ctx.args, device, config, data, run, resume, overwrite, as_json,
                           ("loss", "val_loss"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
     if summary is None:
         return
@@ -515,11 +516,8 @@ def generate_text(
     params = from_dict(SamplingParams, settings)
     if watermark:
         params.watermark = _local_mark()
-    from aigc import devices
-
-    target = devices.resolve(device)
     with err.status("loading the model"):
-        gen = TextGenerator.from_path(run, device=target)
+        gen = TextGenerator.from_path(run, device=device)
     source = gen.encode_chat(messages) if chat is not None else prompt  # chat: the ids training used, answer only shown
     echo = "" if chat is not None else prompt
     if as_json or not stream:
@@ -575,9 +573,7 @@ def generate_image(
     mime = {"png": delivery.PNG, "jpeg": delivery.JPEG, "jpg": delivery.JPEG}.get(image_format.lower())
     if mime is None:
         raise UserError(f"--format must be png or jpeg, got {image_format!r}")
-    from aigc import devices
-
-    pipe = ImagePipeline.from_run(run, device=devices.resolve(device))
+    pipe = ImagePipeline.from_run(run, device=device)
     out_dir = out_dir or run / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
     deliver = size or pipe.meta.size
@@ -664,9 +660,7 @@ def generate_music(
             primer_piece = read_score(primer)
         except ValueError as e:
             raise UserError(f"{primer}: {e}") from None
-    from aigc import devices
-
-    pipe = MusicPipeline.from_run(run, device=devices.resolve(device))
+    pipe = MusicPipeline.from_run(run, device=device)
     out_dir = out_dir or run / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
     provenance = None

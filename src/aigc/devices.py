@@ -58,6 +58,12 @@ def resolve(name: str = "auto", what: str = "--device") -> torch.device:
     raise UserError(f"{what} {name!r}: expected {CHOICES}")
 
 
+def as_device(device: "str | torch.device") -> torch.device:
+    """A torch device as given, or the one a name (``auto``, ``cpu``, ``cuda:1``, ...) resolves to: what the pipelines'
+    loaders take."""
+    return device if isinstance(device, torch.device) else resolve(device)
+
+
 def check(name: str, what: str = "device") -> None:
     """Validate a configured device name where it is set, before any work starts."""
     if (name or "auto").strip().lower() != "auto":

@@ -149,12 +149,6 @@ def fsdp2(root: torch.nn.Module, layers, world: World) -> torch.nn.Module:
     return root
 
 
-def sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

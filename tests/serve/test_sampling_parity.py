@@ -164,7 +164,6 @@ def test_logprobs_in_openais_shapes(server, acme, text_model):
         assert alts == sorted(alts, reverse=True) and sum(math.exp(v) for v in alts) <= 1 + 1e-4
         # the drawn token, where it is among the alternatives, has the same log-probability there
         assert all(abs(a.logprob - t.logprob) < 1e-5 for a in t.top_logprobs if a.token == t.token)
-        assert t.logprob >= alts[-1] - 1e-5 or t.token not in {a.token for a in t.top_logprobs}
     r = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     n = len(lp.tokens)  # (a token that adds no text, a special one, is not listed past the end of the text)

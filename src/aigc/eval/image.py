@@ -264,9 +264,7 @@ def evaluate_run(run: str | Path, n: int = 1000, seed: int = 0, steps: int | Non
         raise UserError(f"{run}: not an image run directory (no data/manifest.json)")
     if n < 4:
         raise UserError(f"n must be >= 4 for FID/KID, got {n}")
-    from aigc import devices
-
-    pipe = ImagePipeline.from_run(run, device=devices.resolve(device))
+    pipe = ImagePipeline.from_run(run, device=device)
     train, val, manifest = load_prepared(run / "data")
     net, info = get_feature_net(run / "data", steps=feature_steps, progress=progress)
     started = time.time()

@@ -93,12 +93,6 @@ def _read_pieces(path: Path) -> list[Piece]:
     return [Piece(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _device(name: str):
-    from aigc import devices
-
-    return devices.resolve(name)
-
-
 def evaluate_run(run_dir: str | Path, n_samples: int = 8, bars: int = 8, seed: int = 0, max_pieces: int = 0,
                  progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> dict:
     """Evaluate a music run; writes eval/report.json and eval/report.md in the run directory.
@@ -107,7 +101,7 @@ def evaluate_run(run_dir: str | Path, n_samples: int = 8, bars: int = 8, seed: i
     from aigc.generate.music import MusicParams, MusicPipeline
 
     run_dir = Path(run_dir)
-    pipe = MusicPipeline.from_run(run_dir, device=_device(device))
+    pipe = MusicPipeline.from_run(run_dir, device=device)
     data = run_dir / "data"
     if not (data / "val.jsonl").is_file():
         raise UserError(f"{run_dir}: no held-out pieces (data/val.jsonl); is this a music run directory?")

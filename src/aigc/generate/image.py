@@ -134,7 +134,9 @@ class ImagePipeline:
             scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         else:
             raise UserError(f"{run}: unknown image model kind {meta.kind!r}")
-        return cls(model.to(device), meta, scheduler_config)
+        from aigc import devices
+
+        return cls(model.to(devices.as_device(device)), meta, scheduler_config)
 
     # ------------------------------------------------------------ conditions
 

@@ -120,7 +120,9 @@ class MusicPipeline:
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         if model.config.vocab_size != len(vocab):
             raise UserError(f"{run}: the model has {model.config.vocab_size} tokens, this version's event vocabulary {len(vocab)}")
-        return cls(model.to(device), meta, vocab)
+        from aigc import devices
+
+        return cls(model.to(devices.as_device(device)), meta, vocab)
 
     # ------------------------------------------------------------ sampling
 

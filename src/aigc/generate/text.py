@@ -322,7 +322,7 @@ class TextGenerator:
         """Load a run directory or model folder onto ``device`` (a name as ``--device`` takes it, or a torch device)."""
         from aigc import devices
 
-        target = device if isinstance(device, torch.device) else devices.resolve(device)
+        target = devices.as_device(device)
         model, tokenizer = load_model(path)
         return cls(model.to(target), tokenizer, fast=fast)
 

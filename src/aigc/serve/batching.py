@@ -73,6 +73,7 @@ class Sequence:
     logprobs: int = -1  # -1: off; k >= 0: each drawn token's log-probability and the k most likely alternatives
     token_logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob)] * k) per emitted token
     _pending: tuple | None = None  # the drawn token's entry, appended when it is emitted (not for the end of text)
+    _bias: tuple | None = None  # logit_bias as (ids, values) tensors, made once
 
     def adjusts(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.ignore_eos
@@ -294,8 +295,9 @@ class TextEngine:
                 tokens, counts = torch.tensor(s.stream.ids).unique(return_counts=True)
                 logits[r, tokens] -= s.frequency_penalty * counts + s.presence_penalty
             if s.logit_bias:
-                ids = torch.tensor(list(s.logit_bias), dtype=torch.long)
-                logits[r, ids] += torch.tensor(list(s.logit_bias.values()))
+                if s._bias is None:
+                    s._bias = (torch.tensor(list(s.logit_bias), dtype=torch.long), torch.tensor(list(s.logit_bias.values())))
+                logits[r, s._bias[0]] += s._bias[1]
             if self.eos is not None and (s.ignore_eos or s.produced < s.min_tokens) and 0 <= self.eos < logits.shape[1]:
                 logits[r, self.eos] = float("-inf")
             if s.json_state is not None:  # only tokens that keep the text valid JSON (the end of text once it is whole)

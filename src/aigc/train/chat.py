@@ -37,7 +37,7 @@ from aigc.config import save_yaml
 from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
 from aigc.errors import UserError
 from aigc.train import common
-from aigc.train.lm import TextTrainConfig, decoder_layers, make_model, make_optimizer, save_model
+from aigc.train.lm import ModelWriter, TextTrainConfig, checkpoint_parts, decoder_layers, make_model, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -250,52 +250,6 @@ def preference_stats(model, reference, batch: dict, beta: float, precision: str,
 
 # ---------------------------------------------------------------- the loop
 
-class _ShardedParams:
-    """The trainable parameters of an FSDP2 root as one checkpoint part: gathered whole (every rank takes part,
-    rank 0 gets them), loaded back into each rank's shards."""
-
-    collective = True
-
-    def __init__(self, root):
-        self.root = root
-
-    def state_dict(self) -> dict:
-        return distributed.full_state(self.root, "model.", trainable_only=True)
-
-    def load_state_dict(self, saved: dict) -> None:
-        distributed.load_full_state(self.root, saved, "model.")
-
-
-class _ShardedOptimizer:
-    """The optimizer of an FSDP2 root as one checkpoint part (its state keyed by parameter names)."""
-
-    collective = True
-
-    def __init__(self, root, optimizer):
-        self.root, self.optimizer = root, optimizer
-
-    def state_dict(self) -> dict:
-        return distributed.full_optimizer_state(self.root, self.optimizer)
-
-    def load_state_dict(self, saved: dict) -> None:
-        distributed.load_optimizer_state(self.root, self.optimizer, saved)
-
-
-class _Trainable:
-    """The trainable parameters as one checkpoint part (a LoRA run saves megabytes, not the whole model)."""
-
-    def __init__(self, params: dict):
-        self.params = params
-
-    def state_dict(self) -> dict:
-        return {n: p.detach().to("cpu") for n, p in self.params.items()}
-
-    def load_state_dict(self, saved: dict) -> None:
-        with torch.no_grad():
-            for n, t in saved.items():
-                self.params[n].copy_(t)
-
-
 def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
           progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train (or resume) the SFT or DPO run in ``run_dir``; return the summary also written to summary.json."""
@@ -333,8 +287,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "fsdp": fsdp}
     scaler = devices.grad_scaler(device, precision)
-    parts = {"params": _ShardedParams(net) if fsdp else _Trainable(trainable),
-             "optimizer": _ShardedOptimizer(net, optimizer) if fsdp else optimizer, "scaler": common.ScalerPart(scaler)}
+    parts = checkpoint_parts(net, trainable, optimizer, scaler, fsdp)
     state, ckpt_path = common.resume(run_dir, resume, state, parts)
 
     writer = common.summary_writer(run_dir, state["step"], world)
@@ -367,14 +320,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         model.train()
         return out
 
-    written = [(run_dir / "model").is_dir()]  # known to every rank alike (rank 0 may still be writing the folder)
-
-    def write_model() -> None:
-        """model/ from the current weights (rank 0 writes; with FSDP2 every rank takes part in gathering them)."""
-        written[0] = True
-        weights = distributed.full_state(net, "model.") if fsdp else None
-        if world.main:
-            save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path, state_dict=weights)
+    write_model = ModelWriter(net, model, tokenizer, run_dir, cfg, fsdp, world)
 
     if "start" not in state:  # the held-out scores of the starting model, once per run: what tuning is measured against
         state["start"] = {k: round(v, 6) for k, v in evaluate().items()}
@@ -454,7 +400,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                 progress(step, state["progress"], record)
             if reason:
                 break
-    if not written[0]:
+    if not write_model.written:
         write_model()
     if not world.main:  # rank 0 writes the run directory's results
         return {"task": cfg.task, "steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}

@@ -259,6 +259,77 @@ def decoder_layers(model):
     return list(base.get_decoder().layers)
 
 
+# ---------------------------------------------------------------- checkpoint parts and model/ (shared with train/chat.py)
+
+class ShardedParams:
+    """The trainable parameters of an FSDP2 root as one checkpoint part: gathered whole (every rank takes part,
+    rank 0 gets them), loaded back into each rank's shards."""
+
+    collective = True
+
+    def __init__(self, root):
+        self.root = root
+
+    def state_dict(self) -> dict:
+        return distributed.full_state(self.root, "model.", trainable_only=True)
+
+    def load_state_dict(self, saved: dict) -> None:
+        distributed.load_full_state(self.root, saved, "model.")
+
+
+class ShardedOptimizer:
+    """The optimizer of an FSDP2 root as one checkpoint part (its state keyed by parameter names)."""
+
+    collective = True
+
+    def __init__(self, root, optimizer):
+        self.root, self.optimizer = root, optimizer
+
+    def state_dict(self) -> dict:
+        return distributed.full_optimizer_state(self.root, self.optimizer)
+
+    def load_state_dict(self, saved: dict) -> None:
+        distributed.load_optimizer_state(self.root, self.optimizer, saved)
+
+
+class TrainableParams:
+    """The trainable parameters as one checkpoint part (a LoRA run saves megabytes, not the whole model)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().to("cpu") for n, p in self.params.items()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        with torch.no_grad():
+            for n, t in saved.items():
+                self.params[n].copy_(t)
+
+
+def checkpoint_parts(net, trainable: dict, optimizer, scaler, fsdp: bool) -> dict:
+    """What a text run's checkpoint holds (``common.resume`` / ``save_checkpoint``): the trainable weights, the optimizer
+    and the gradient scaler; gathered from the shards with FSDP2."""
+    return {"params": ShardedParams(net) if fsdp else TrainableParams(trainable),
+            "optimizer": ShardedOptimizer(net, optimizer) if fsdp else optimizer, "scaler": common.ScalerPart(scaler)}
+
+
+class ModelWriter:
+    """Writes model/ from the current weights: rank 0 writes; with FSDP2 every rank takes part in gathering them.
+    Whether it has written is known to every rank alike (rank 0 may still be writing the folder when another asks)."""
+
+    def __init__(self, net, model, tokenizer, run_dir: Path, cfg: "TextTrainConfig", fsdp: bool, world):
+        self.net, self.model, self.tokenizer, self.cfg, self.fsdp, self.world = net, model, tokenizer, cfg, fsdp, world
+        self.out = run_dir / "model"
+        self.written = self.out.is_dir()
+
+    def __call__(self) -> None:
+        self.written = True
+        weights = distributed.full_state(self.net, "model.") if self.fsdp else None
+        if self.world.main:
+            save_model(self.model, self.tokenizer, self.out, self.cfg.lora.enabled, self.cfg.init.path, state_dict=weights)
+
+
 # ---------------------------------------------------------------- the loop
 
 def prepare_run(cfg: TextTrainConfig, run_dir: Path, overwrite: bool = False) -> None:
@@ -335,37 +406,12 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
     optimizer = make_optimizer(model, loop)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    ckpt_path = ckpt_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "world_size": world.world_size,
-             "fsdp": fsdp}
+    state = {"step": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0, "stopped": "", "fsdp": fsdp}
     scaler = devices.grad_scaler(device, precision)
-    if resume and ckpt_path.is_file():
-        # Saved on the CPU and mapped there: a run trained on a GPU resumes on a CPU and the other way round.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["state"].get("fsdp", False) != fsdp:
-            raise UserError(f"this run was trained with train.fsdp={ckpt['state'].get('fsdp', False)}; resume it the same way")
-        if fsdp:  # every rank read the whole state; each keeps its shards
-            distributed.load_full_state(net, ckpt["params"], "model.")
-            distributed.load_optimizer_state(net, optimizer, ckpt["optimizer"])
-        else:
-            with torch.no_grad():
-                for name, tensor in ckpt["params"].items():
-                    trainable[name].copy_(tensor)
-            optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        distributed.check_resume(state, world)
-        state["stopped"] = ""  # the budget comes from the config, which --train.* may have extended
-        if world.main:
-            common.truncate_metrics(metrics_path, state["step"])
-        log.info("resumed from step %d", state["step"])
-    elif world.main:  # a fresh start, or a resume of a run killed before its first checkpoint
-        metrics_path.unlink(missing_ok=True)
-
+    parts = checkpoint_parts(net, trainable, optimizer, scaler, fsdp)
+    # Saved on the CPU and mapped there: a run trained on a GPU resumes on a CPU and the other way round.
+    state, ckpt_path = common.resume(run_dir, resume, state, parts)
     writer = common.summary_writer(run_dir, state["step"], world)
 
     emb_layer = model.get_input_embeddings()
@@ -394,25 +440,7 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         model.train()
         return distributed.mean([float(np.mean(losses))])[0]  # equal shards: the mean over the whole batch
 
-    def checkpoint() -> None:
-        if fsdp:  # gathered from the shards (a collective), written by rank 0
-            params = distributed.full_state(net, "model.", trainable_only=True)
-            optim = distributed.full_optimizer_state(net, optimizer)
-        if world.main:
-            if not fsdp:
-                params = {n: p.detach().to("cpu") for n, p in trainable.items()}
-                optim = common.to_cpu(optimizer.state_dict())
-            common.atomic_torch_save({"params": params, "optimizer": optim, "scaler": scaler.state_dict(), "state": dict(state)},
-                                     ckpt_path)
-
-    written = [(run_dir / "model").is_dir()]  # known to every rank alike (rank 0 may still be writing the folder)
-
-    def write_model() -> None:
-        """model/ from the current weights (rank 0 writes; with FSDP2 every rank takes part in gathering them)."""
-        written[0] = True
-        weights = distributed.full_state(net, "model.") if fsdp else None
-        if world.main:
-            save_model(model, tokenizer, run_dir / "model", cfg.lora.enabled, cfg.init.path, state_dict=weights)
+    write_model = ModelWriter(net, model, tokenizer, run_dir, cfg, fsdp, world)
 
     model.train()
     step = state["step"]
@@ -480,12 +508,12 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
                     writer.add_scalar("val/loss", record["val_loss"], step)
                     common.plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
             if step % loop.checkpoint_interval == 0 or reason:
-                checkpoint()
+                common.save_checkpoint(ckpt_path, state, parts)
             if progress:
                 progress(step, state["progress"], record)
             if reason:
                 break
-    if not written[0]:
+    if not write_model.written:
         write_model()
     if not world.main:  # rank 0 writes the run directory's results
         return {"steps": step, "rank": world.rank, "stopped": state["stopped"] or budget.reason(step, state["elapsed"])}
