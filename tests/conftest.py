@@ -111,6 +111,32 @@ def text_model(tmp_path_factory, tiny_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_models(tmp_path_factory, tiny_run) -> dict[str, Path]:
+    """text_model's kind with a 2048-token context, for prompts that list tools: "plain" without a chat template
+    (a model pretrained here), "chat" with the built-in one (as an SFT run saves it)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from aigc.data.chat_tokens import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    out = {}
+    for name in ("plain", "chat"):
+        out[name] = tmp_path_factory.mktemp("models") / f"long-{name}"
+        if name == "chat":
+            ensure_chat_template(tok)
+        model.save_pretrained(str(out[name]))
+        tok.save_pretrained(str(out[name]), save_jinja_files=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def image_model(tmp_path_factory) -> Path:
     from aigc.config import load_config
     from aigc.data.images import ImagePrepareOptions, prepare

@@ -33,6 +33,22 @@ def server(tmp_path_factory, text_model, image_model):
     live.stop()
 
 
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory, long_models):
+    """A server with a 2048-token context (prompts that list tools): "long-plain" and "long-chat" (see long_models)."""
+    from aigc.serve.registry import Registry
+    from aigc.settings import Settings
+
+    settings = Settings(home=tmp_path_factory.mktemp("home"), admin_token="operator-secret", log_json=True)
+    sessions = db(settings)
+    seed_billing(sessions)
+    registry = Registry.from_paths([f"long-{k}={v}" for k, v in long_models.items()], echo=["echo"], max_batch=8, context=2048)
+    live = start(settings, registry)
+    live.sessions = sessions
+    yield live
+    live.stop()
+
+
 @pytest.fixture()
 def acme(server):
     """A fresh pay-as-you-go tenant per test: (org id, developer key)."""

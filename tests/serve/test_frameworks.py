@@ -1,5 +1,6 @@
 """Frameworks people build with, unchanged, against a live server on a tiny model: LangChain's ChatOpenAI and
-instructor (dev dependencies). Tool calling is not implemented yet: the function-calling paths are refused by name."""
+instructor (dev dependencies), in their JSON and their function-calling modes (the latter on the 2048-token
+server: the tools' listing makes a long prompt for a character model)."""
 from enum import Enum
 from typing import Optional
 
@@ -28,10 +29,10 @@ def close_bias(text_model):
     return {tok.convert_tokens_to_ids(c): 8 for c in '"}'}
 
 
-def chat(server, key, **kw):
+def chat(server, key, model="rand", **kw):
     from langchain_openai import ChatOpenAI
 
-    return ChatOpenAI(base_url=server.url + "/v1", api_key=key, model="rand", max_retries=0, **{"temperature": 0, **kw})
+    return ChatOpenAI(base_url=server.url + "/v1", api_key=key, model=model, max_retries=0, **{"temperature": 0, **kw})
 
 
 def test_langchain_invoke_stream_batch(server, acme):
@@ -50,8 +51,34 @@ def test_langchain_structured_output(server, acme, close_bias):
     parsed = chat(server, acme[1], temperature=1.0, seed=2, logit_bias=close_bias).with_structured_output(
         None, method="json_mode").invoke("A product, as JSON")
     assert isinstance(parsed, dict)
-    with pytest.raises(openai.BadRequestError, match="tools"):
-        chat(server, acme[1]).with_structured_output(Product, method="function_calling").invoke("A product")
+
+
+def test_langchain_function_calling_and_tools(long_server, close_bias):
+    from langchain_core.tools import tool
+
+    from tests.serve.helpers import tenant
+
+    _, key = tenant(long_server.sessions, "lc-tools", "payg")
+    got = chat(long_server, key, "long-chat", temperature=1.0, seed=4, max_tokens=200).with_structured_output(
+        Product, method="function_calling").invoke("A product")
+    assert isinstance(got, Product) and len(got.title) <= 4
+
+    @tool
+    def stock(sku: str, warehouse: int) -> str:
+        """How many items of a product a warehouse holds."""
+        return "3"
+
+    # (close_bias: a random model's free string would run on to max_tokens; the schema's integer is a call it must make)
+    llm = chat(long_server, key, "long-plain", temperature=1.0, seed=5, max_tokens=200, logit_bias=close_bias).bind_tools(
+        [stock], tool_choice="stock")
+    msg = llm.invoke("How many A1 are in warehouse 2?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "stock" and set(call["args"]) == {"sku", "warehouse"} and isinstance(call["args"]["warehouse"], int)
+    streamed = None
+    for piece in llm.stream("How many A1 are in warehouse 2?"):  # LangChain adds the streamed tool-call chunks up
+        streamed = piece if streamed is None else streamed + piece
+    assert streamed.tool_calls and streamed.tool_calls[0]["name"] == "stock"
+    assert isinstance(streamed.tool_calls[0]["args"]["warehouse"], int)
 
 
 def test_instructor_json_modes(server, acme):
@@ -62,7 +89,16 @@ def test_instructor_json_modes(server, acme):
     got = client.chat.completions.create(model="rand", response_model=Product, max_retries=0, seed=3,
                                          messages=[{"role": "user", "content": "A product"}])
     assert isinstance(got, Product)
-    tools = instructor.from_openai(raw, mode=instructor.Mode.TOOLS)
-    with pytest.raises(Exception, match="tools"):
-        tools.chat.completions.create(model="rand", response_model=Product, max_retries=0,
-                                      messages=[{"role": "user", "content": "A product"}])
+
+
+def test_instructor_tools_mode(long_server):
+    import instructor
+
+    from tests.serve.helpers import tenant
+
+    _, key = tenant(long_server.sessions, "instructor-tools", "payg")
+    raw = openai.OpenAI(base_url=long_server.url + "/v1", api_key=key, max_retries=0)
+    client = instructor.from_openai(raw, mode=instructor.Mode.TOOLS)
+    got = client.chat.completions.create(model="long-chat", response_model=Product, max_retries=0, seed=6, max_tokens=200,
+                                         messages=[{"role": "user", "content": "A product"}])
+    assert isinstance(got, Product) and got.colour in (Colour.red, Colour.green)

@@ -2,9 +2,13 @@
 
 Reads JSONL, JSON arrays and CSV in the formats people already have, and stores one normalised form:
 
-- ``messages`` (OpenAI): ``{"messages": [{"role": "system"|"user"|"assistant", "content": ..., "weight": 0|1}]}``;
+- ``messages`` (OpenAI): ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ..., "weight": 0|1}]}``,
+  assistant turns may carry ``tool_calls`` (OpenAI's, arguments as a JSON string or an object) and the record the
+  ``tools`` it offers (OpenAI's fine-tuning format);
 - ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history`` ([[user, assistant], ...]);
 - ``sharegpt``: ``conversations`` of ``{"from": "human"|"gpt"|"system", "value": ...}`` (``--tag`` maps other tags);
+  LLaMA-Factory's ``function_call`` turns (a call's JSON, or a list of calls) and ``observation`` turns (its result),
+  with ``tools`` (a JSON string or list of functions) beside ``conversations``;
 - ``prompt_completion``: ``prompt`` + ``completion``;
 - ``preference``: ``prompt`` + ``chosen`` + ``rejected``, each a string or a message list (without a
   ``prompt``, the messages that ``chosen`` and ``rejected`` share are the prompt).
@@ -14,7 +18,7 @@ records disagree; ``columns`` maps other field names onto these (``{"instruction
 
 Output (written atomically): ``train.jsonl`` / ``val.jsonl`` (chat: ``{"messages": [...]}``; preference:
 ``{"prompt": [...], "chosen": [...], "rejected": [...]}``) and ``manifest.json``, which counts every
-record dropped **by reason** with a few examples of each: ``bad_role_order``, ``empty_assistant``,
+record dropped **by reason** with a few examples of each: ``bad_role_order``, ``bad_tool_call``, ``empty_assistant``,
 ``missing_field``, ``unknown_tag``, ``no_supervised`` (every assistant turn has weight 0),
 ``over_length``, ``pii`` (``pii: drop``), ``identical_pair``, ``duplicate`` and ``near_duplicate``
 (on the prompt). A line that is not JSON, or a file whose records change format, is an error naming
@@ -38,13 +42,14 @@ from aigc.errors import UserError
 
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
 FORMATS = ("auto", *CHAT_FORMATS, "preference")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 TAGS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
-        "model": "assistant", "system": "system"}
+        "model": "assistant", "system": "system", "observation": "tool", "tool": "tool"}
+CALL_TAGS = ("function_call", "tool_call", "tool_calls")  # sharegpt turns that hold an assistant's call(s)
 # Which fields tell a format (after --column renaming), most specific first.
 SIGNATURES = (("preference", ("chosen", "rejected")), ("messages", ("messages",)), ("sharegpt", ("conversations",)),
               ("alpaca", ("instruction",)), ("prompt_completion", ("prompt", "completion")))
-REASONS = ("missing_field", "unknown_tag", "bad_role_order", "empty_assistant", "no_supervised", "identical_pair", "over_length",
+REASONS = ("missing_field", "unknown_tag", "bad_role_order", "bad_tool_call", "empty_assistant", "no_supervised", "identical_pair", "over_length",
            "pii", "duplicate", "near_duplicate")
 
 
@@ -103,6 +108,7 @@ class Example:
     prompt: list[dict] = field(default_factory=list)
     chosen: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    tools: list[dict] | None = None  # the functions a chat example offers (OpenAI's tools list)
 
     def prompt_text(self) -> str:
         """The conversation up to the last assistant turn, without system messages (a shared house style would
@@ -113,7 +119,7 @@ class Example:
     def to_json(self) -> dict:
         if self.chosen:
             return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        return {"messages": self.messages}
+        return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
     def all_messages(self) -> list[dict]:
         return self.messages + self.prompt + self.chosen + self.rejected
@@ -218,12 +224,70 @@ def _messages(items, what: str) -> list[dict]:
         raise Drop("missing_field", f"{what} is not a non-empty list of messages")
     out = []
     for k, m in enumerate(items):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise Drop("missing_field", f"{what}[{k}] needs role and content")
-        role = m["role"] if m["role"] != "developer" else "system"
+        role = {"developer": "system", "function": "tool"}.get(m["role"], m["role"])
         if role not in ROLES:
-            raise Drop("bad_role_order", f"{what}[{k}]: role {m['role']!r} is not system, user or assistant")
-        out.append(_msg(role, m["content"], f"{what}[{k}].content", m.get("weight")))
+            raise Drop("bad_role_order", f"{what}[{k}]: role {m['role']!r} is not system, user, assistant or tool")
+        if calls and role != "assistant":
+            raise Drop("bad_tool_call", f"{what}[{k}]: a {role} turn with tool_calls (only the assistant calls tools)")
+        msg = _msg(role, m.get("content") or ("" if calls else m.get("content")), f"{what}[{k}].content", m.get("weight"))
+        if calls:
+            msg["tool_calls"] = tool_calls(calls, f"{what}[{k}].tool_calls")
+        out.append(msg)
+    return out
+
+
+def tool_calls(value, what: str) -> list[dict]:
+    """Calls as ``[{"name", "arguments": {...}}]``, from OpenAI's shape (``{"type": "function", "function": {"name",
+    "arguments": "JSON"}}``), the plain ``{"name", "arguments"}`` one, or a JSON text of either (sharegpt)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise Drop("bad_tool_call", f"{what} is not JSON ({e.msg})") from None
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for k, c in enumerate(items):
+        if isinstance(c, dict) and isinstance(c.get("function"), dict):
+            c = c["function"]
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise Drop("bad_tool_call", f"{what}[{k}] needs a function name")
+        args = c.get("arguments", c.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise Drop("bad_tool_call", f"{what}[{k}].arguments is not JSON ({e.msg})") from None
+        if not isinstance(args, dict):
+            raise Drop("bad_tool_call", f"{what}[{k}].arguments is {type(args).__name__}, expected an object")
+        out.append({"name": c["name"], "arguments": args})
+    if not out:
+        raise Drop("bad_tool_call", f"{what} is empty")
+    return out
+
+
+def tool_list(value, what: str = "tools") -> list[dict] | None:
+    """The functions an example offers, as OpenAI's ``tools`` list; from that list, bare function objects, or a JSON
+    text of either (LLaMA-Factory)."""
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise Drop("bad_tool_call", f"{what} is not JSON ({e.msg})") from None
+    if not isinstance(value, list):
+        raise Drop("bad_tool_call", f"{what} is {type(value).__name__}, expected a list of functions")
+    out = []
+    for k, t in enumerate(value):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" and "function" in t else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise Drop("bad_tool_call", f"{what}[{k}] needs a function name")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise Drop("bad_tool_call", f"{what}[{k}].parameters is not a JSON schema object")
+        out.append({"type": "function", "function": fn})
     return out
 
 
@@ -252,7 +316,12 @@ def to_messages(fmt: str, r: dict, tags: dict[str, str]) -> list[dict]:
         for k, turn in enumerate(conv):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
                 raise Drop("missing_field", f"conversations[{k}] needs from and value")
-            role = {**TAGS, **tags}.get(str(turn["from"]).lower())
+            tag = str(turn["from"]).lower()
+            if tag in CALL_TAGS and tag not in tags:
+                out.append({"role": "assistant", "content": "",
+                            "tool_calls": tool_calls(turn["value"], f"conversations[{k}].value")})
+                continue
+            role = {**TAGS, **tags}.get(tag)
             if role is None:
                 raise Drop("unknown_tag", f"conversations[{k}]: unknown tag {turn['from']!r} (map it with --tag {turn['from']}=ROLE)")
             out.append(_msg(role, turn["value"], f"conversations[{k}].value"))
@@ -261,12 +330,21 @@ def to_messages(fmt: str, r: dict, tags: dict[str, str]) -> list[dict]:
 
 
 def check_order(messages: list[dict]) -> None:
-    """An optional system message, then user and assistant turns alternating, from a user turn to an assistant one."""
+    """An optional system message, then user and assistant turns alternating, from a user turn to an assistant one;
+    an assistant turn with tool calls is followed by one tool turn or more (the results), then the assistant again."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for k, m in enumerate(turns):
-        want = "user" if k % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise Drop("bad_role_order", f"turn {k + 1} is {m['role']}, expected {want}")
+        prev = turns[k - 1] if k else None
+        if prev is None or (prev["role"] == "assistant" and not prev.get("tool_calls")):
+            want = ("user",)
+        elif prev["role"] == "user":
+            want = ("assistant",)
+        elif prev["role"] == "assistant":
+            want = ("tool",)
+        else:  # after a tool result: another result, or the assistant
+            want = ("tool", "assistant")
+        if m["role"] not in want:
+            raise Drop("bad_role_order", f"turn {k + 1} is {m['role']}, expected {' or '.join(want)}")
     if not turns or turns[-1]["role"] != "assistant":
         raise Drop("bad_role_order", "the conversation does not end with an assistant turn")
 
@@ -311,9 +389,23 @@ class Tally:
         return {"dropped": {r: self.counts[r] for r in order}, "examples": {r: self.examples[r] for r in order}}
 
 
+def _strings(value, fn):
+    """``value`` (a tool call's arguments) with ``fn`` applied to every string in it; None if ``fn`` refused one."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, (list, dict)):
+        items = [(k, _strings(v, fn)) for k, v in (value.items() if isinstance(value, dict) else enumerate(value))]
+        if any(out is None and (value[k] is not None) for k, out in items):
+            return None
+        return dict(items) if isinstance(value, dict) else [out for _, out in items]
+    return value
+
+
 def _normalise(ex: Example, opts: ChatPrepareOptions) -> None:
     for m in ex.all_messages():
         m["content"] = clean_text(m["content"], opts.normalization)
+        for c in m.get("tool_calls", ()):
+            c["arguments"] = _strings(c["arguments"], lambda v: clean_text(v, opts.normalization))
 
 
 def _check(ex: Example, opts: ChatPrepareOptions) -> None:
@@ -324,7 +416,7 @@ def _check(ex: Example, opts: ChatPrepareOptions) -> None:
             raise Drop("identical_pair", "chosen and rejected are the same")
     else:
         check_order(ex.messages)
-        if any(m["role"] == "assistant" and not m["content"] for m in ex.messages):
+        if any(m["role"] == "assistant" and not m["content"] and not m.get("tool_calls") for m in ex.messages):
             raise Drop("empty_assistant", "an assistant turn is empty")
         if all(m.get("weight", 1) == 0 for m in ex.messages if m["role"] == "assistant"):
             raise Drop("no_supervised", "every assistant turn has weight 0: nothing to learn from")
@@ -367,7 +459,7 @@ def read_examples(files: list[Path], opts: ChatPrepareOptions, tally: Tally,
                     prompt, chosen, rejected = to_preference(r)
                     ex = Example(str(path), line, prompt=prompt, chosen=chosen, rejected=rejected)
                 else:
-                    ex = Example(str(path), line, messages=to_messages(fmt, r, opts.tags))
+                    ex = Example(str(path), line, messages=to_messages(fmt, r, opts.tags), tools=tool_list(r.get("tools")))
                 _normalise(ex, opts)
                 _check(ex, opts)
             except Drop as d:
@@ -387,11 +479,14 @@ def process(examples: list[Example], opts: ChatPrepareOptions, tally: Tally) -> 
         kept = []
         for ex in examples:
             scrubbed = [scrubber.scrub(m["content"]) for m in ex.all_messages()]
-            if any(s is None for s in scrubbed):
+            args = [_strings(c["arguments"], scrubber.scrub) for m in ex.all_messages() for c in m.get("tool_calls", ())]
+            if any(s is None for s in scrubbed + args):
                 tally.drop("pii", ex.source, ex.line, "personal data found (pii: drop)")
                 continue
             for m, s in zip(ex.all_messages(), scrubbed):
                 m["content"] = s
+            for c, a in zip([c for m in ex.all_messages() for c in m.get("tool_calls", ())], args):
+                c["arguments"] = a
             kept.append(ex)
         examples, pii_report = kept, scrubber.report()
     if opts.exact_dedup:
@@ -469,6 +564,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: ChatPrepareOptions 
             "turns": {"mean": round(sum(len(e.all_messages()) for e in kept) / len(kept), 2),
                       "max": max(len(e.all_messages()) for e in kept)},
             "characters": sum(len(m["content"]) for e in kept for m in e.all_messages()),
+            "tool_use": {"examples_with_tools": sum(1 for e in kept if e.tools),
+                         "tool_calls": sum(len(m.get("tool_calls", ())) for e in kept for m in e.messages)},
         }
         store.write_manifest(tmp, manifest, ("train.jsonl", "val.jsonl"))
     return manifest

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from aigc.data.chat_tokens import TOOL_CLOSE, TOOL_OPEN
+
 MAX_WS = 2  # whitespace characters in a row outside strings
+MAX_NUMBER = 24  # characters of a number in a schema's instance (a small model could write digits until max_tokens)
 WS = " \n\t\r"
 DIGITS = "0123456789"
 LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
@@ -179,9 +182,11 @@ class TokenMask:
         self.lengths = torch.tensor([len(p) for p in pieces])
         self.plain = torch.zeros(self.n, dtype=torch.bool)  # tokens a string takes as they are
         self.special: list[int] = []  # tokens of whole characters that hold a quote, a backslash or a control character
+        self.valid = torch.zeros(self.n, dtype=torch.bool)  # tokens of whole characters (what free text may take)
         for tok, piece in enumerate(pieces):
             if not piece or "\ufffd" in piece or tok == eos:
                 continue
+            self.valid[tok] = True
             node = self.trie
             for ch in piece:
                 node = node.setdefault(ch, {})
@@ -214,8 +219,21 @@ class TokenMask:
             if grammar.closed(state):  # nothing can follow
                 self._keep(key, mask)
                 return mask
+        lead = grammar.free_prefix(state) if hasattr(grammar, "free_prefix") else None
         room = grammar.free_string(state)
-        if room is not None:  # inside a plain string: the quote-free tokens that fit, as a block; the others walked
+        if lead is not None:  # free text, except for tokens that begin with all of ``lead``: those are walked past it
+            mask |= self.valid
+            node, inner = self.trie, state
+            for ch in lead:
+                node, inner = node.get(ch), inner and grammar.step(inner, ch)
+                if node is None:
+                    break
+            else:
+                for tok in self._below(node):
+                    mask[tok] = False
+                if inner is not None:
+                    self._dfs(node, inner, mask, grammar.step)
+        elif room is not None:  # inside a plain string: the quote-free tokens that fit, as a block; the others walked
             mask |= self.plain & (self.lengths <= room)
             for tok in self.special:
                 if walk_with(grammar, state, self.pieces[tok]) is not None:
@@ -229,6 +247,15 @@ class TokenMask:
         if len(self.cache) >= 50_000:
             self.cache.clear()
         self.cache[key] = mask
+
+    def _below(self, node: dict) -> list[int]:
+        """The tokens that go through ``node`` and continue past it."""
+        out = []
+        for ch, child in node.items():
+            if ch is not None:
+                out += child.get(None, [])
+                out += self._below(child)
+        return out
 
     def _dfs(self, node: dict, state: tuple, mask: torch.Tensor, step_fn) -> None:
         for ch, child in node.items():
@@ -256,7 +283,9 @@ class Schema:
     ``minLength``/``maxLength``, ``integer``, ``number``, ``boolean``, ``null``, ``const``, ``enum``, type lists
     (``["string", "null"]``), ``anyOf`` of alternatives that begin differently (``Optional[X]``), local ``$ref``
     to ``$defs``/``definitions``, and ``{}`` (any JSON value). Keywords that do not constrain the text (``title``,
-    ``description``, ``default``, ``format``, ``examples``, ``additionalProperties: false``) are accepted.
+    ``description``, ``default``, ``format``, ``examples``, ``additionalProperties: false``) are accepted. Strings are
+    written without ``\\u`` escapes and numbers are at most ``MAX_NUMBER`` characters: both keep a small model from
+    spending its budget inside one value. An ``object`` without ``properties`` is any object.
 
     A state is a tuple of frames (innermost last); nodes are compiled once and named by their index."""
 
@@ -330,7 +359,9 @@ class Schema:
         if s.get("nullable") and kind:
             self.nodes[index] = ("alt", (self._compile({**s, "nullable": False}, depth + 1), self._compile({"type": "null"}, depth + 1)))
             return index
-        if kind == "object" or (kind is None and "properties" in s):
+        if kind == "object" and "properties" not in s:  # any object (a function's parameters left open)
+            self.nodes[index] = ("anyobject",)
+        elif kind == "object" or (kind is None and "properties" in s):
             props = s.get("properties", {})
             required = set(s.get("required", []))
             missing = required - set(props)
@@ -415,8 +446,8 @@ class Schema:
                 if nxt is not None:
                     return nxt
             return None
-        if kind == "any":
-            js = step(start("value"), ch)
+        if kind in ("any", "anyobject"):
+            js = step(start("value" if kind == "any" else "object"), ch)
             return None if js is None else stack + (("json", js),)
         if kind == "lit":
             cands = tuple(t[1:] for t in n[1] if t[0] == ch)
@@ -462,11 +493,11 @@ class Schema:
             if cands == ("",):
                 return self._done(stack)
             return stack + (("lit", cands),)
-        if kind == "num":
+        if kind == "num":  # ("num", node, characters so far, number sub-state)
             integer = self.nodes[top[1]][1]
             nxt = _number(top[3], ch)
-            if nxt is not None and not (integer and nxt in (N_DOT, N_E)):
-                return stack + (("num", top[1], 0, nxt),)
+            if nxt is not None and not (integer and nxt in (N_DOT, N_E)) and top[2] + 1 < MAX_NUMBER:
+                return stack + (("num", top[1], top[2] + 1, nxt),)
             if top[3] not in NUMBER_ENDS:
                 return None
             return self.step(self._done(stack), ch)
@@ -476,11 +507,9 @@ class Schema:
             if esc == 1:
                 if ch in '"\\/bfnrt':
                     return stack + (("str", node, length + 1, 0),)
-                return stack + (("str", node, length, 5),) if ch == "u" else None
-            if esc >= 2:
-                if ch not in "0123456789abcdefABCDEF":
-                    return None
-                return stack + (("str", node, length + (esc == 2), 0 if esc == 2 else esc - 1),)
+                # (no \u escapes: any character but a control one can be written as itself, and a small model that
+                # wanders into \uXXXX spends six tokens on one character)
+                return None
             if ch == '"':
                 return self._done(stack) if length >= lo else None
             if ch < " " or (hi is not None and length >= hi):
@@ -535,4 +564,115 @@ class Schema:
                     return None
                 return self._begin(stack + (("arr", node, count, "comma", 0),), item, ch)
             return None
+        return None
+
+
+# ---------------------------------------------------------------- tool calls
+
+# The Hermes format, as data/chat_tokens.py's tool_call_text writes it (and training teaches it)
+TOOL_HEAD = '{"name": "'
+TOOL_MID = ', "arguments": '
+TOOL_END = "}" + TOOL_CLOSE
+TOOL_NEXT = "\n" + TOOL_OPEN  # a parallel call follows the one before
+
+
+class Tools:
+    """Tool calls in the Hermes format as a grammar: ``<tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call>``,
+    where NAME is one of the offered functions and ARGS an instance of that function's parameter schema (compact,
+    like structured output). ``required`` (tool_choice ``required`` or a named function): the answer is one call, or
+    several in a row with ``parallel``. ``auto``: the answer is free text, unless it begins with the opening tag; from
+    there on the call is constrained like ``required``, so a call the model starts always parses.
+
+    States: ``("open", k)`` (k characters of the opening tag matched), ``("free",)`` (auto: plain text),
+    ``("head", k, calls)``, ``("name", candidates, calls)``, ``("mid", k, name, calls)``,
+    ``("args", name, schema state, calls)``, ``("close", k, calls)`` and ``("after", k, calls)`` (after a call: the end
+    of text, or another call)."""
+
+    def __init__(self, functions: dict[str, Schema], mode: str = "required", parallel: bool = True):
+        import json as _json
+
+        if not functions:
+            raise SchemaError("no functions to call")
+        if mode not in ("auto", "required"):
+            raise ValueError(f"mode is auto or required, got {mode!r}")
+        self.functions, self.mode, self.parallel = functions, mode, parallel
+        # (name, its JSON text without the opening quote): what is left to spell of each candidate
+        self.names = tuple((n, _json.dumps(n, ensure_ascii=False)[1:]) for n in functions)
+        self.key = ("tools", mode, parallel, tuple((n, s.key) for n, s in functions.items()))
+
+    end = ("end",)
+
+    def start(self) -> tuple:
+        return ("open", 0)
+
+    def complete(self, state: tuple) -> bool:
+        kind = state[0]
+        return kind in ("free", "end") or (kind == "open" and self.mode == "auto") or (kind == "after" and state[1] == 0)
+
+    def closed(self, state: tuple) -> bool:
+        return state[0] == "end" or (state[0] == "after" and state[1] == 0 and not self.parallel)
+
+    def free(self, state: tuple) -> bool:
+        """Plain text from here on: no more constraint."""
+        return state[0] == "free"
+
+    def free_prefix(self, state: tuple) -> str | None:
+        """For the token mask: "" when any token may come; a text when any token may come except those that begin with
+        all of it (they are checked past it); None when the state constrains every token."""
+        if state[0] == "free":
+            return ""
+        if state[0] == "open" and self.mode == "auto":
+            return TOOL_OPEN[state[1]:]
+        return None
+
+    def free_string(self, state: tuple) -> int | None:
+        if state[0] == "args":
+            return self.functions[state[1]].free_string(state[2])
+        return None
+
+    def step(self, state: tuple, ch: str) -> tuple | None:
+        kind = state[0]
+        if kind == "free":
+            return state
+        if kind == "open":
+            k = state[1]
+            if ch != TOOL_OPEN[k]:
+                return ("free",) if self.mode == "auto" else None
+            return ("open", k + 1) if k + 1 < len(TOOL_OPEN) else ("head", 0, 0)
+        if kind == "head":
+            _, k, calls = state
+            if ch != TOOL_HEAD[k]:
+                return None
+            return ("head", k + 1, calls) if k + 1 < len(TOOL_HEAD) else ("name", self.names, calls)
+        if kind == "name":
+            left = tuple((n, c[1:]) for n, c in state[1] if c and c[0] == ch)
+            if not left:
+                return None
+            whole = [n for n, c in left if c == ""]  # the closing quote came: the name is whole
+            return ("mid", 0, whole[0], state[2]) if whole else ("name", left, state[2])
+        if kind == "mid":
+            _, k, name, calls = state
+            if ch != TOOL_MID[k]:
+                return None
+            if k + 1 < len(TOOL_MID):
+                return ("mid", k + 1, name, calls)
+            return ("args", name, self.functions[name].start(), calls)
+        if kind == "args":
+            _, name, inner, calls = state
+            schema = self.functions[name]
+            nxt = schema.step(inner, ch)
+            if nxt is None:
+                return None
+            # (parameters are an object: complete means its closing brace came)
+            return ("close", 0, calls + 1) if schema.complete(nxt) else ("args", name, nxt, calls)
+        if kind == "close":
+            _, k, calls = state
+            if ch != TOOL_END[k]:
+                return None
+            return ("close", k + 1, calls) if k + 1 < len(TOOL_END) else ("after", 0, calls)
+        if kind == "after":
+            _, k, calls = state
+            if not self.parallel or ch != TOOL_NEXT[k]:
+                return None
+            return ("after", k + 1, calls) if k + 1 < len(TOOL_NEXT) else ("head", 0, calls)
         return None

@@ -333,12 +333,13 @@ class TextGenerator:
             ids = [self.tokenizer.eos_token_id]
         return ids[-self.context :]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The prompt ids of a conversation, exactly as training encoded it, up to the assistant's header."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt ids of a conversation (and the tools it offers), exactly as training encoded it, up to the
+        assistant's header."""
         from aigc.data.chat_tokens import encode_chat, ensure_chat_template
 
         ensure_chat_template(self.tokenizer)
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True, tools=tools).input_ids
 
     def chat(self, conversations: list[list[dict]], params: SamplingParams | None = None,
              progress: Callable[[int, int], None] | None = None) -> list[Completion]:

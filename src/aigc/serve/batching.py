@@ -126,9 +126,9 @@ class TextEngine:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids or [self.eos]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A conversation's prompt ids through the model's chat template, exactly as SFT training encoded it."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True, tools=tools).input_ids
 
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) + seq.max_tokens > self.L:
@@ -339,6 +339,8 @@ class TextEngine:
 
                 # (None cannot happen for a token the mask allowed; if it did, only the end of text may follow)
                 seq.json_state = grammar.walk_with(seq.grammar, seq.json_state, self.json_mask().pieces[tok]) or seq.grammar.end
+                if getattr(seq.grammar, "free", None) and seq.grammar.free(seq.json_state):
+                    seq.json_state = None  # tools, auto: the model answered in text; nothing to constrain from here on
             seq.produced += 1
             self.tokens_out += 1
             delta = seq.stream.push(tok)
@@ -378,8 +380,8 @@ class SerialTextEngine:
     def encode(self, text: str) -> list[int]:
         return self.gen.encode(text)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.gen.encode_chat(messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.gen.encode_chat(messages, tools)
 
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) + seq.max_tokens > self.context:

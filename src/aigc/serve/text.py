@@ -17,6 +17,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from aigc.data.chat_tokens import ToolCallParser, parse_tool_calls
 from aigc.db.crud import Principal, Units
 from aigc.serve.batching import Finish, Sequence
 from aigc.serve.errors import ApiError
@@ -45,22 +46,28 @@ class TextJob:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
     echo: bool = False  # completions: the prompt in front of the text
-    grammar: object = None  # response_format: generate/grammar.py's Json (json_object) or Schema (json_schema)
+    grammar: object = None  # generate/grammar.py's Json (json_object), Schema (json_schema) or Tools (tool calls)
     response_format: str = "text"
+    tools: list[dict] | None = None  # chat: the functions offered (rendered in the prompt; calls parsed from the answer)
+    tool_choice: str = "none"  # none | auto | required | named
 
     def params(self, model: str, max_tokens: int) -> dict:
         out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
                "stop": self.stop, "seed": self.seed, "stream": self.stream}
         for key, off in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("logit_bias", None), ("min_tokens", 0),
-                         ("ignore_eos", False), ("logprobs", None), ("echo", False), ("response_format", "text")):
+                         ("ignore_eos", False), ("logprobs", None), ("echo", False), ("response_format", "text"),
+                         ("tool_choice", "none")):
             if getattr(self, key) not in (off, {}):
                 out[key] = getattr(self, key)
+        if self.tools:
+            out["tools"] = [t["function"]["name"] for t in self.tools]
         return out
 
     def extras(self) -> list[str]:
         """The extra sampling controls this job uses (those an engine without them must refuse)."""
         used = [k for k in ("frequency_penalty", "presence_penalty", "logit_bias", "min_tokens") if getattr(self, k)]
-        return used + (["logprobs"] if self.logprobs is not None else []) + (["response_format"] if self.grammar is not None else [])
+        constrained = ["tools" if self.tools else "response_format"] if self.grammar is not None else []
+        return used + (["logprobs"] if self.logprobs is not None else []) + constrained
 
 
 @dataclass
@@ -68,8 +75,10 @@ class Shape:
     """How an endpoint renders results: a whole response, and stream chunks."""
 
     prefix: str
-    full: Callable[[str, int, str, list[tuple[str, str, dict | None]], dict], dict]  # (id, created, model, [(text, finish, logprobs)], usage)
-    chunk: Callable[[str, int, str, int, str, str | None, bool], dict]  # (id, created, model, index, text, finish, first)
+    # (id, created, model, [(text, finish, logprobs, tool calls or None)], usage)
+    full: Callable[[str, int, str, list[tuple[str, str, dict | None, list | None]], dict], dict]
+    # (id, created, model, index, text, finish, first); chat's also takes calls=[tool-call deltas]
+    chunk: Callable[..., dict]
     usage_chunk: Callable[[str, int, str, dict], dict]
     # a choice's logprobs object from [(token text, logprob, [(text, logprob)])] and the text's offset (completions' echo)
     logprobs: Callable[[list[tuple[str, float, list]], int], dict]
@@ -131,7 +140,8 @@ class TextGeneration:
         prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
         engine = await engine_for(service, entry)
         # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
-        ids = engine.encode_chat(job.messages) if job.messages is not None and prompt == job.prompt else engine.encode(prompt)
+        ids = engine.encode_chat(job.messages, job.tools) if job.messages is not None and prompt == job.prompt else \
+            engine.encode(prompt)
         room = engine.context - len(ids)
         where = "messages" if job.messages is not None or endpoint.startswith("chat") else "prompt"
         if room < 1:  # the prompt alone fills the context: the prompt is what to change
@@ -238,10 +248,38 @@ class TextGeneration:
         if err:
             raise err
         head = gen.prompt if job.echo else ""
-        results = [(head + "".join(self.sent[i]), "content_filter" if self._blocked(i) else self.finished[i].reason,
-                    self._logprobs(i, len(head))) for i in range(job.n)]
+        results = []
+        for i in range(job.n):
+            text, calls = head + "".join(self.sent[i]), None
+            finish = "content_filter" if self._blocked(i) else self.finished[i].reason
+            if job.tools:
+                text, found = parse_tool_calls(text)
+                calls = self._calls(i, found) or None
+                finish = "tool_calls" if calls and finish == "stop" else finish
+            results.append((text, finish, self._logprobs(i, len(head)), calls))
         return JSONResponse(shape.full(shape.prefix + gen.request_id, self.created, gen.entry.id, results, self._usage()),
                             headers=self._headers())
+
+    def _call_id(self, i: int, k: int) -> str:
+        return "call_" + hashlib.sha256(f"{self.gen.request_id}-{i}-{k}".encode()).hexdigest()[:24]
+
+    def _calls(self, i: int, found: list[list[str]]) -> list[dict]:
+        """Choice i's parsed calls in OpenAI's shape."""
+        return [{"id": self._call_id(i, k), "type": "function", "function": {"name": name, "arguments": args}}
+                for k, (name, args) in enumerate(found)]
+
+    def _tool_event(self, i: int, event: tuple, first: bool) -> str:
+        """A stream chunk for one of ToolCallParser's events: text, a call's head, or a piece of its arguments."""
+        if event[0] == "content":
+            return self._event(i, event[1], None, first)
+        if event[0] == "call":
+            delta = {"index": event[1], "id": self._call_id(i, event[1]), "type": "function",
+                     "function": {"name": event[2], "arguments": ""}}
+        else:
+            delta = {"index": event[1], "function": {"arguments": event[2]}}
+        chunk = self.shape.chunk(self.shape.prefix + self.gen.request_id, self.created, self.gen.entry.id, i, "", None, first,
+                                 calls=[delta])
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
 
     def _logprobs(self, i: int, offset: int) -> dict | None:
         """Choice i's logprobs in the endpoint's shape, for the tokens of the text that left: None when logprobs were not
@@ -275,6 +313,8 @@ class TextGeneration:
         cut: set[int] = set()  # choices closed by the output policy
         held = [""] * job.n  # generated text not yet checked and sent, per choice
         first = [True] * job.n
+        if job.tools:
+            parsers = [ToolCallParser() for _ in range(job.n)]
         try:
             while len(self.finished) < job.n:
                 i, delta, done = await self.events.get()
@@ -309,6 +349,16 @@ class TextGeneration:
                     if d.action == "redact" and d.text.startswith(tail):
                         out = d.text[len(tail):]
                     self.sent[i].append(out)
+                if job.tools:  # the text as content and tool-call deltas, then the finish on its own chunk
+                    events = parsers[i].feed(out) + (parsers[i].finish() if done is not None else [])
+                    for event in events:
+                        yield self._tool_event(i, event, first[i])
+                        first[i] = False
+                    if done is not None:
+                        reason = done.reason if done.reason in ("stop", "length") else None
+                        yield self._event(i, "", "tool_calls" if reason == "stop" and parsers[i].calls else reason, first[i])
+                        first[i] = False
+                    continue
                 if out or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
                     yield self._event(i, (gen.prompt if job.echo and first[i] else "") + out, reason, first[i])

@@ -34,7 +34,7 @@ import torch
 
 from aigc import devices, distributed, threads
 from aigc.config import save_yaml
-from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack
+from aigc.data.chat_tokens import IGNORE, encode_chat, ensure_chat_template, pack, tool_call_text, tools_prompt
 from aigc.errors import UserError
 from aigc.train import common
 from aigc.train.lm import ModelWriter, TextTrainConfig, checkpoint_parts, decoder_layers, make_model, make_optimizer
@@ -47,14 +47,19 @@ DATA_KIND = {"sft": "chat", "dpo": "preference"}
 # ---------------------------------------------------------------- data
 
 def _texts(records: list[dict]) -> list[str]:
-    return [m["content"] for r in records for key in ("messages", "prompt", "chosen", "rejected") for m in r.get(key, [])]
+    """What training tokenises: every turn, tool calls as the model writes them and the tools as the prompt lists them."""
+    out = [m["content"] for r in records for key in ("messages", "prompt", "chosen", "rejected") for m in r.get(key, [])]
+    out += [tool_call_text(m["tool_calls"]) for r in records for m in r.get("messages", []) if m.get("tool_calls")]
+    out += [tools_prompt(r["tools"]) for r in records if r.get("tools")]
+    return out
 
 
 def encode_sft(tokenizer, records: list[dict], cfg: TextTrainConfig, block: int) -> tuple[list[dict], dict]:
     """Rows of ids and labels (packed to ``block`` or one example each) and what encoding dropped or cut."""
     encoded, stats = [], {"examples": len(records), "no_supervised_tokens": 0, "truncated": 0}
     for r in records:
-        e = encode_chat(tokenizer, r["messages"], train_on_prompt=cfg.chat.train_on_prompt, mask_history=cfg.chat.mask_history)
+        e = encode_chat(tokenizer, r["messages"], train_on_prompt=cfg.chat.train_on_prompt, mask_history=cfg.chat.mask_history,
+                        tools=r.get("tools"))
         if len(e.input_ids) > block:
             stats["truncated"] += 1
             e.input_ids, e.labels = e.input_ids[:block], e.labels[:block]

@@ -63,7 +63,7 @@ class CompletionRequest(SamplingFields):
 
 def _full(id_, created, model, results, usage):
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": t, "index": i, "logprobs": lp, "finish_reason": f} for i, (t, f, lp) in enumerate(results)],
+            "choices": [{"text": t, "index": i, "logprobs": lp, "finish_reason": f} for i, (t, f, lp, _) in enumerate(results)],
             "usage": usage}
 
 
