@@ -1,4 +1,5 @@
 import contextlib
+import json
 import io
 import os
 import sys
@@ -235,6 +236,39 @@ def products_chat(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("chat") / "products"
     prepare([], out, ChatPrepareOptions(kind="chat"), builtin=["products"], count=60)
     return out
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "Today's weather in a city",
+                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                                 "required": ["city"]}}}
+CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Riga", "Bern", "Baku", "Doha", "Kyiv", "Male",
+          "Apia", "Suva", "Lome", "Nuuk", "Hanoi", "Accra", "Minsk", "Dakar", "Sofia", "Seoul"]
+
+
+def weather_records() -> list[dict]:
+    """Conversations that offer a weather tool: a weather question gets a call, then its result is reported; a
+    greeting gets a plain answer (so a tuned model learns when to call, not only how)."""
+    out = []
+    for i, city in enumerate(CITIES):
+        call = {"id": f"call_{i}", "type": "function", "function": {"name": "weather", "arguments": json.dumps({"city": city})}}
+        out.append({"tools": [WEATHER_TOOL], "messages": [
+            {"role": "user", "content": f"What is the weather in {city} today?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": "sunny, 21 C"},
+            {"role": "assistant", "content": f"It is sunny in {city}, 21 C."}]})
+        out.append({"tools": [WEATHER_TOOL], "messages": [
+            {"role": "user", "content": f"Say hello to {city}."}, {"role": "assistant", "content": f"Hello, {city}!"}]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def weather_chat(tmp_path_factory) -> Path:
+    from aigc.data.chat import ChatPrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("chat")
+    (root / "weather.jsonl").write_text("".join(json.dumps(r) + "\n" for r in weather_records()))
+    prepare([root / "weather.jsonl"], root / "weather", ChatPrepareOptions(kind="chat", near_dedup_threshold=0.0, val_fraction=0.15))
+    return root / "weather"
 
 
 @pytest.fixture(scope="session")

@@ -71,3 +71,48 @@ def test_sft_of_smollm2_learns_the_house_style_and_keeps_its_template(tmp_path, 
     msgs = [{"role": "user", "content": "Write the description for this product.\nname: Nook Mug"}]
     assert encode_chat(tuned, msgs, add_generation_prompt=True).input_ids == encode_chat(base, msgs, add_generation_prompt=True).input_ids
     assert "Nook" in (run / "samples.txt").read_text() or "name:" in (run / "samples.txt").read_text()
+
+
+def test_sft_teaches_smollm2_when_and_how_to_call_a_tool(tmp_path, weather_chat):
+    """LoRA SFT on conversations that offer a weather tool: served afterwards with tool_choice auto, the model calls the
+    tool for a weather question about a city it never saw, with that city as the argument, and answers a greeting in
+    text."""
+    import json
+
+    import openai
+
+    from aigc.config import load_config
+    from aigc.serve.registry import Registry
+    from aigc.settings import Settings
+    from aigc.train.text import TextTrainConfig, prepare_run, train
+    from conftest import WEATHER_TOOL
+    from tests.serve.conftest import seed_billing
+    from tests.serve.helpers import db, start, tenant
+
+    cfg = load_config(TextTrainConfig, "src/aigc/configs/text/sft-smollm2-lora.yaml", {
+        "data": {"path": str(weather_chat)},
+        "train": {"max_steps": 30, "batch_size": 2, "lr": 2e-3, "warmup_steps": 3, "eval_interval": 30, "eval_batches": 2,
+                  "checkpoint_interval": 30, "samples": 0}})
+    run = tmp_path / "tools"
+    prepare_run(cfg, run)
+    train(cfg, run)
+    settings = Settings(home=tmp_path / "home", admin_token="operator-secret")
+    sessions = db(settings)
+    seed_billing(sessions)
+    live = start(settings, Registry.from_paths([f"tuned={run}"], context=1024))
+    try:
+        _, key = tenant(sessions, "tools", "payg")
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0)
+
+        def ask(text):
+            return client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": text}],
+                                                  tools=[WEATHER_TOOL], max_tokens=60, temperature=0).choices[0]
+
+        called = ask("What is the weather in Lisbon today?")
+        assert called.finish_reason == "tool_calls", called
+        (call,) = called.message.tool_calls
+        assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Lisbon"}
+        greeted = ask("Say hello to Lisbon.")
+        assert greeted.message.tool_calls is None and "Lisbon" in greeted.message.content
+    finally:
+        live.stop()

@@ -158,3 +158,45 @@ def test_cli_prepares_chat_data(tmp_path):
     assert m["records"]["train"] + m["records"]["val"] == 10 and m["records"]["val"] >= 1
     bad = run_cli("data", "prepare", tmp_path / "c.jsonl", "--kind", "chat", "--out", tmp_path / "o2", "--tag", "oops", ok=False)
     assert bad.returncode == 2 and "--tag 'oops': write NAME=VALUE" in bad.stderr
+
+
+WEATHER = {"name": "weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_tool_calls_in_openai_and_sharegpt_records_become_the_same_messages(tmp_path):
+    jsonl(tmp_path / "oa.jsonl", [{"tools": [{"type": "function", "function": WEATHER}], "messages": [
+        {"role": "user", "content": "Weather in Oslo? Mail bob@example.com"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo", "to": "bob@example.com"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "snow"},
+        {"role": "assistant", "content": "Snow in Oslo."}]}])
+    jsonl(tmp_path / "sg.jsonl", [{"tools": json.dumps([WEATHER]), "conversations": [  # LLaMA-Factory's shape
+        {"from": "human", "value": "Weather in Oslo? Mail bob@example.com"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Oslo", "to": "bob@example.com"}})},
+        {"from": "observation", "value": "snow"},
+        {"from": "gpt", "value": "Snow in Oslo."}]}])
+    (oa, m), (sg, _) = records(_prep(tmp_path, "oa.jsonl")), records(_prep(tmp_path, "sg.jsonl"))
+    assert oa == sg
+    call = oa[0]["messages"][1]
+    assert call == {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo", "to": "[EMAIL]"}}]}
+    assert oa[0]["messages"][2] == {"role": "tool", "content": "snow"}
+    assert oa[0]["tools"] == [{"type": "function", "function": WEATHER}]
+    assert m["tool_use"] == {"examples_with_tools": 1, "tool_calls": 1} and m["pii"]["found"]["email"] == 2
+
+
+def test_bad_tool_calls_and_turn_orders_are_dropped_by_reason(tmp_path):
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]}
+    jsonl(tmp_path / "bad.jsonl", [
+        {"messages": [user, {"role": "assistant", "tool_calls": [{"function": {"name": "weather", "arguments": "{oops"}}]}]},
+        {"messages": [user, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+        {"messages": [user, {"role": "tool", "content": "r"}, answer]},  # a result nobody asked for
+        {"messages": [user, call, answer]},  # a call without its result
+        {"messages": [user, call, {"role": "tool", "content": "r"}, {"role": "tool", "content": "r2"}, answer]},  # kept
+        {"messages": [user, call]},  # kept: the call is what is learnt
+    ])
+    got, m = records(_prep(tmp_path, "bad.jsonl", near_dedup_threshold=0.0, exact_dedup=False))
+    assert len(got) == 2 and m["dropped"] == {"bad_role_order": 2, "bad_tool_call": 2}
+    assert "arguments is not JSON" in m["examples"]["bad_tool_call"][0]["detail"]
+    assert m["examples"]["bad_role_order"][1]["detail"] == "turn 3 is assistant, expected tool"

@@ -52,11 +52,17 @@ def test_logit_bias_forces_and_bans_tokens(server, acme, tok):
 
 
 def test_penalties_discourage_repeats(server, acme):
-    # (ignore_eos: a tiny model may end after a few characters; 60 greedy ones repeat)
-    plain = text_of(server, acme[1], max_tokens=60, temperature=0, ignore_eos=True)
-    penalised = text_of(server, acme[1], max_tokens=60, temperature=0, ignore_eos=True, frequency_penalty=2, presence_penalty=2)
-    assert max(Counter(plain).values()) > max(Counter(penalised).values())
-    assert len(set(penalised)) > len(set(plain))
+    # (ignore_eos: a tiny model may end after a few characters; 60 greedy ones repeat. Summed over a few prompts: the
+    # random model's vocabulary order changes from session to session, and so do its texts.)
+    plain = [text_of(server, acme[1], prompt=p, max_tokens=60, temperature=0, ignore_eos=True) for p in ("The ", "A ", "In ")]
+    penalised = [text_of(server, acme[1], prompt=p, max_tokens=60, temperature=0, ignore_eos=True, frequency_penalty=2,
+                         presence_penalty=2) for p in ("The ", "A ", "In ")]
+
+    def repeats(t):
+        return sum(c * (c - 1) for c in Counter(t).values())
+
+    assert sum(map(repeats, plain)) > sum(map(repeats, penalised))
+    assert sum(len(set(t)) for t in penalised) > sum(len(set(t)) for t in plain)
 
 
 def test_min_tokens_and_ignore_eos_against_a_model_that_wants_to_stop(server, acme, tok):
@@ -265,12 +271,3 @@ def test_a_redaction_that_would_break_the_json_withholds_the_answer(server):
             "type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]}}}}).json()
     choice = r["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == ""
-
-
-def test_tools_are_refused_by_name_until_they_exist(server, acme):
-    base = {"model": "rand", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
-    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
-    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), json={**base, "tools": [tool]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter" and r.json()["error"]["param"] == "tools"
-    r = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]), json={**base, "tools": [], "tool_choice": None})
-    assert r.status_code == 200  # what some wrappers send by default

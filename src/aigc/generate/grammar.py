@@ -359,7 +359,7 @@ class Schema:
         if s.get("nullable") and kind:
             self.nodes[index] = ("alt", (self._compile({**s, "nullable": False}, depth + 1), self._compile({"type": "null"}, depth + 1)))
             return index
-        if kind == "object" and "properties" not in s:  # any object (a function's parameters left open)
+        if kind == "object" and "properties" not in s and not s.get("required"):  # any object (parameters left open)
             self.nodes[index] = ("anyobject",)
         elif kind == "object" or (kind is None and "properties" in s):
             props = s.get("properties", {})
