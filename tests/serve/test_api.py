@@ -85,7 +85,9 @@ def test_images_b64_and_signed_url(server, acme):
     ({"model": "rand", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400),
     ({"model": "rand", "prompt": "x " * 200, "max_tokens": 5}, 400),  # over the 128-token context
     ({"model": "rand", "prompt": "x", "max_tokens": 1000}, 400),
-    ({"model": "rand", "prompt": ["a", "b"]}, 400),
+    ({"model": "rand", "prompt": []}, 400),
+    ({"model": "rand", "prompt": ["a"] * 65}, 400),
+    ({"model": "rand", "prompt": ["a", "x " * 200], "max_tokens": 5}, 400),  # one of them over the context
     ({"model": "rand"}, 400),
     ({"model": "shapes", "prompt": "x"}, 400),
 ])

@@ -179,12 +179,59 @@ def test_logprobs_in_openais_shapes(server, acme, text_model):
     assert echoed.choices[0].text == "The " + r.choices[0].text
     plain = c.completions.create(model="rand", prompt="The ", max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None
-    for bad, param in (({"stream": True, "logprobs": 1}, "logprobs"), ({"echo": True, "logprobs": 1}, "echo")):
-        resp = complete(server, acme[1], max_tokens=3, **bad)
-        assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    resp = complete(server, acme[1], max_tokens=3, echo=True, logprobs=1)  # the prompt's own logprobs are not computed
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "echo"
     resp = httpx.post(server.url + "/v1/chat/completions", headers=H(acme[1]),
                       json={"model": "rand", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(server, acme):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=acme[1], max_retries=0)
+    kw = dict(model="rand", messages=[{"role": "user", "content": "hi"}], max_tokens=40, temperature=0, logprobs=True,
+              top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = c.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
+    streamed = [t for ch in chunks if ch.logprobs for t in ch.logprobs.content]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in whole]
+    assert sum(1 for ch in chunks if ch.logprobs and ch.logprobs.content) >= 2  # spread over the chunks, with their text
+    for ch in chunks:
+        if ch.logprobs and ch.logprobs.content:
+            assert "".join(t.token for t in ch.logprobs.content) == ch.delta.content
+    parts = [ch.choices[0] for ch in c.completions.create(model="rand", prompt="The ", max_tokens=30, temperature=0, logprobs=1,
+                                                          stream=True, extra_body={"ignore_eos": True})]
+    text = "".join(p.text for p in parts)
+    tokens = [t for p in parts if p.logprobs for t in p.logprobs.tokens]
+    offsets = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+    assert "".join(tokens) == text and offsets == [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+
+
+def test_a_list_of_prompts_gets_n_choices_per_prompt_in_order(server, acme):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=acme[1], max_retries=0)
+    prompts = ["The ", "A mug", "In "]
+    alone = [c.completions.create(model="rand", prompt=p, max_tokens=6, temperature=0, n=2, seed=7) for p in prompts]
+    r = c.completions.create(model="rand", prompt=prompts, max_tokens=6, temperature=0, n=2, seed=7)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    assert [ch.text for ch in r.choices] == [ch.text for a in alone for ch in a.choices]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed: dict[int, str] = {}
+    for chunk in c.completions.create(model="rand", prompt=prompts, max_tokens=6, temperature=0, n=2, seed=7, stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert [streamed[i] for i in range(6)] == [ch.text for ch in r.choices]
+    # one request: every choice in the generation log under its id
+    from sqlalchemy import select
+
+    from aigc.db.models import Generation
+
+    with server.sessions() as s:
+        ids = s.scalars(select(Generation.id).where(Generation.request_id == r.id.removeprefix("cmpl-"))).all()
+    assert sorted(ids) == sorted(f"{r.id.removeprefix('cmpl-')}-{i}" for i in range(6))
 
 
 def test_json_object_answers_always_parse(server, acme, tok):

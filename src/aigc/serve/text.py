@@ -27,6 +27,15 @@ from aigc.serve.service import Service
 
 
 @dataclass
+class Part:
+    """One prompt of a request (completions takes a list; OpenAI answers n choices per prompt, in order)."""
+
+    text: str  # as moderated (redacted where a redact rule matched)
+    ids: list[int]
+    max_tokens: int
+
+
+@dataclass
 class TextJob:
     prompt: str
     n: int
@@ -50,6 +59,7 @@ class TextJob:
     response_format: str = "text"
     tools: list[dict] | None = None  # chat: the functions offered (rendered in the prompt; calls parsed from the answer)
     tool_choice: str = "none"  # none | auto | required | named
+    prompts: list[str] | None = None  # completions: several prompts (``prompt`` is the first)
 
     def params(self, model: str, max_tokens: int) -> dict:
         out = {"model": model, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
@@ -116,14 +126,17 @@ async def run_text(service: Service, request: Request, p: Principal, entry: Mode
 class TextGeneration:
     """One text request's n choices, from the batching engine to the client, stage by stage."""
 
-    def __init__(self, gen: Generation, request: Request, job: TextJob, shape: Shape, engine, ids: list[int], max_tokens: int):
+    def __init__(self, gen: Generation, request: Request, job: TextJob, shape: Shape, engine, parts: list[Part]):
         self.gen, self.request, self.job, self.shape = gen, request, job, shape
-        self.engine, self.ids, self.max_tokens = engine, ids, max_tokens
+        self.engine, self.parts = engine, parts
+        self.count = job.n * len(parts)  # choices: n per prompt, prompt by prompt
+        self.prompt_tokens = sum(len(p.ids) for p in parts)
+        self.max_tokens = max(p.max_tokens for p in parts)
         self.created = int(time.time())
         self.events: asyncio.Queue = asyncio.Queue()  # (choice, delta, Finish | None) from the engine's thread
         self.seqs: list[Sequence] = []
         self.finished: dict[int, Finish] = {}
-        self.sent: dict[int, list[str]] = {i: [] for i in range(job.n)}  # what each choice delivered
+        self.sent: dict[int, list[str]] = {i: [] for i in range(self.count)}  # what each choice delivered
         self.filtered: dict[int, dict] = {}  # choices stopped or changed by the output policy: their decision
         self.bias: dict[int, float] | None = None  # logit_bias, checked against the model's vocabulary
 
@@ -133,38 +146,40 @@ class TextGeneration:
     async def start(cls, service: Service, request: Request, p: Principal, entry: ModelEntry, job: TextJob, endpoint: str,
                     shape: Shape) -> TextGeneration:
         limit = service.settings.max_prompt_chars
-        if len(job.prompt) > limit:
-            raise ApiError(400, f"the prompt has {len(job.prompt)} characters; the limit is {limit}", code="prompt_too_long",
-                           param="prompt")
+        texts = job.prompts or [job.prompt]
+        for k, t in enumerate(texts):
+            if len(t) > limit:
+                raise ApiError(400, f"the prompt{f' {k}' if len(texts) > 1 else ''} has {len(t)} characters; the limit is {limit}",
+                               code="prompt_too_long", param="prompt")
         gen = Generation.admit(service, request, p, entry, endpoint, "text")
-        prompt = await gen.moderate(job.prompt)  # redacted when a redact rule matched
         engine = await engine_for(service, entry)
-        # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
-        ids = engine.encode_chat(job.messages, job.tools) if job.messages is not None and prompt == job.prompt else \
-            engine.encode(prompt)
-        room = engine.context - len(ids)
         where = "messages" if job.messages is not None or endpoint.startswith("chat") else "prompt"
-        if room < 1:  # the prompt alone fills the context: the prompt is what to change
-            raise ApiError(400, f"this model's context is {engine.context} tokens and the {where} take {len(ids)}: shorten the "
-                           f"{where}", code="context_length_exceeded", param=where)
-        max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
-        if len(ids) + max_tokens > engine.context:
-            raise ApiError(400, f"this model's context is {engine.context} tokens; the {where} take {len(ids)} and max_tokens "
-                           f"asks for {max_tokens}: shorten the {where} or lower max_tokens (or leave it out: up to the "
-                           "context)", code="context_length_exceeded", param="max_tokens")
-        if job.min_tokens > max_tokens:
-            raise ApiError(400, f"min_tokens ({job.min_tokens}) is more than max_tokens ({max_tokens})", code="invalid_value",
-                           param="min_tokens")
+        parts = []
+        for t in texts:
+            prompt = await gen.moderate(t)  # redacted when a redact rule matched
+            # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
+            ids = engine.encode_chat(job.messages, job.tools) if job.messages is not None and prompt == t else engine.encode(prompt)
+            room = engine.context - len(ids)
+            if room < 1:  # the prompt alone fills the context: the prompt is what to change
+                raise ApiError(400, f"this model's context is {engine.context} tokens and the {where} take {len(ids)}: shorten "
+                               f"the {where}", code="context_length_exceeded", param=where)
+            max_tokens = job.max_tokens if job.max_tokens is not None else min(job.default_max_tokens or room, room)
+            if len(ids) + max_tokens > engine.context:
+                raise ApiError(400, f"this model's context is {engine.context} tokens; the {where} take {len(ids)} and "
+                               f"max_tokens asks for {max_tokens}: shorten the {where} or lower max_tokens (or leave it out: up "
+                               "to the context)", code="context_length_exceeded", param="max_tokens")
+            if job.min_tokens > max_tokens:
+                raise ApiError(400, f"min_tokens ({job.min_tokens}) is more than max_tokens ({max_tokens})", code="invalid_value",
+                               param="min_tokens")
+            parts.append(Part(prompt, ids, max_tokens))
         if job.extras() and not getattr(engine, "sampling_extras", False):
             raise ApiError(400, f"{', '.join(job.extras())}: this model's engine (not a Llama-architecture model) does not "
                            "support them", code="unsupported_parameter", param=job.extras()[0])
         bias = _token_bias(job.logit_bias, getattr(engine, "vocab", None))
-        if job.logprobs is not None and job.stream:
-            raise ApiError(400, "logprobs are not streamed by this server yet: leave out stream or logprobs",
-                           code="unsupported_parameter", param="logprobs")
-        gen.limit(len(ids) + job.n * max_tokens)
-        await gen.hold(Units(len(ids), job.n * max_tokens))
-        text = cls(gen, request, job, shape, engine, ids, max_tokens)
+        tokens_in, tokens_out = sum(len(q.ids) for q in parts), job.n * sum(q.max_tokens for q in parts)
+        gen.limit(tokens_in + tokens_out)
+        await gen.hold(Units(tokens_in, tokens_out))
+        text = cls(gen, request, job, shape, engine, parts)
         text.bias = bias
         text.render()
         return text
@@ -174,12 +189,13 @@ class TextGeneration:
         job, gen = self.job, self.gen
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + gen.service.settings.request_timeout_s
-        for i in range(job.n):
+        for i in range(self.count):
             def sink(delta: str, done: Finish | None, i=i) -> None:
                 loop.call_soon_threadsafe(self.events.put_nowait, (i, delta, done))
-            seed = None if job.seed is None else job.seed + i
-            self.seqs.append(Sequence(self.ids, self.max_tokens, job.temperature, job.top_p, job.stop, seed, sink,
-                                      deadline=deadline, text=gen.prompt, watermark=gen.tenant.mark(),
+            seed = None if job.seed is None else job.seed + i % job.n
+            part = self.part(i)
+            self.seqs.append(Sequence(part.ids, part.max_tokens, job.temperature, job.top_p, job.stop, seed, sink,
+                                      deadline=deadline, text=part.text, watermark=gen.tenant.mark(),
                                       frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                                       logit_bias=self.bias, min_tokens=job.min_tokens, ignore_eos=job.ignore_eos,
                                       logprobs=-1 if job.logprobs is None else job.logprobs,
@@ -187,6 +203,10 @@ class TextGeneration:
                                       grammar=job.grammar))
         for s in self.seqs:
             self.engine.submit(s)
+
+    def part(self, i: int) -> Part:
+        """The prompt of choice i."""
+        return self.parts[i // self.job.n]
 
     # ------------------------------------------------------------ deliver
 
@@ -219,17 +239,17 @@ class TextGeneration:
 
     def _headers(self) -> dict:
         rid = self.gen.request_id
-        return {**self.gen.headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(self.job.n))}
+        return {**self.gen.headers, "x-generation-ids": ",".join(f"{rid}-{i}" for i in range(self.count))}
 
     def _usage(self) -> dict:
-        return _usage(len(self.ids), sum(f.completion_tokens for f in self.finished.values()))
+        return _usage(self.prompt_tokens, sum(f.completion_tokens for f in self.finished.values()))
 
     async def respond(self) -> JSONResponse:
         """Wait for every choice, check each whole, answer JSON."""
         job, shape, gen = self.job, self.shape, self.gen
-        texts: dict[int, list[str]] = {i: [] for i in range(job.n)}
+        texts: dict[int, list[str]] = {i: [] for i in range(self.count)}
         try:
-            while len(self.finished) < job.n:
+            while len(self.finished) < self.count:
                 try:
                     i, delta, done = await asyncio.wait_for(self.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
@@ -240,16 +260,16 @@ class TextGeneration:
                 if done is not None:
                     self.finished[i] = done
             if self.failure() is None:
-                for i in range(job.n):
+                for i in range(self.count):
                     self.sent[i] = [self.deliver(i, "".join(texts[i]))]
         finally:
             await self.settle()
         err = self.failure()
         if err:
             raise err
-        head = gen.prompt if job.echo else ""
         results = []
-        for i in range(job.n):
+        for i in range(self.count):
+            head = self.part(i).text if job.echo else ""
             text, calls = head + "".join(self.sent[i]), None
             finish = "content_filter" if self._blocked(i) else self.finished[i].reason
             if job.tools:
@@ -286,37 +306,47 @@ class TextGeneration:
         asked for, or the output policy changed the text (the tokens no longer spell it)."""
         if self.job.logprobs is None or i in self.filtered:
             return None
+        entries, _, _ = self._entries(i, 0, 0, len("".join(self.sent[i])))
+        return self.shape.logprobs(entries, offset)
+
+    def _entries(self, i: int, cursor: int, spelled: int, upto: int) -> tuple[list, int, int]:
+        """Choice i's (token text, logprob, alternatives) from token ``cursor`` on, while their text (``spelled``
+        characters so far) stays within ``upto`` characters; and the new cursor and count."""
         tokenizer = getattr(self.engine, "tokenizer", None)
         if tokenizer is None:  # the echo stub has no tokens
-            return self.shape.logprobs([], offset)
-        decode = tokenizer.decode
-        text, spelled, entries = "".join(self.sent[i]), 0, []
-        for tok, lp, top in self.seqs[i].token_logprobs:
+            return [], cursor, spelled
+        decode, entries, tokens = tokenizer.decode, [], self.seqs[i].token_logprobs
+        while cursor < len(tokens):
+            tok, lp, top = tokens[cursor]
             piece = decode([tok])
-            if spelled + len(piece) > len(text):  # past a stop string
+            if spelled + len(piece) > upto:  # the rest of the text comes in a later chunk (or is past a stop string)
                 break
-            spelled += len(piece)
+            spelled, cursor = spelled + len(piece), cursor + 1
             entries.append((piece, lp, [(decode([t]), v) for t, v in top]))
-        return self.shape.logprobs(entries, offset)
+        return entries, cursor, spelled
 
     def stream_response(self) -> MeteredStream:
         return MeteredStream(self.stream(), self.settle, media_type="text/event-stream",
                              headers={**self._headers(), "cache-control": "no-cache"})
 
-    def _event(self, i: int, text: str, finish: str | None, first: bool) -> str:
-        chunk = self.shape.chunk(self.shape.prefix + self.gen.request_id, self.created, self.gen.entry.id, i, text, finish, first)
+    def _event(self, i: int, text: str, finish: str | None, first: bool, logprobs: dict | None = None) -> str:
+        extra = {"logprobs": logprobs} if logprobs is not None else {}
+        chunk = self.shape.chunk(self.shape.prefix + self.gen.request_id, self.created, self.gen.entry.id, i, text, finish, first,
+                                 **extra)
         return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
 
     async def stream(self):
         """Server-sent events: text goes out only once checked against the output policy, a word at a time."""
         job, gen = self.job, self.gen
         cut: set[int] = set()  # choices closed by the output policy
-        held = [""] * job.n  # generated text not yet checked and sent, per choice
-        first = [True] * job.n
+        held = [""] * self.count  # generated text not yet checked and sent, per choice
+        first = [True] * self.count
+        # streamed logprobs, per choice: tokens given out, the characters they spell, the characters sent
+        cursor, spelled, sent_len = [0] * self.count, [0] * self.count, [0] * self.count
         if job.tools:
-            parsers = [ToolCallParser() for _ in range(job.n)]
+            parsers = [ToolCallParser() for _ in range(self.count)]
         try:
-            while len(self.finished) < job.n:
+            while len(self.finished) < self.count:
                 i, delta, done = await self.events.get()
                 if i in cut:
                     continue
@@ -340,7 +370,7 @@ class TextGeneration:
                         cut.add(i)
                         self.filtered[i] = d.to_dict()
                         self.seqs[i].cancel()
-                        self.finished[i] = Finish("content_filter", len(self.ids), self.seqs[i].produced,
+                        self.finished[i] = Finish("content_filter", len(self.part(i).ids), self.seqs[i].produced,
                                                   done.compute_s if done else 0.0, "")
                         yield self._event(i, "", "content_filter", first[i])
                         continue
@@ -361,7 +391,13 @@ class TextGeneration:
                     continue
                 if out or done is not None:
                     reason = done.reason if done is not None and done.reason in ("stop", "length") else None
-                    yield self._event(i, (gen.prompt if job.echo and first[i] else "") + out, reason, first[i])
+                    lp = None
+                    if job.logprobs is not None and i not in self.filtered:  # the tokens this chunk's text spells
+                        head = len(self.part(i).text) if job.echo else 0
+                        sent_len[i] += len(out)
+                        entries, cursor[i], at = self._entries(i, cursor[i], spelled[i], sent_len[i])
+                        lp, spelled[i] = self.shape.logprobs(entries, head + spelled[i]), at
+                    yield self._event(i, (self.part(i).text if job.echo and first[i] else "") + out, reason, first[i], lp)
                     first[i] = False
             if job.include_usage:
                 chunk = self.shape.usage_chunk(self.shape.prefix + gen.request_id, self.created, gen.entry.id, self._usage())
@@ -380,14 +416,14 @@ class TextGeneration:
         wm = {"scheme": "green-list", "gamma": mark.gamma, "delta": mark.delta} if mark else None
         filters = gen.filters(f"pii-at-rest:{tenant.policy['pii']}", *(["watermark:text"] if mark else []))
         recs = []
-        for i in range(self.job.n):
+        for i in range(self.count):
             out = "".join(self.sent[i])
             f = self.finished.get(i)
             status = "blocked" if self._blocked(i) else \
                 ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))
             recs.append(gen.record(f"{gen.request_id}-{i}", params=params, output_sha256=hashlib.sha256(out.encode()).hexdigest(),
                                    output=out, watermark=wm, output_decision=self.filtered.get(i), filters=filters, status=status,
-                                   prompt=gen.prompt))
+                                   prompt=self.part(i).text))
         return recs
 
     async def settle(self) -> None:
@@ -399,9 +435,9 @@ class TextGeneration:
         fin = self.finished
         produced = sum(f.completion_tokens for f in fin.values()) + sum(s.produced for i, s in enumerate(self.seqs) if i not in fin)
         reasons = {f.reason for f in fin.values()}
-        status = "ok" if len(fin) == self.job.n and reasons <= {"stop", "length", "content_filter"} else \
+        status = "ok" if len(fin) == self.count and reasons <= {"stop", "length", "content_filter"} else \
             next((r for r in ("error", "timeout") if r in reasons), "cancelled")
-        await self.gen.settle(status, Units(len(self.ids), produced), sum(f.compute_s for f in fin.values()), self.records())
+        await self.gen.settle(status, Units(self.prompt_tokens, produced), sum(f.compute_s for f in fin.values()), self.records())
 
 
 _BREAK = re.compile(r"[\s，。！？；：、]")

@@ -216,7 +216,7 @@ def _logprobs(entries, offset):
     return {"content": [{**_entry(p, lp), "top_logprobs": [_entry(t, v) for t, v in top]} for p, lp, top in entries], "refusal": None}
 
 
-def _chunk(id_, created, model, index, text, finish, first, calls=None):
+def _chunk(id_, created, model, index, text, finish, first, calls=None, logprobs=None):
     """A stream chunk: text, or (``calls``) tool-call deltas as OpenAI sends them (a call's id, type and name once,
     then pieces of its arguments)."""
     if calls is not None:
@@ -224,7 +224,7 @@ def _chunk(id_, created, model, index, text, finish, first, calls=None):
     else:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
     return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def _usage_chunk(id_, created, model, usage):

@@ -61,6 +61,9 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = Field(None, description="The prompt in front of the completion.")
 
 
+MAX_PROMPTS = 64  # prompts in one request (LangChain's OpenAI LLM sends 20 at a time)
+
+
 def _full(id_, created, model, results, usage):
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": t, "index": i, "logprobs": lp, "finish_reason": f} for i, (t, f, lp, _) in enumerate(results)],
@@ -77,9 +80,9 @@ def _logprobs(entries, offset):
             "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
-def _chunk(id_, created, model, index, text, finish, first):
+def _chunk(id_, created, model, index, text, finish, first, logprobs=None):
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def _usage_chunk(id_, created, model, usage):
@@ -92,15 +95,16 @@ SHAPE = Shape("cmpl-", _full, _chunk, _usage_chunk, _logprobs)
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                  "description": "JSON, or with stream=true server-sent events ending in data: [DONE]"}})
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep, p: Generator):
-    """Complete one prompt ``n`` times (OpenAI's legacy completions), watermarked and moderated as the tenant's policy says."""
+    """Complete a prompt, or each of a list of prompts, ``n`` times (OpenAI's legacy completions: choice ``k * n + j`` is
+    prompt k's j-th), watermarked and moderated as the tenant's policy says."""
     entry = model_for(service, p, body.model, (TEXT, ECHO))
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "send one prompt per request (use n for several samples)", code="invalid_value", param="prompt")
-        prompt = prompt[0]
+    prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise ApiError(400, f"prompt takes a string or a list of 1 to {MAX_PROMPTS} strings, got {len(prompts)}", code="invalid_value",
+                       param="prompt")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (the prompt's own log-probabilities) is not supported: send one of them",
                        code="unsupported_parameter", param="echo")
-    job = body.job(prompt, None, body.stops(), body.max_tokens, logprobs=body.logprobs, echo=bool(body.echo))  # omitted max_tokens: up to the context
+    job = body.job(prompts[0], None, body.stops(), body.max_tokens, logprobs=body.logprobs, echo=bool(body.echo),
+                   prompts=prompts if len(prompts) > 1 else None)  # omitted max_tokens: up to the context
     return await run_text(service, request, p, entry, job, "completions", SHAPE)
