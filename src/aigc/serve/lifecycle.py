@@ -151,9 +151,12 @@ class Generation:
 
     def record(self, generation_id: str, *, params: dict, output_sha256: str, output: str | None = None,
                watermark: dict | None = None, watermark_id: int | None = None, output_decision: dict | None = None,
-               filters: list[str] | None = None, status: str = "delivered", prompt: str | None = None) -> GenRecord:
-        """The generation-log record of one output of this request."""
-        moderation = {"input": self.input.to_dict() if self.input is not None else {"action": "allow"}}
+               filters: list[str] | None = None, status: str = "delivered", prompt: str | None = None,
+               input_decision=None) -> GenRecord:
+        """The generation-log record of one output of this request (``prompt`` and ``input_decision``: its own prompt and
+        the input policy's decision on it, where a request has several prompts)."""
+        decided = input_decision if input_decision is not None else self.input
+        moderation = {"input": decided.to_dict() if decided is not None else {"action": "allow"}}
         if output_decision is not None or self.kind == "text":
             moderation["output"] = output_decision or {"action": "allow"}
         if watermark is None and watermark_id is not None:

@@ -33,6 +33,7 @@ class Part:
     text: str  # as moderated (redacted where a redact rule matched)
     ids: list[int]
     max_tokens: int
+    decision: object = None  # the input policy's decision on it
 
 
 @dataclass
@@ -171,7 +172,7 @@ class TextGeneration:
             if job.min_tokens > max_tokens:
                 raise ApiError(400, f"min_tokens ({job.min_tokens}) is more than max_tokens ({max_tokens})", code="invalid_value",
                                param="min_tokens")
-            parts.append(Part(prompt, ids, max_tokens))
+            parts.append(Part(prompt, ids, max_tokens, gen.input))
         if job.extras() and not getattr(engine, "sampling_extras", False):
             raise ApiError(400, f"{', '.join(job.extras())}: this model's engine (not a Llama-architecture model) does not "
                            "support them", code="unsupported_parameter", param=job.extras()[0])
@@ -423,7 +424,7 @@ class TextGeneration:
                 ("delivered" if f is not None and f.reason in ("stop", "length") else (f.reason if f else "cancelled"))
             recs.append(gen.record(f"{gen.request_id}-{i}", params=params, output_sha256=hashlib.sha256(out.encode()).hexdigest(),
                                    output=out, watermark=wm, output_decision=self.filtered.get(i), filters=filters, status=status,
-                                   prompt=self.part(i).text))
+                                   prompt=self.part(i).text, input_decision=self.part(i).decision))
         return recs
 
     async def settle(self) -> None:
