@@ -74,6 +74,7 @@ class Sequence:
     token_logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob)] * k) per emitted token
     _pending: tuple | None = None  # the drawn token's entry, appended when it is emitted (not for the end of text)
     _bias: tuple | None = None  # logit_bias as (ids, values) tensors, made once
+    _counts: torch.Tensor | None = None  # with penalties: how often each token of the vocabulary is in the output so far
 
     def adjusts(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.ignore_eos
@@ -259,10 +260,15 @@ class TextEngine:
         wanted = [r for r, s in enumerate(seqs) if s.logprobs >= 0]
         logp = logits[wanted].log_softmax(-1) if wanted else None
         tokens = self._draw(logits, seqs)
-        for j, r in enumerate(wanted):
-            s, tok = seqs[r], int(tokens[r])
-            top = logp[j].topk(min(s.logprobs, logp.shape[1])) if s.logprobs else None
-            s._pending = (tok, float(logp[j, tok]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+        if wanted:  # one gather and one topk for all these rows (each keeps its own k)
+            drawn = tokens[wanted]
+            chosen = logp.gather(1, drawn[:, None]).squeeze(1).tolist()
+            k = min(max(seqs[r].logprobs for r in wanted), logp.shape[1])
+            top = logp.topk(k) if k else None
+            top_i, top_v = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            for j, (r, tok) in enumerate(zip(wanted, drawn.tolist())):
+                n = seqs[r].logprobs
+                seqs[r]._pending = (tok, chosen[j], list(zip(top_i[j][:n], top_v[j][:n])) if n else [])
         return tokens
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -288,24 +294,29 @@ class TextEngine:
     def _adjust(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Penalties, logit bias and the end-of-text rules, row by row, for the rows that ask for them."""
         logits = logits.clone()
+        pen = [r for r, s in enumerate(seqs) if s._counts is not None]
+        if pen:  # the penalties of all these rows in one operation, from counts kept as tokens are emitted
+            counts = torch.stack([seqs[r]._counts for r in pen])  # type: ignore[misc]  # (P, V)
+            freq = torch.tensor([seqs[r].frequency_penalty for r in pen])[:, None]
+            pres = torch.tensor([seqs[r].presence_penalty for r in pen])[:, None]
+            logits[pen] -= freq * counts + pres * (counts > 0)
         for r, s in enumerate(seqs):
             if not s.adjusts():
                 continue
-            if (s.frequency_penalty or s.presence_penalty) and s.stream is not None and s.stream.ids:
-                tokens, counts = torch.tensor(s.stream.ids).unique(return_counts=True)
-                logits[r, tokens] -= s.frequency_penalty * counts + s.presence_penalty
             if s.logit_bias:
                 if s._bias is None:
                     s._bias = (torch.tensor(list(s.logit_bias), dtype=torch.long), torch.tensor(list(s.logit_bias.values())))
                 logits[r, s._bias[0]] += s._bias[1]
             if self.eos is not None and (s.ignore_eos or s.produced < s.min_tokens) and 0 <= self.eos < logits.shape[1]:
                 logits[r, self.eos] = float("-inf")
-            if s.json_state is not None:  # only tokens that keep the text valid JSON (the end of text once it is whole)
-                allowed = self.json_mask().allowed(s.json_state, s.grammar)[: logits.shape[1]]
-                row = logits[r].masked_fill(~allowed, float("-inf"))
-                if bool(torch.isinf(row).all()):  # a logit_bias of -100 banned every valid token: the grammar wins
-                    row = torch.zeros_like(row).masked_fill(~allowed, float("-inf"))
-                logits[r] = row
+        constrained = [r for r, s in enumerate(seqs) if s.json_state is not None]
+        if constrained:  # only tokens that keep the text valid (the end of text once it is whole), all rows at once
+            allowed = torch.stack([self.json_mask().allowed(seqs[r].json_state, seqs[r].grammar)[: logits.shape[1]]
+                                   for r in constrained])  # (C, V)
+            rows = logits[constrained].masked_fill(~allowed, float("-inf"))
+            dead = torch.isinf(rows).all(-1)  # a logit_bias of -100 banned every valid token: the grammar wins
+            rows = torch.where(dead[:, None], torch.zeros_like(rows).masked_fill(~allowed, float("-inf")), rows)
+            logits[constrained] = rows
         return logits
 
     def json_mask(self):
@@ -341,6 +352,10 @@ class TextEngine:
                 seq.json_state = grammar.walk_with(seq.grammar, seq.json_state, self.json_mask().pieces[tok]) or seq.grammar.end
                 if getattr(seq.grammar, "free", None) and seq.grammar.free(seq.json_state):
                     seq.json_state = None  # tools, auto: the model answered in text; nothing to constrain from here on
+            if seq.frequency_penalty or seq.presence_penalty:
+                if seq._counts is None:
+                    seq._counts = torch.zeros(self.vocab)
+                seq._counts[tok] += 1
             seq.produced += 1
             self.tokens_out += 1
             delta = seq.stream.push(tok)
