@@ -63,12 +63,15 @@ def test_langchain_function_calling_and_tools(long_server, close_bias):
         Product, method="function_calling").invoke("A product")
     assert isinstance(got, Product) and len(got.title) <= 4
 
-    @tool
+    class StockArgs(BaseModel):  # (bounded: a random model's free string could run on to max_tokens)
+        sku: str = Field(max_length=6)
+        warehouse: int
+
+    @tool(args_schema=StockArgs)
     def stock(sku: str, warehouse: int) -> str:
         """How many items of a product a warehouse holds."""
         return "3"
 
-    # (close_bias: a random model's free string would run on to max_tokens; the schema's integer is a call it must make)
     llm = chat(long_server, key, "long-plain", temperature=1.0, seed=5, max_tokens=200, logit_bias=close_bias).bind_tools(
         [stock], tool_choice="stock")
     msg = llm.invoke("How many A1 are in warehouse 2?")

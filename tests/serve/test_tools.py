@@ -91,7 +91,9 @@ def test_tool_results_are_accepted_on_the_next_turn(long_server):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + len(tool_call_text([{"name": "get_weather", "arguments": {}}]))
 
 
-def test_streamed_tool_call_deltas_add_up_to_the_whole_answer(long_server):
+def test_streamed_tool_call_deltas_add_up_to_the_whole_answer(long_server, long_models):
+    from transformers import AutoTokenizer
+
     from tests.serve.helpers import tenant
 
     _, key = tenant(long_server.sessions, "tools-stream", "payg")
@@ -110,8 +112,10 @@ def test_streamed_tool_call_deltas_add_up_to_the_whole_answer(long_server):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     want = whole.choices[0].message.tool_calls
     assert [(v["name"], v["arguments"]) for v in calls.values()] == [(t.function.name, t.function.arguments) for t in want]
-    # several calls in a row (parallel_tool_calls left on): each streamed under its own index
-    parallel = list(c.chat.completions.create(**{**kw, "max_tokens": 400}, stream=True))
+    # several calls in a row (parallel_tool_calls left on; the end of text banned, so the random model goes on calling):
+    # each streamed under its own index
+    eos = AutoTokenizer.from_pretrained(str(long_models["plain"])).eos_token_id
+    parallel = list(c.chat.completions.create(**{**kw, "max_tokens": 400}, stream=True, logit_bias={str(eos): -100}))
     indexes = {t.index for ch in parallel if ch.choices for t in ch.choices[0].delta.tool_calls or []}
     assert len(indexes) >= 2
 

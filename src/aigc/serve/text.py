@@ -319,7 +319,7 @@ class TextGeneration:
         decode, entries, tokens = tokenizer.decode, [], self.seqs[i].token_logprobs
         while cursor < len(tokens):
             tok, lp, top = tokens[cursor]
-            piece = decode([tok])
+            piece = decode([tok], skip_special_tokens=True)  # as the stream spells it (an <unk> adds no text)
             if spelled + len(piece) > upto:  # the rest of the text comes in a later chunk (or is past a stop string)
                 break
             spelled, cursor = spelled + len(piece), cursor + 1
