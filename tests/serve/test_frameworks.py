@@ -77,6 +77,12 @@ def test_langchain_function_calling_and_tools(long_server, close_bias):
     msg = llm.invoke("How many A1 are in warehouse 2?")
     (call,) = msg.tool_calls
     assert call["name"] == "stock" and set(call["args"]) == {"sku", "warehouse"} and isinstance(call["args"]["warehouse"], int)
+    # the agent loop's next turn: LangChain replays the call and sends the tool's result
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    answer = chat(long_server, key, "long-plain", max_tokens=5).bind_tools([stock]).invoke(
+        [HumanMessage("How many A1 are in warehouse 2?"), msg, ToolMessage(stock.invoke(call["args"]), tool_call_id=call["id"])])
+    assert isinstance(answer.content, str) and answer.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
     streamed = None
     for piece in llm.stream("How many A1 are in warehouse 2?"):  # LangChain adds the streamed tool-call chunks up
         streamed = piece if streamed is None else streamed + piece

@@ -83,8 +83,8 @@ def test_tool_results_are_accepted_on_the_next_turn(long_server):
     first = c.chat.completions.create(model="long-chat", messages=ASK, tools=[WEATHER], tool_choice="required",
                                       parallel_tool_calls=False, max_tokens=150, temperature=0)
     msg = first.choices[0].message
-    history = ASK + [msg.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "18 C and sunny"}]
+    # (the SDK's message object itself, as people append it: what it serialises must be accepted)
+    history = ASK + [msg, {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "18 C and sunny"}]
     second = c.chat.completions.create(model="long-chat", messages=history, tools=[WEATHER], max_tokens=8, temperature=0)
     assert second.choices[0].finish_reason in ("stop", "length")
     # the call and its result are in the prompt, as training renders them
