@@ -153,11 +153,13 @@ class TextGeneration:
                 raise ApiError(400, f"the prompt{f' {k}' if len(texts) > 1 else ''} has {len(t)} characters; the limit is {limit}",
                                code="prompt_too_long", param="prompt")
         gen = Generation.admit(service, request, p, entry, endpoint, "text")
+        moderated = []  # (prompt as the input policy lets it through, redacted where a rule matched; the decision)
+        for t in texts:
+            moderated.append((await gen.moderate(t), gen.input))
         engine = await engine_for(service, entry)
         where = "messages" if job.messages is not None or endpoint.startswith("chat") else "prompt"
         parts = []
-        for t in texts:
-            prompt = await gen.moderate(t)  # redacted when a redact rule matched
+        for t, (prompt, decision) in zip(texts, moderated):
             # The conversation's ids are training's (turn by turn); a prompt the input policy redacted is encoded as text.
             ids = engine.encode_chat(job.messages, job.tools) if job.messages is not None and prompt == t else engine.encode(prompt)
             room = engine.context - len(ids)
@@ -172,7 +174,7 @@ class TextGeneration:
             if job.min_tokens > max_tokens:
                 raise ApiError(400, f"min_tokens ({job.min_tokens}) is more than max_tokens ({max_tokens})", code="invalid_value",
                                param="min_tokens")
-            parts.append(Part(prompt, ids, max_tokens, gen.input))
+            parts.append(Part(prompt, ids, max_tokens, decision))
         if job.extras() and not getattr(engine, "sampling_extras", False):
             raise ApiError(400, f"{', '.join(job.extras())}: this model's engine (not a Llama-architecture model) does not "
                            "support them", code="unsupported_parameter", param=job.extras()[0])
