@@ -95,38 +95,41 @@ TINY_IMAGE = Path(__file__).parents[1] / "src/aigc/configs/image/tiny.yaml"
 @pytest.fixture(scope="session")
 def text_model(tmp_path_factory, tiny_run) -> Path:
     """A random 2-layer Llama (its outputs are diverse, unlike a 40-step model) with the tiny run's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("models") / "rand"
     tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
+    _random_llama(tok, 128).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _random_llama(tok, context: int):
+    """A seeded random 2-layer Llama for ``tok``'s vocabulary, with sharpened logits (greedy outputs differ from
+    prompt to prompt)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+                      num_key_value_heads=2, max_position_embeddings=context, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(8)  # sharper logits: greedy outputs differ from prompt to prompt
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+            p.mul_(8)
+    return model
 
 
 @pytest.fixture(scope="session")
 def long_models(tmp_path_factory, tiny_run) -> dict[str, Path]:
     """text_model's kind with a 2048-token context, for prompts that list tools: "plain" without a chat template
     (a model pretrained here), "chat" with the built-in one (as an SFT run saves it)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from aigc.data.chat_tokens import ensure_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(tiny_run / "model"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8)
+    model = _random_llama(tok, 2048)
     out = {}
     for name in ("plain", "chat"):
         out[name] = tmp_path_factory.mktemp("models") / f"long-{name}"

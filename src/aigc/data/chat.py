@@ -224,8 +224,10 @@ def _messages(items, what: str) -> list[dict]:
         raise Drop("missing_field", f"{what} is not a non-empty list of messages")
     out = []
     for k, m in enumerate(items):
-        calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None) if isinstance(m, dict) else None
-        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
+        if not isinstance(m, dict):
+            raise Drop("missing_field", f"{what}[{k}] needs role and content")
+        calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None)  # (legacy function_call)
+        if "role" not in m or ("content" not in m and not calls):
             raise Drop("missing_field", f"{what}[{k}] needs role and content")
         role = {"developer": "system", "function": "tool"}.get(m["role"], m["role"])
         if role not in ROLES:

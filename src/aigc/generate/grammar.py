@@ -159,6 +159,14 @@ class Json:
         """Nothing but the end of text can follow."""
         return state[0] == DONE
 
+    def free(self, state: tuple) -> bool:
+        """Plain text from here on (never, for JSON; see Tools)."""
+        return False
+
+    def free_prefix(self, state: tuple) -> str | None:
+        """For the token mask (see Tools): None, every token is constrained."""
+        return None
+
     end = (DONE, (), 0, "")  # a state from which only the end of text can come
 
 
@@ -219,7 +227,7 @@ class TokenMask:
             if grammar.closed(state):  # nothing can follow
                 self._keep(key, mask)
                 return mask
-        lead = grammar.free_prefix(state) if hasattr(grammar, "free_prefix") else None
+        lead = grammar.free_prefix(state)
         room = grammar.free_string(state)
         if lead is not None:  # free text, except for tokens that begin with all of ``lead``: those are walked past it
             mask |= self.valid
@@ -404,6 +412,12 @@ class Schema:
     def closed(self, state: tuple) -> bool:
         return state == (("done",),)
 
+    def free(self, state: tuple) -> bool:
+        return False
+
+    def free_prefix(self, state: tuple) -> str | None:
+        return None
+
     end = (("done",),)
 
     def free_string(self, state: tuple) -> int | None:
@@ -584,9 +598,9 @@ class Tools:
     there on the call is constrained like ``required``, so a call the model starts always parses.
 
     States: ``("open", k)`` (k characters of the opening tag matched), ``("free",)`` (auto: plain text),
-    ``("head", k, calls)``, ``("name", candidates, calls)``, ``("mid", k, name, calls)``,
-    ``("args", name, schema state, calls)``, ``("close", k, calls)`` and ``("after", k, calls)`` (after a call: the end
-    of text, or another call)."""
+    ``("head", k)``, ``("name", candidates)``, ``("mid", k, name)``, ``("args", name, schema state)``, ``("close", k)``
+    and ``("after", k)`` (after a call: the end of text, or another call). A second call's states are the first's, so
+    the token mask's cache serves both."""
 
     def __init__(self, functions: dict[str, Schema], mode: str = "required", parallel: bool = True):
         import json as _json
@@ -638,41 +652,39 @@ class Tools:
             k = state[1]
             if ch != TOOL_OPEN[k]:
                 return ("free",) if self.mode == "auto" else None
-            return ("open", k + 1) if k + 1 < len(TOOL_OPEN) else ("head", 0, 0)
+            return ("open", k + 1) if k + 1 < len(TOOL_OPEN) else ("head", 0)
         if kind == "head":
-            _, k, calls = state
+            k = state[1]
             if ch != TOOL_HEAD[k]:
                 return None
-            return ("head", k + 1, calls) if k + 1 < len(TOOL_HEAD) else ("name", self.names, calls)
+            return ("head", k + 1) if k + 1 < len(TOOL_HEAD) else ("name", self.names)
         if kind == "name":
             left = tuple((n, c[1:]) for n, c in state[1] if c and c[0] == ch)
             if not left:
                 return None
             whole = [n for n, c in left if c == ""]  # the closing quote came: the name is whole
-            return ("mid", 0, whole[0], state[2]) if whole else ("name", left, state[2])
+            return ("mid", 0, whole[0]) if whole else ("name", left)
         if kind == "mid":
-            _, k, name, calls = state
+            _, k, name = state
             if ch != TOOL_MID[k]:
                 return None
-            if k + 1 < len(TOOL_MID):
-                return ("mid", k + 1, name, calls)
-            return ("args", name, self.functions[name].start(), calls)
+            return ("mid", k + 1, name) if k + 1 < len(TOOL_MID) else ("args", name, self.functions[name].start())
         if kind == "args":
-            _, name, inner, calls = state
+            _, name, inner = state
             schema = self.functions[name]
             nxt = schema.step(inner, ch)
             if nxt is None:
                 return None
             # (parameters are an object: complete means its closing brace came)
-            return ("close", 0, calls + 1) if schema.complete(nxt) else ("args", name, nxt, calls)
+            return ("close", 0) if schema.complete(nxt) else ("args", name, nxt)
         if kind == "close":
-            _, k, calls = state
+            k = state[1]
             if ch != TOOL_END[k]:
                 return None
-            return ("close", k + 1, calls) if k + 1 < len(TOOL_END) else ("after", 0, calls)
+            return ("close", k + 1) if k + 1 < len(TOOL_END) else ("after", 0)
         if kind == "after":
-            _, k, calls = state
+            k = state[1]
             if not self.parallel or ch != TOOL_NEXT[k]:
                 return None
-            return ("after", k + 1, calls) if k + 1 < len(TOOL_NEXT) else ("head", 0, calls)
+            return ("after", k + 1) if k + 1 < len(TOOL_NEXT) else ("head", 0)
         return None

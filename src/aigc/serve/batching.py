@@ -350,7 +350,7 @@ class TextEngine:
 
                 # (None cannot happen for a token the mask allowed; if it did, only the end of text may follow)
                 seq.json_state = grammar.walk_with(seq.grammar, seq.json_state, self.json_mask().pieces[tok]) or seq.grammar.end
-                if getattr(seq.grammar, "free", None) and seq.grammar.free(seq.json_state):
+                if seq.grammar.free(seq.json_state):
                     seq.json_state = None  # tools, auto: the model answered in text; nothing to constrain from here on
             if seq.frequency_penalty or seq.presence_penalty:
                 if seq._counts is None:
