@@ -1100,11 +1100,13 @@ def price_set(model: Annotated[str, typer.Argument(help="Model id, or * for the 
               output_per_1k: Annotated[float, typer.Option(help="USD per 1K output tokens.")] = 0.0,
               per_image: Annotated[float, typer.Option(help="USD per image.")] = 0.0,
               per_second: Annotated[float, typer.Option(help="USD per second of audio/video.")] = 0.0,
+              per_1k_train_tokens: Annotated[float, typer.Option(help="USD per 1K tokens trained on by a fine-tuning job of this model.")] = 0.0,
               db: DbOpt = None, as_json: JsonOpt = False):
     """Set the list price of a model (version)."""
     from aigc.db import crud
 
-    _show(_db_do(db, lambda s: crud.price_out(crud.set_price(s, model, version, input_per_1k, output_per_1k, per_image, per_second))),
+    _show(_db_do(db, lambda s: crud.price_out(crud.set_price(s, model, version, input_per_1k, output_per_1k, per_image, per_second,
+                                                             per_1k_train_tokens))),
           as_json, "price")
 
 

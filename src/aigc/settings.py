@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
     image_url_ttl_s: int = 3600  # also the lifetime of music and video result URLs
     job_workers: int = 1  # threads rendering music and video jobs
+    fine_tune_workers: int = Field(1, ge=1, description="Fine-tuning jobs this server trains at once (each in its own process); more wait queued.")
+    fine_tune_max_active: int = Field(2, ge=1, description="Fine-tuning jobs a tenant may have queued or running at once.")
+    fine_tune_max_seconds: float = Field(3600.0, gt=0, description="The time budget of one fine-tuning job (training stops there and keeps its best model).")
+    file_max_mb: int = Field(512, ge=1, description="The largest file /v1/files accepts.")
+    console_idle_minutes: float = Field(60.0, gt=0, description="A console session ends after this long without a request.")
     threads: int = Field(0, ge=0, description="torch intra-op threads for every job; 0: follow the free CPU (aigc/threads.py).")
     log_json: bool = True
     log_level: str = Field("WARNING", description="Logging level of the CLI (the server logs at INFO).")

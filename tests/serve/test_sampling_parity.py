@@ -97,7 +97,7 @@ def test_unsupported_endpoints_say_so_in_openais_shape(server, acme):
     err = r.json()["error"]
     assert r.status_code == 404 and err["code"] == "unsupported_endpoint" and "/v1/audio/transcriptions" in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
-    r = httpx.get(server.url + "/v1/files/file-abc", headers=H(acme[1]))
+    r = httpx.get(server.url + "/v1/batches/batch_abc", headers=H(acme[1]))
     assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint"
     r = httpx.get(server.url + "/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url" and "GET /v2/nothing" in r.json()["error"]["message"]

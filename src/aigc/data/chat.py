@@ -582,3 +582,20 @@ def load_prepared(path: str | Path, kind: str = "chat") -> tuple[list[dict], lis
         with (p / f"{split}.jsonl").open(encoding="utf-8") as f:
             splits.append([json.loads(line) for line in f if line.strip()])
     return splits[0], splits[1], manifest
+
+
+def combine_prepared(train_dir: str | Path, val_dir: str | Path, out: str | Path, kind: str = "chat") -> dict:
+    """A prepared folder whose training records are all of ``train_dir``'s and whose held-out records are all of
+    ``val_dir``'s (a separate validation file, as OpenAI's fine-tuning jobs take one); returns its manifest."""
+    train_a, val_a, manifest = load_prepared(train_dir, kind)
+    train_b, val_b, _ = load_prepared(val_dir, kind)
+    train, val = train_a + val_a, train_b + val_b
+    with store.atomic_folder(Path(out)) as tmp:
+        for name, part in (("train", train), ("val", val)):
+            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+                for r in part:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        manifest = {**manifest, "records": {**manifest["records"], "train": len(train), "val": len(val)},
+                    "validation": {"source": str(val_dir), "records": len(val)}}
+        store.write_manifest(tmp, manifest, ("train.jsonl", "val.jsonl"))
+    return manifest

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from aigc.db.models import MICRO, PLAN_KINDS, ROLES, ApiKey, Generation, Job, Organization, Plan, Price, UsageRollup, User, utcnow
+from aigc.db.models import (MICRO, PLAN_KINDS, ROLES, ApiKey, AuditEntry, ConsoleSession, File, FineTuneEvent, FineTuneJob, Generation, Job, Organization, Plan, Price,
+                            UsageRollup, User, utcnow)
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
@@ -67,8 +68,8 @@ def get_plan(s: Session, name: str) -> Plan:
 
 
 def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 0, output_per_1k: float = 0,
-              per_image: float = 0, per_second: float = 0) -> Price:
-    if min(input_per_1k, output_per_1k, per_image, per_second) < 0:
+              per_image: float = 0, per_second: float = 0, per_1k_train_tokens: float = 0) -> Price:
+    if min(input_per_1k, output_per_1k, per_image, per_second, per_1k_train_tokens) < 0:
         raise UserError("prices must be >= 0")
     price = s.scalar(select(Price).where(Price.model == model, Price.version == version))
     if price is None:
@@ -76,6 +77,7 @@ def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 
         s.add(price)
     price.input_per_1k, price.output_per_1k = micro(input_per_1k), micro(output_per_1k)
     price.per_image, price.per_second = micro(per_image), micro(per_second)
+    price.per_1k_train_tokens = micro(per_1k_train_tokens)
     s.flush()
     _audit(s, "price.set", None, f"price:{model}@{version}", price_out(price))
     return price
@@ -200,11 +202,24 @@ class Principal:
     plan_kind: str | None
     operator: bool = False
 
+    @property
+    def limit_key(self):
+        """What the rate limiter counts against: the key, or the signed-in user when there is none."""
+        return self.key_id or ("user", self.user_id)
+
 
 def lookup_key(s: Session, secret: str) -> Principal | None:
+    return _key_principal(s, ApiKey.hash == hash_key(secret))
+
+
+def key_principal(s: Session, key_id: int) -> Principal | None:
+    return _key_principal(s, ApiKey.id == key_id)
+
+
+def _key_principal(s: Session, where) -> Principal | None:
     row = s.execute(select(ApiKey, User, Organization, Plan).join(User, ApiKey.user_id == User.id)
                     .join(Organization, ApiKey.org_id == Organization.id).outerjoin(Plan, Organization.plan_id == Plan.id)
-                    .where(ApiKey.hash == hash_key(secret))).first()
+                    .where(where)).first()
     if row is None:
         return None
     key, user, org, plan = row
@@ -237,7 +252,8 @@ def plan_out(p: Plan) -> dict:
 
 def price_out(p: Price) -> dict:
     return {"model": p.model, "version": p.version, "input_per_1k": p.input_per_1k / MICRO, "output_per_1k": p.output_per_1k / MICRO,
-            "per_image": p.per_image / MICRO, "per_second": p.per_second / MICRO}
+            "per_image": p.per_image / MICRO, "per_second": p.per_second / MICRO,
+            "per_1k_train_tokens": (p.per_1k_train_tokens or 0) / MICRO}
 
 
 def org_out(s: Session, o: Organization) -> dict:
@@ -266,13 +282,15 @@ class Units:
     output_tokens: int = 0
     images: int = 0
     seconds: float = 0.0
+    train_tokens: int = 0  # fine-tuning: tokens trained on (the training data's tokens x epochs)
 
 
 def list_price(price: Price | None, u: Units) -> int:
     if price is None:
         return 0
     return int(round(u.input_tokens * price.input_per_1k / 1000 + u.output_tokens * price.output_per_1k / 1000
-                     + u.images * price.per_image + u.seconds * price.per_second))
+                     + u.images * price.per_image + u.seconds * price.per_second
+                     + u.train_tokens * (price.per_1k_train_tokens or 0) / 1000))
 
 
 # Dates are bound as ISO strings (what SQLAlchemy stores in SQLite; PostgreSQL casts them).
@@ -298,10 +316,11 @@ _SETTLE = text("UPDATE organizations SET reserved = reserved - :held, period_lis
                "period_charged = period_charged + :charged, credits = credits - :debit WHERE id = :org")
 _RECORD = text(
     "INSERT INTO usage_records (request_id, created_at, day, org_id, key_id, model, version, endpoint, status, input_tokens, "
-    "output_tokens, images, seconds, list_price, charged, compute_s, cost) VALUES (:request_id, :created_at, :day, :org_id, "
-    ":key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, :list_price, :charged, "
-    ":compute_s, :cost)")
-ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "list_price", "charged", "compute_s", "cost")
+    "output_tokens, images, seconds, train_tokens, list_price, charged, compute_s, cost) VALUES (:request_id, :created_at, :day, "
+    ":org_id, :key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, :train_tokens, "
+    ":list_price, :charged, :compute_s, :cost)")
+ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "train_tokens", "list_price", "charged", "compute_s",
+               "cost")
 _ROLLUP = text(
     "INSERT INTO usage_rollups (day, org_id, key_id, model, " + ", ".join(ROLLUP_SUMS) + ") VALUES (:day, :org_id, :key_id, :model, "
     + ", ".join(":" + c for c in ROLLUP_SUMS) + ") ON CONFLICT (day, org_id, key_id, model) DO UPDATE SET "
@@ -383,14 +402,15 @@ def settle(s, request_id: str, principal: Principal, model: str, version: str, e
         charged = int(round(lp * b.price_multiplier))
         s.execute(_SETTLE, {"held": held, "lp": lp, "charged": charged, "debit": charged if b.kind == "prepaid" else 0, "org": org})
     cost = int(round(compute_s * cost_per_s * MICRO))
-    _append_usage(s, request_id, org, principal.key_id, model, version, endpoint, status, units, lp, charged, compute_s, cost)
+    _append_usage(s, request_id, org, principal.key_id or None, model, version, endpoint, status, units, lp, charged, compute_s, cost)
     return Settled(charged, cost, lp)
 
 
 def _append_usage(s, request_id: str, org_id: int, key_id: int | None, model: str, version: str, endpoint: str,
                   status: str, u: Units, lp: int, charged: int, compute_s: float, cost: int) -> None:
     now = utcnow()
-    sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, list_price=lp,
+    sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds,
+                train_tokens=u.train_tokens, list_price=lp,
                 charged=charged, compute_s=compute_s, cost=cost)
     s.execute(_RECORD, dict(request_id=request_id, created_at=str(now), day=str(now.date()), org_id=org_id, key_id=key_id, model=model,
                             version=version, endpoint=endpoint, status=status, **sums))
@@ -431,7 +451,8 @@ def usage_report(s: Session, group_by: list[str], start: dt.date | None = None, 
         # PostgreSQL sums integers as NUMERIC (Decimal): everything is made int/float here
         revenue, cost = int(row["charged"] or 0) / MICRO, int(row["cost"] or 0) / MICRO
         r.update(requests=int(row["requests"]), input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
-                 images=int(row["images"]), seconds=round(float(row["seconds"]), 3), list_price=int(row["list_price"]) / MICRO,
+                 images=int(row["images"]), seconds=round(float(row["seconds"]), 3), train_tokens=int(row["train_tokens"] or 0),
+                 list_price=int(row["list_price"]) / MICRO,
                  revenue=revenue, compute_s=round(float(row["compute_s"]), 3), cost=cost, margin=round(revenue - cost, 6))
         out.append(r)
     return out
@@ -504,3 +525,204 @@ def start_job(conn, job_id: str) -> None:
 def finish_job(conn, job_id: str, status: str, result: dict | None, error: str | None) -> None:
     t = Job.__table__
     conn.execute(update(t).where(t.c.id == job_id).values(status=status, result=result, error=error, finished_at=utcnow()))
+
+
+# ---------------------------------------------------------------- files and fine-tuning jobs
+
+# Unfinished = not settled yet: a cancelled job is still unfinished until its training process has stopped.
+_FT_UNFINISHED = FineTuneJob.finished_at.is_(None)
+
+
+def add_file(s: Session, **fields) -> File:
+    f = File(created_at=utcnow(), **fields)
+    s.add(f)
+    s.flush()
+    _audit(s, "file.create", f.org_id, f"file:{f.id}", {"filename": f.filename, "bytes": f.bytes, "sha256": f.sha256,
+                                                       "purpose": f.purpose})
+    return f
+
+
+def get_file(s: Session, file_id: str, org_id: int) -> File:
+    """The file, if it exists and belongs to ``org_id`` (another tenant's file does not exist for this one)."""
+    f = s.get(File, file_id)
+    if f is None or f.org_id != org_id:
+        raise NotFound(f"no file {file_id!r}")
+    return f
+
+
+def list_files(s: Session, org_id: int, purpose: str | None, limit: int, after: str | None, ascending: bool) -> list[File]:
+    q = select(File).where(File.org_id == org_id)
+    if purpose:
+        q = q.where(File.purpose == purpose)
+    order = (File.created_at.asc(), File.id.asc()) if ascending else (File.created_at.desc(), File.id.desc())
+    if after:
+        ref = get_file(s, after, org_id)
+        if ascending:
+            q = q.where((File.created_at > ref.created_at) | ((File.created_at == ref.created_at) & (File.id > ref.id)))
+        else:
+            q = q.where((File.created_at < ref.created_at) | ((File.created_at == ref.created_at) & (File.id < ref.id)))
+    return list(s.scalars(q.order_by(*order).limit(limit)).all())
+
+
+def delete_file(s: Session, file_id: str, org_id: int) -> File:
+    """Delete the file's row (the caller removes its bytes after the commit); refused while an unfinished job uses it."""
+    f = get_file(s, file_id, org_id)
+    busy = s.scalar(select(FineTuneJob.id).where(_FT_UNFINISHED,
+                                                 (FineTuneJob.training_file == file_id) | (FineTuneJob.validation_file == file_id)))
+    if busy:
+        raise Conflict(f"the file {file_id!r} is used by the fine-tuning job {busy} until it finishes")
+    s.delete(f)
+    _audit(s, "file.delete", org_id, f"file:{file_id}", {"filename": f.filename})
+    return f
+
+
+def active_fine_tunes(s: Session, org_id: int) -> int:
+    return int(s.scalar(select(func.count()).select_from(FineTuneJob).where(FineTuneJob.org_id == org_id,
+                                                                              _FT_UNFINISHED)) or 0)
+
+
+def create_fine_tune(s: Session, **fields) -> FineTuneJob:
+    job = FineTuneJob(status="queued", created_at=utcnow(), **fields)
+    s.add(job)
+    s.flush()
+    _audit(s, "fine_tune.create", job.org_id, f"fine_tune:{job.id}", {"model": job.model, "training_file": job.training_file,
+                                                                       "validation_file": job.validation_file, "method": job.method,
+                                                                       "hyperparameters": job.hyperparameters, "held": job.held})
+    return job
+
+
+def get_fine_tune(s: Session, job_id: str, org_id: int | None) -> FineTuneJob:
+    job = s.get(FineTuneJob, job_id)
+    if job is None or (org_id is not None and job.org_id != org_id):
+        raise NotFound(f"no fine-tuning job {job_id!r}")
+    return job
+
+
+def list_fine_tunes(s: Session, org_id: int, limit: int, after: str | None) -> list[FineTuneJob]:
+    q = select(FineTuneJob).where(FineTuneJob.org_id == org_id)
+    if after:
+        ref = get_fine_tune(s, after, org_id)
+        q = q.where((FineTuneJob.created_at < ref.created_at) | ((FineTuneJob.created_at == ref.created_at) & (FineTuneJob.id < ref.id)))
+    return list(s.scalars(q.order_by(FineTuneJob.created_at.desc(), FineTuneJob.id.desc()).limit(limit)).all())
+
+
+def unfinished_fine_tunes(s: Session) -> list[FineTuneJob]:
+    return list(s.scalars(select(FineTuneJob).where(_FT_UNFINISHED)).all())
+
+
+def fine_tuned_models(s: Session) -> list[FineTuneJob]:
+    """Succeeded jobs whose model is registered (each tenant's ``ft:`` models)."""
+    return list(s.scalars(select(FineTuneJob).where(FineTuneJob.status == "succeeded", FineTuneJob.fine_tuned_model.is_not(None))).all())
+
+
+def update_fine_tune(conn, job_id: str, **values) -> int:
+    """Set columns of a job (Core, usable inside a settle transaction); ``only_if`` limits it to jobs in those states."""
+    t = FineTuneJob.__table__
+    only = values.pop("only_if", None)
+    q = update(t).where(t.c.id == job_id)
+    if only:
+        q = q.where(t.c.status.in_(only))
+    return conn.execute(q.values(**values)).rowcount
+
+
+def add_event(conn, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+    conn.execute(FineTuneEvent.__table__.insert(), {"job_id": job_id, "created_at": utcnow(), "level": level, "type": type,
+                                                    "message": message, "data": data})
+
+
+def list_events(s: Session, job_id: str, limit: int, after: int | None) -> list[FineTuneEvent]:
+    """Newest first, as OpenAI lists them; ``after``: events older than that one."""
+    q = select(FineTuneEvent).where(FineTuneEvent.job_id == job_id)
+    if after is not None:
+        q = q.where(FineTuneEvent.id < after)
+    return list(s.scalars(q.order_by(FineTuneEvent.id.desc()).limit(limit)).all())
+
+
+# ---------------------------------------------------------------- console: passwords and browser sessions
+
+# scrypt, memory-hard: n=2**14, r=8 takes 16 MiB and ~50 ms per guess (OWASP's minimum for scrypt)
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+MIN_PASSWORD = 10
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=64 * 2**20, dklen=32, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def password_matches(password: str, stored: str | None) -> bool:
+    if not stored or not stored.startswith("scrypt$"):
+        hashlib.scrypt(password.encode(), salt=b"0" * 16, maxmem=64 * 2**20, dklen=32, **SCRYPT)  # the same time either way
+        return False
+    _, n, r, p, salt, digest = stored.split("$")
+    got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), maxmem=64 * 2**20, dklen=32)
+    return secrets.compare_digest(got.hex(), digest)
+
+
+def set_password(s: Session, org_id: int, email_or_id: str | int, password: str) -> User:
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"a password has at least {MIN_PASSWORD} characters")
+    user = get_user(s, org_id, email_or_id)
+    user.password_hash = hash_password(password)
+    s.flush()
+    _audit(s, "user.password", org_id, f"user:{user.id}", {"email": user.email})
+    return user
+
+
+def users_by_email(s: Session, email: str) -> list[tuple[User, Organization]]:
+    return list(s.execute(select(User, Organization).join(Organization, User.org_id == Organization.id)
+                          .where(User.email == email)).all())
+
+
+def user_principal(s: Session, user: User) -> Principal:
+    """A signed-in user without a key: the plan's limits, every model; rate-limited as the user."""
+    org = s.get(Organization, user.org_id)
+    plan = s.get(Plan, org.plan_id) if org.plan_id else None
+    return Principal(0, f"user:{user.id}", org.id, org.name, user.id, user.role, None,
+                     plan.rpm if plan else 600, plan.tpm if plan else 200_000, None, False, plan.kind if plan else None)
+
+
+def create_console_session(s: Session, org_id: int | None, user_id: int | None, key_id: int | None, who: str) -> tuple[str, str]:
+    """(cookie token, CSRF token) of a new browser session; only the token's hash is stored."""
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+    s.add(ConsoleSession(id=hash_key(token), org_id=org_id, user_id=user_id, key_id=key_id, csrf=csrf))
+    s.flush()
+    _audit(s, "console.sign_in", org_id, who, {"user_id": user_id, "key_id": key_id})
+    return token, csrf
+
+
+def console_session(s: Session, token: str, idle: dt.timedelta) -> ConsoleSession | None:
+    """The live session of a cookie (its idle clock restarted), or None: unknown, or idle longer than ``idle``."""
+    row = s.get(ConsoleSession, hash_key(token))
+    if row is None:
+        return None
+    now = utcnow()
+    if now - row.last_seen > idle:
+        s.delete(row)
+        s.flush()
+        return None
+    if now - row.last_seen > dt.timedelta(seconds=30):  # one write a minute at most, not one per request
+        row.last_seen = now
+        s.flush()
+    return row
+
+
+def end_console_session(s: Session, token: str) -> None:
+    row = s.get(ConsoleSession, hash_key(token))
+    if row is not None:
+        s.delete(row)
+        _audit(s, "console.sign_out", row.org_id, f"session:{row.id[:12]}", {"user_id": row.user_id, "key_id": row.key_id})
+
+
+def list_audit(s: Session, org_id: int | None = None, actor: str | None = None, kind: str | None = None,
+               limit: int = 100) -> list[AuditEntry]:
+    """The newest audit entries, filtered by tenant, actor (prefix) and action (prefix)."""
+    q = select(AuditEntry)
+    if org_id is not None:
+        q = q.where(AuditEntry.org_id == org_id)
+    if actor:
+        q = q.where(AuditEntry.actor.startswith(actor, autoescape=True))
+    if kind:
+        q = q.where(AuditEntry.kind.startswith(kind, autoescape=True))
+    return list(s.scalars(q.order_by(AuditEntry.seq.desc()).limit(limit)).all())

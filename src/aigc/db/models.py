@@ -64,6 +64,8 @@ class User(Base):
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     email: Mapped[str] = mapped_column(String(200))
     role: Mapped[str] = mapped_column(String(20))
+    # scrypt (a memory-hard KDF), "scrypt$n$r$p$salt$hash"; None: this user signs in with an API key only
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -97,6 +99,7 @@ class Price(Base):
     output_per_1k: Mapped[int] = mapped_column(BigInteger, default=0)
     per_image: Mapped[int] = mapped_column(BigInteger, default=0)
     per_second: Mapped[int] = mapped_column(BigInteger, default=0)  # audio / video output
+    per_1k_train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # fine-tuning this model, per 1K trained tokens
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -120,6 +123,7 @@ class UsageRecord(Base):
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     images: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     list_price: Mapped[int] = mapped_column(BigInteger, default=0)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)
@@ -139,6 +143,7 @@ class UsageRollup(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     list_price: Mapped[int] = mapped_column(BigInteger, default=0)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)
@@ -236,3 +241,76 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class File(Base):
+    """An uploaded file (OpenAI's ``/v1/files``): the bytes under ``HOME/files/<id>/``, and for ``fine-tune`` files the
+    data preparation's report on them (records read and kept, drop reasons with examples)."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(20), default="chat")  # chat | preference: what the records are
+    report: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the preparation manifest
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class FineTuneJob(Base):
+    """A fine-tuning job (OpenAI's ``/v1/fine_tuning/jobs``): trains in a separate process on the server's host, metered
+    per trained token. ``held`` is the worst case reserved at creation, released when the job settles."""
+
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[dict] = mapped_column(JSON, default=dict)  # {"type": "supervised" | "dpo", "lora": bool, ...}
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)  # resolved: n_epochs, batch_size, learning_rate_multiplier
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)  # queued|running|succeeded|failed|cancelled
+    owner: Mapped[str] = mapped_column(String(200), default="")  # host:pid of the server process that runs it
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(300), nullable=True, index=True)
+    run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    estimated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # tokens of one epoch of the training data
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    held: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"code", "message", "param"}
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the training summary
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class FineTuneEvent(Base):
+    """What a fine-tuning job reports as it goes (OpenAI's job events): messages and per-step metrics."""
+
+    __tablename__ = "fine_tuning_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    type: Mapped[str] = mapped_column(String(10), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class ConsoleSession(Base):
+    """A browser's sign-in to the console. Only the SHA-256 of the cookie's token is stored; ``csrf`` is sent back
+    with every form and every state-changing call. A session made from an API key ends when the key does."""
+
+    __tablename__ = "console_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie's token
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id"), nullable=True, index=True)  # None: operator
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

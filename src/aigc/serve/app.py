@@ -87,7 +87,9 @@ class RequestContext:
 
 
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
-    from aigc.serve.routes import admin, chat, completions, embeddings, governance, health, images, media, models, usage
+    from aigc.serve import console
+    from aigc.serve.routes import (admin, chat, completions, embeddings, files, fine_tuning, governance, health, images, media, models,
+                                   usage)
 
     service = Service.build(settings, registry)
 
@@ -96,6 +98,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
         bind = service.sessions.kw["bind"]
         log.info("server starting", extra={"models": list(registry.entries), "database": bind.url.render_as_string(hide_password=True)})
         service.jobs.recover()
+        service.fine_tunes.recover()
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
         service.close()
@@ -108,7 +111,8 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(Exception, errors.unhandled_handler)
-    for module in (models, completions, chat, embeddings, images, media, usage, admin, governance, health):
+    for module in (models, completions, chat, embeddings, images, media, files, fine_tuning, usage, admin, governance, health):
         app.include_router(module.router)
+    console.mount(app)
     app.add_middleware(RequestContext, service_getter=lambda: service)
     return app

@@ -5,8 +5,10 @@ generate), ``p: Operator`` (the operator token), ``p: role(("admin",), "manage k
 ``PrincipalDep`` alone admits any valid key or the operator token."""
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -15,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from aigc.db import crud
 from aigc.db.crud import Principal
-from aigc.db.models import utcnow
+from aigc.db.models import Organization, User, utcnow
 from aigc.serve.errors import ApiError
 from aigc.serve.registry import ModelEntry
 from aigc.serve.service import Service
@@ -38,8 +40,65 @@ def _lookup(service: Service, secret: str) -> Principal | None:
         return crud.lookup_key(s, secret)
 
 
+SESSION_COOKIE = "aigc_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+@dataclass
+class ConsoleUser:
+    """A signed-in browser: who it acts as, and the CSRF token its forms and calls must send back."""
+
+    principal: Principal
+    csrf: str
+    who: str  # shown in the console's header
+
+
+def _console_user(service: Service, token: str) -> ConsoleUser | None:
+    idle = dt.timedelta(minutes=service.settings.console_idle_minutes)
+    with service.sessions.begin() as s:
+        row = crud.console_session(s, token, idle)
+        if row is None:
+            return None
+        if row.org_id is None:
+            return ConsoleUser(OPERATOR, row.csrf, "operator")
+        if row.key_id is not None:
+            p = crud.key_principal(s, row.key_id)
+            if p is None or p.revoked or (p.expires_at is not None and p.expires_at <= utcnow()):
+                s.delete(row)  # a session made from a key ends with the key
+                return None
+            return ConsoleUser(p, row.csrf, f"{p.key_prefix}… ({p.org_name})")
+        user = s.get(User, row.user_id)
+        return ConsoleUser(crud.user_principal(s, user), row.csrf, f"{user.email} ({s.get(Organization, user.org_id).name})")
+
+
+async def console_user(request: Request, service: Service) -> ConsoleUser | None:
+    """The browser session of the request's cookie, or None (checked once per request)."""
+    if "console_user" in request.state._state:
+        return request.state.console_user
+    token = request.cookies.get(SESSION_COOKIE, "")
+    cu = await anyio.to_thread.run_sync(_console_user, service, token) if 16 <= len(token) <= 128 else None
+    request.state.console_user = cu
+    return cu
+
+
 async def get_principal(request: Request, service: ServiceDep,
                         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    if (cred is None or not cred.credentials) and SESSION_COOKIE in request.cookies:
+        # The console calls this API from the browser with its session cookie; every call that changes something
+        # carries the session's CSRF token in a header (a page of another site can neither read it nor set it).
+        cu = await console_user(request, service)
+        if cu is None:
+            raise ApiError(401, "the console session has expired: sign in again", code="session_expired")
+        if request.method not in SAFE_METHODS and not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(),
+                                                                           cu.csrf.encode()):
+            raise ApiError(403, "missing or wrong CSRF token", code="csrf_failed")
+        p = cu.principal
+        request.state.key_prefix = p.key_prefix
+        if not p.operator:
+            request.state.org_id = p.org_id
+        crud.ACTOR.set("operator" if p.operator else f"key:{p.key_prefix}" if p.key_id else f"console:{cu.who.split(' ')[0]}")
+        return p
     if cred is None or not cred.credentials:
         raise ApiError(401, "missing API key: send it as 'Authorization: Bearer sk-aigc-...'", code="missing_api_key")
     secret = cred.credentials
@@ -113,10 +172,9 @@ Operator = Annotated[Principal, Depends(_operator)]
 
 
 def model_for(service: Service, p: Principal, model_id: str, kinds: tuple[str, ...]) -> ModelEntry:
-    try:
-        entry = service.registry.get(model_id)
-    except KeyError:
-        raise ApiError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model") from None
+    entry = service.registry.entries.get(model_id)
+    if entry is None or not entry.visible_to(None if p.operator else p.org_id):
+        raise ApiError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
     if p.allowed_models is not None and model_id not in p.allowed_models:
         raise ApiError(403, f"this API key may not use the model {model_id!r}", code="model_not_allowed", param="model")
     if entry.kind not in kinds:

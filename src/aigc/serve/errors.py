@@ -53,7 +53,7 @@ async def validation_handler(_: Request, exc: RequestValidationError) -> JSONRes
 
 # OpenAI endpoints this server does not implement (yet): a client that calls one hears so, by name
 OPENAI_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech",
-                    "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/batches", "/v1/assistants", "/v1/threads",
+                    "/v1/uploads", "/v1/batches", "/v1/assistants", "/v1/threads",
                     "/v1/vector_stores", "/v1/responses", "/v1/realtime", "/v1/images/edits", "/v1/images/variations",
                     "/v1/evals", "/v1/containers", "/v1/conversations")
 

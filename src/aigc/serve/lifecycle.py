@@ -93,7 +93,7 @@ class Generation:
     def limit(self, tokens: int = 0) -> dict:
         """Take one request and ``tokens`` from the key's per-minute allowance; the response's rate-limit headers."""
         p = self.principal
-        decision = self.service.limiter.take(p.key_id, p.rpm, p.tpm, tokens)
+        decision = self.service.limiter.take(p.limit_key, p.rpm, p.tpm, tokens)
         if not decision.allowed:
             self.service.metrics.refused.labels("rate_limit").inc()
             raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
@@ -107,7 +107,7 @@ class Generation:
         try:
             self._hold = await self.service.billing.reserve(self.principal, self.entry.id, self.entry.version, estimate)
         except ApiError:
-            self.service.limiter.refund(self.principal.key_id, self.budget)
+            self.service.limiter.refund(self.principal.limit_key, self.budget)
             self.service.metrics.refused.labels("payment_required").inc()
             raise
         return self._hold
@@ -185,7 +185,7 @@ class Generation:
     def _refund(self, units: Units) -> None:
         unused = self.budget - units.input_tokens - units.output_tokens
         if self.budget and unused > 0:
-            self.service.limiter.refund(self.principal.key_id, unused)
+            self.service.limiter.refund(self.principal.limit_key, unused)
 
     def _writer(self, records: list[GenRecord], also):
         write = self.service.governance.writer(records, actor(self.principal)) if records else None

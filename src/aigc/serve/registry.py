@@ -50,6 +50,11 @@ class ModelEntry:
     owned_by: str = "aigc"
     info: dict = field(default_factory=dict)
     device: str = "cpu"  # where it computes once loaded (resolved: cpu, cuda:N, mps)
+    org_id: int | None = None  # a tenant's own model (a fine-tuning job's result): only its keys see it; None: every tenant
+
+    def visible_to(self, org_id: int | None) -> bool:
+        """Whether a tenant (None: the operator) may see this model."""
+        return self.org_id is None or org_id is None or self.org_id == org_id
 
 
 def loaded_size(run: Path, files_bytes: int) -> int:
@@ -129,6 +134,16 @@ class Registry:
         if not [e for e in entries if e.kind != EMBEDDING]:
             raise UserError("nothing to serve: pass run directories, --models-dir or --echo-model")
         return cls(entries, **kw)
+
+    def add(self, entry: ModelEntry) -> ModelEntry:
+        """Serve one more model (a fine-tuning job's result), on the server's device; the same id twice is refused."""
+        entry.device = str(self.device)
+        entry.info = {**entry.info, "device": entry.device}
+        with self.lock:
+            if entry.id in self.entries:
+                raise UserError(f"a model with the id {entry.id!r} is already served")
+            self.entries = {**self.entries, entry.id: entry}  # a new dict: readers iterating the old one are not disturbed
+        return entry
 
     def get(self, model_id: str) -> ModelEntry:
         entry = self.entries.get(model_id)

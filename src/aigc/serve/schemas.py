@@ -135,6 +135,7 @@ class UsageRow(Out):
     output_tokens: int
     images: int
     seconds: float
+    train_tokens: int = 0
     list_price: float
     revenue: float
     compute_s: float
@@ -168,6 +169,7 @@ class PriceOut(Out):
     output_per_1k: float
     per_image: float
     per_second: float
+    per_1k_train_tokens: float = 0.0
 
 
 class OrgOut(Out):
@@ -303,3 +305,67 @@ class Ready(Out):
     models: int | None = None
     loaded: list[str] | None = None
     database: str | None = None
+
+
+# ---------------------------------------------------------------- files and fine-tuning (OpenAI's shapes)
+
+class FileOut(Out):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    kind: str = Field(description="chat or preference: what the file's records are")
+    preparation: dict = Field(description="The data preparation's report: records read and kept, drop reasons with examples, PII counts.")
+
+
+class Page(ListOf[T], Generic[T]):
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(Out):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class FineTuneJobOut(Out):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    error: dict | None
+    fine_tuned_model: str | None
+    hyperparameters: dict
+    model: str
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    method: dict
+    suffix: str | None
+    estimated_tokens: int = Field(description="Tokens of one epoch of the training data (the hold is this times the epochs).")
+
+
+class FineTuneEventOut(Out):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict
+    type: str
+
+
+class CheckpointOut(Out):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict

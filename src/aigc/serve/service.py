@@ -19,6 +19,7 @@ from aigc.errors import Conflict, NotFound, UserError
 from aigc.serve.billing import Billing
 from aigc.serve.errors import ApiError
 from aigc.serve.governance import Governance
+from aigc.serve.finetune import FineTuner
 from aigc.serve.jobs import JobRunner
 from aigc.serve.metrics import Metrics
 from aigc.serve.ratelimit import RateLimiter
@@ -39,6 +40,7 @@ class Service:
     url_secret: bytes  # the HMAC key of signed file URLs
     governance: Governance
     jobs: object = None  # serve.jobs.JobRunner: music and video jobs
+    fine_tunes: object = None  # serve.finetune.FineTuner: fine-tuning jobs
     key_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready: bool = True
@@ -51,6 +53,7 @@ class Service:
         service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status), RateLimiter(), Metrics(registry),
                       url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)
+        service.fine_tunes = FineTuner(service, settings.fine_tune_workers)
         return service
 
     def base_url(self, request) -> str:
@@ -79,6 +82,7 @@ class Service:
         """After uvicorn has let in-flight requests finish: finish the jobs, unload the models, close the pool."""
         self.ready = False
         self.jobs.close()  # running jobs finish and settle; queued ones too
+        self.fine_tunes.close()  # training stops at the next step; the jobs settle as cancelled
         self.registry.close()
         self.sessions.kw["bind"].dispose()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -331,7 +332,10 @@ def train(cfg: TextTrainConfig, run_dir: str | Path, resume: bool = False,
         state["start"] = {k: round(v, 6) for k, v in evaluate().items()}
     model.train()
     step = state["step"]
-    budget = common.Budget(loop.max_steps, loop.max_seconds)
+    max_steps = loop.max_steps
+    if loop.epochs:  # passes over the training rows, capped by train.max_steps
+        max_steps = min(max_steps, max(1, math.ceil(loop.epochs * len(train_rows) / (loop.batch_size * loop.grad_accum))))
+    budget = common.Budget(max_steps, loop.max_seconds)
     t_start = time.perf_counter() - state["elapsed"]
     t_last, tokens_since = time.perf_counter(), 0
     with common.StopSignals() as signals:

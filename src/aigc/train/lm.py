@@ -102,6 +102,9 @@ class LoopConfig:
     warmup_steps: int = 100
     max_steps: int = 2000
     max_seconds: float = 0.0  # wall-clock budget; 0 = none. With one, the LR schedule runs on time and ends with it.
+    # sft and dpo: > 0 trains this many passes over the training rows (max_steps follows from the rows once they are
+    # encoded, and is the cap when smaller); 0: max_steps alone
+    epochs: float = 0.0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -128,8 +131,8 @@ class LoopConfig:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
-        if self.warmup_steps < 0 or self.max_seconds < 0 or self.patience < 0:
-            raise UserError("train.warmup_steps, train.max_seconds and train.patience must be >= 0")
+        if self.warmup_steps < 0 or self.max_seconds < 0 or self.patience < 0 or self.epochs < 0:
+            raise UserError("train.warmup_steps, train.max_seconds, train.patience and train.epochs must be >= 0")
         devices.check(self.device, "train.device")
 
 
@@ -154,6 +157,8 @@ class TextTrainConfig:
         if self.task != "pretrain" and not self.init.path:
             raise UserError(f"task {self.task} fine-tunes a pretrained model: set init.path (smollm2, a Hugging Face folder, "
                             "a .gguf file or a run directory)")
+        if self.task == "pretrain" and self.train.epochs:
+            raise UserError("train.epochs is for task sft or dpo (pretraining samples windows: use train.max_steps)")
         if self.task != "pretrain" and self.adversarial.enabled:
             raise UserError("adversarial training is for task pretrain only")
         if self.train.fsdp and self.adversarial.enabled:

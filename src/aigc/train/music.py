@@ -58,6 +58,10 @@ class MusicTrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
+    def validate(self) -> None:
+        if self.train.epochs:
+            raise UserError("train.epochs is for text sft and dpo runs (music samples windows: use train.max_steps)")
+
 
 HEADER = 4  # <bos> Key TimeSig Tempo: the tokens every piece starts with
 

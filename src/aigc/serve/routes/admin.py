@@ -47,6 +47,7 @@ class PriceIn(BaseModel):
     output_per_1k: float = Money
     per_image: float = Money
     per_second: float = Money
+    per_1k_train_tokens: float = Money
 
 
 class OrgIn(BaseModel):
