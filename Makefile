@@ -69,6 +69,9 @@ demo: $(STAMP)
 	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --per-second 0.0005 --db $(DEMO_DB)
 	$(BIN)/aigc admin org create demo --plan starter --db $(DEMO_DB)
 	$(BIN)/aigc admin user create demo dev@demo.example --role developer --db $(DEMO_DB)
+	# The console's sign-in: the tenant admin's key (printed below), or admin@demo.example with this password.
+	$(BIN)/aigc admin user create demo admin@demo.example --role admin --db $(DEMO_DB)
+	echo "demo-console-password" | $(BIN)/aigc admin user password demo admin@demo.example --password-stdin --db $(DEMO_DB)
 	$(BIN)/aigc audit verify --db $(DEMO_DB)
 	@KEY=$$($(BIN)/aigc admin key create demo dev@demo.example --json --db $(DEMO_DB) | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)['api_key'])"); \
 	echo ""; echo "API key (shown once): $$KEY"; echo "Try, in another terminal:"; \
@@ -79,7 +82,12 @@ demo: $(STAMP)
 	echo "  curl -s localhost:8000/v1/videos/generations -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"model\": \"image\", \"music_model\": \"music\", \"prompt\": \"a red circle; then a blue square\", \"seconds\": 4}'"; \
 	echo "  curl -s localhost:8000/v1/provenance/verify -H 'Authorization: Bearer '$$KEY -H 'Content-Type: application/json' -d '{\"file\": \"'\$$(base64 -w0 $(DEMO)/image/generated/000001.png)'\"}'"; \
 	echo "  curl -s localhost:8000/v1/complaints -H 'Content-Type: application/json' -d '{\"reason\": \"not mine\", \"content\": \"some text\"}'"; \
-	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; echo "Stop the server with Ctrl-C."; echo ""
+	echo "  curl -s localhost:8000/v1/usage -H 'Authorization: Bearer '$$KEY"; \
+	ADMIN=$$($(BIN)/aigc admin key create demo admin@demo.example --name console --json --db $(DEMO_DB) | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)['api_key'])"); \
+	echo ""; echo "Console: http://localhost:8000/console"; \
+	echo "  sign in with the tenant admin's key: $$ADMIN"; \
+	echo "  (or e-mail admin@demo.example, password demo-console-password)"; \
+	echo "Stop the server with Ctrl-C."; echo ""
 	$(BIN)/aigc serve $(DEMO)/text $(DEMO)/sft $(DEMO)/image $(DEMO)/music --db $(DEMO_DB) --port 8000
 
 test: $(STAMP)

@@ -1167,6 +1167,17 @@ def user_create(org: str, email: str, role: Annotated[str, typer.Option(help="ad
     _show(_db_do(db, lambda s: crud.user_out(crud.create_user(s, crud.get_org(s, org).id, email, role))), as_json, "user")
 
 
+@user_app.command("password")
+def user_password(org: str, email: str, db: DbOpt = None, as_json: JsonOpt = False,
+                  password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")] = False):
+    """Set a user's console password (hashed with scrypt; asked twice unless --password-stdin)."""
+    from aigc.db import crud
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt("Password", hide_input=True,
+                                                                                       confirmation_prompt=True)
+    _show(_db_do(db, lambda s: crud.user_out(crud.set_password(s, crud.get_org(s, org).id, email, password))), as_json, "user")
+
+
 @user_app.command("list")
 def user_list(org: str, db: DbOpt = None, as_json: JsonOpt = False):
     from aigc.db import crud

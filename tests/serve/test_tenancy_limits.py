@@ -194,3 +194,15 @@ def test_admin_and_usage_cli(tmp_path):
     assert json.loads(ok("usage", "report", "--by", "tenant,day", "--json")) == []
     bad = run(app, ["admin", "org", "create", "acme", "--db", db])
     assert bad.exit_code != 0 and isinstance(bad.exception, Exception) and "already exists" in str(bad.exception)
+    # a console password, hashed with scrypt (too short: refused by name)
+    res = run(app, ["admin", "user", "password", "acme", "dev@acme.example", "--password-stdin", "--db", db], input="short\n")
+    assert res.exit_code != 0 and "at least 10 characters" in str(res.exception) + res.output
+    res = run(app, ["admin", "user", "password", "acme", "dev@acme.example", "--password-stdin", "--db", db], input="a long passphrase\n")
+    assert res.exit_code == 0, res.output
+    from aigc.db import crud
+    from aigc.db.session import open_db
+
+    with open_db(db)() as s:
+        stored = crud.users_by_email(s, "dev@acme.example")[0][0].password_hash
+    assert stored.startswith("scrypt$") and "a long passphrase" not in stored
+    assert crud.password_matches("a long passphrase", stored) and not crud.password_matches("a long passphrasE", stored)

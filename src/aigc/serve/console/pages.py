@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 
 from aigc.db import audit as audit_log
 from aigc.db import crud
-from aigc.db.models import ROLES, ApiKey, File, FineTuneJob, Organization, UsageRecord, User
+from aigc.db.models import ROLES, ApiKey, File, FineTuneJob, Generation, Organization, UsageRecord, User
 from aigc.govern import records
 from aigc.serve.console.i18n import LANGS, pick, t
 from aigc.serve.deps import (ANY_ROLE, GENERATE, READ_USAGE, SESSION_COOKIE, ConsoleUser, ServiceDep, console_user)
@@ -254,20 +254,18 @@ async def render_template(name: str, request: Request, cu: User_):
         return Response(json.dumps({"error": str(exc)}), status_code=400, media_type="application/json")
 
 
-def _request_info(s, request_id: str, org_id: int | None, paths: dict, keyring) -> dict | None:
+def _request_info(s, request_id: str, org_id: int | None) -> dict | None:
     q = s.query(UsageRecord).filter(UsageRecord.request_id == request_id)
     if org_id is not None:
         q = q.filter(UsageRecord.org_id == org_id)
     rec = q.first()
     if rec is None:
         return None
-    gens = []
-    for i in range(64):
-        try:
-            e = records.explain(s, f"{request_id}-{i}", org_id, paths, keyring, False)
-        except crud.NotFound:
-            break
-        gens.append({"id": e["id"], "status": e["status"], "watermark": e["watermark"], "filters": e["filters"]})
+    q = s.query(Generation).filter((Generation.request_id == request_id) | (Generation.id == request_id))
+    if org_id is not None:
+        q = q.filter(Generation.org_id == org_id)
+    gens = [{"id": g.id, "status": g.status, "watermark": g.watermark, "filters": g.filters or []}
+            for g in q.order_by(Generation.id).limit(64).all()]
     return {"request_id": request_id, "price": rec.charged / 1e6, "compute_cost": rec.cost / 1e6, "compute_s": rec.compute_s,
             "status": rec.status, "generations": gens}
 
@@ -276,8 +274,7 @@ def _request_info(s, request_id: str, org_id: int | None, paths: dict, keyring) 
 async def request_info(request_id: str, service: ServiceDep, cu: User_):
     """What a playground result shows under it: price, compute cost, its generations with watermark and filters."""
     p = cu.principal
-    paths = {e.id: e.path for e in service.registry.entries.values() if e.path is not None}
-    info = await _db(service, _request_info, request_id[:80], None if p.operator else p.org_id, paths, service.governance.keyring)
+    info = await _db(service, _request_info, request_id[:80], None if p.operator else p.org_id)
     if info is None:
         return Response(json.dumps({"error": "no such request"}), status_code=404, media_type="application/json")
     return info

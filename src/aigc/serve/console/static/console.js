@@ -42,14 +42,14 @@ function numbers(obj, keys) {
 
 // ---------------------------------------------------------------- result card: price, cost, generation, watermark, C2PA
 
-async function showInfo(el, requestId, extra = {}) {
+async function showInfo(el, requestId) {
   const L = I18N();
   try {
     const {data} = await api(`/console/api/requests/${encodeURIComponent(requestId)}`);
     const gens = data.generations.map(g => {
       const wm = g.watermark ? (g.watermark.method || g.watermark.scheme || "yes") : "—";
       return `<li><a href="/console/generations/${esc(g.id)}" class="gen-link">${esc(g.id)}</a>
-        · ${esc(L.watermark)}: <b>${esc(wm)}</b> · ${esc(L.c2pa)}: <b>${esc(extra.c2pa || (g.filters || []).find(f => f.startsWith("c2pa")) || "—")}</b>
+        · ${esc(L.watermark)}: <b>${esc(wm)}</b> · ${esc(L.c2pa)}: <b class="c2pa">${(g.filters || []).includes("c2pa") ? "signed" : "—"}</b>
         · <a href="/console/generations/${esc(g.id)}">${esc(L.explanation)}</a></li>`;
     }).join("");
     el.innerHTML = `<dl class="facts"><dt>${esc(L.price)}</dt><dd class="price">$${data.price.toFixed(6)}</dd>
@@ -180,7 +180,7 @@ function initPlayground() {
     try {
       const {data, headers} = await api("/v1/images/generations", {method: "POST", json: v});
       out.innerHTML = data.data.map(d => `<figure><img src="${esc(d.url)}" alt="${esc(d.revised_prompt || v.prompt)}"><figcaption>${esc(d.revised_prompt || "")}</figcaption></figure>`).join("");
-      await showInfo(info, headers.get("x-request-id"), {c2pa: "signed"});
+      await showInfo(info, headers.get("x-request-id"));
     } catch (e) { showError(info, e); }
   });
 
@@ -204,7 +204,7 @@ function initPlayground() {
         const media = files.find(f => f.mime.startsWith(kind === "music" ? "audio/" : "video/"));
         out.innerHTML = kind === "music" ? `<audio controls src="${esc(media.url)}"></audio>` : `<video controls src="${esc(media.url)}"></video>`;
         out.insertAdjacentHTML("beforeend", `<ul class="files">${files.map(f => `<li><a href="${esc(f.url)}">${esc(f.name)}</a> (${f.bytes} B)</li>`).join("")}</ul>`);
-        await showInfo(info, job.id, {c2pa: kind === "video" ? "signed" : "—"});
+        await showInfo(info, job.id);
       } catch (e) { showError(info, e); }
     });
   }
