@@ -215,17 +215,26 @@ def test_upload_train_watch_the_loss_and_use_the_new_model(site):
     page.wait_for_selector("#files-table code")  # the page reloads with the file listed
     shot(page, "06-training")
     page.select_option("#job-form select[name=model]", "rand")
-    page.fill("#job-form input[name=n_epochs]", "3")
+    page.fill("#job-form input[name=n_epochs]", "4")
+    page.fill("#job-form input[name=batch_size]", "1")  # 160 steps: long enough to watch
     page.fill("#job-form input[name=suffix]", "spell")
     page.click("#job-form button[type=submit]")
     page.wait_for_function("location.pathname.includes('/training/ftjob-') || document.querySelector('#job-result .alert')")
     page.wait_for_load_state()
     assert "/console/training/ftjob-" in page.url, page.locator("#job-result").inner_text()
+    job_url = page.url
     # the chart fills from the job's server-sent events while it trains
     page.wait_for_function("document.querySelector('#last-step').textContent.trim() !== '—'", timeout=180_000)
     assert page.locator("#loss-chart canvas").count() >= 1
     shot(page, "07-job-running")
-    page.wait_for_selector("#open-playground", timeout=240_000)  # succeeded: the page reloads with the result
+    # the jobs table refreshes itself (htmx) while a job is unfinished, without reloading the page
+    page.goto(site.url + "/console/training")
+    assert page.locator("#jobs-rows[hx-get]").count() == 1 and "running" in page.locator("#jobs-rows").inner_text()
+    page.evaluate("window.__same_page = true")
+    page.wait_for_function("document.querySelector('#jobs-rows').innerText.includes('succeeded')", timeout=240_000)
+    assert page.evaluate("window.__same_page === true")
+    page.goto(job_url)
+    page.wait_for_selector("#open-playground", timeout=240_000)
     assert page.locator("#job-status").inner_text() == "succeeded"
     model = page.locator("#result-model a").inner_text()
     assert model.startswith("ft:rand:") and ":spell:" in model

@@ -365,6 +365,14 @@ async def training_page(request: Request, service: ServiceDep, cu: User_):
     return render(request, cu, "training.html", files=files, jobs=jobs, bases=bases, can_train=cu.principal.role in GENERATE)
 
 
+@router.get("/console/training/jobs")
+async def jobs_fragment(request: Request, service: ServiceDep, cu: User_):
+    """The jobs table's rows (htmx polls it while a job is unfinished)."""
+    page(cu, "training")
+    _, jobs = await _db(service, _training, cu.principal.org_id)
+    return render(request, cu, "_jobs.html", jobs=jobs)
+
+
 @router.get("/console/training/{job_id}")
 async def job_page(job_id: str, request: Request, service: ServiceDep, cu: User_):
     page(cu, "training")
