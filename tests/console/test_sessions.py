@@ -48,7 +48,11 @@ def test_password_sign_in_idle_expiry_and_sign_out(tmp_path):
         r = c.get("/console/keys")
         assert r.status_code == 303 and "expired=1" in r.headers["location"]
         assert c.get("/v1/models").json()["error"]["code"] == "session_expired"
-        sign_in(c, email="admin@acme.example", password=PASSWORD)
+        old = sign_in(c, email="admin@acme.example", password=PASSWORD)
+        time.sleep(1.5)
+        sign_in(c, email="admin@acme.example", password=PASSWORD)  # signing in forgets the sessions idle too long
+        with db(c.app.state.service.settings)() as s:
+            assert s.query(crud.ConsoleSession).count() == 1 and old.status_code == 303
         assert c.post("/console/logout", data={"csrf": "nope"}).status_code == 403  # a forged form
         csrf = c.get("/console/keys").text.split('name="csrf-token" content="')[1].split('"')[0]
         assert c.post("/console/logout", data={"csrf": csrf}).status_code == 303

@@ -46,7 +46,7 @@ def test_langchain_invoke_stream_batch(server, acme):
 
 
 def test_langchain_structured_output(server, acme, close_bias):
-    got = chat(server, acme[1], temperature=1.0, seed=1).with_structured_output(Product, method="json_schema").invoke("A product")
+    got = chat(server, acme[1], temperature=1.0, seed=1, logit_bias=close_bias).with_structured_output(Product, method="json_schema").invoke("A product")
     assert isinstance(got, Product) and len(got.title) <= 4
     parsed = chat(server, acme[1], temperature=1.0, seed=2, logit_bias=close_bias).with_structured_output(
         None, method="json_mode").invoke("A product, as JSON")

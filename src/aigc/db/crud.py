@@ -708,6 +708,11 @@ def console_session(s: Session, token: str, idle: dt.timedelta) -> ConsoleSessio
     return row
 
 
+def purge_console_sessions(s: Session, idle: dt.timedelta) -> int:
+    """Forget the sessions idle longer than ``idle`` (run at each sign-in, so the table stays the size of its users)."""
+    return s.query(ConsoleSession).filter(ConsoleSession.last_seen < utcnow() - idle).delete(synchronize_session=False)
+
+
 def end_console_session(s: Session, token: str) -> None:
     row = s.get(ConsoleSession, hash_key(token))
     if row is not None:

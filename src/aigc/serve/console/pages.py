@@ -159,6 +159,7 @@ def _authenticate(service: Service, secret: str, email: str, password: str) -> t
     """(cookie token, CSRF token) of a new session, or None when nothing matched."""
     token = service.settings.admin_token
     with service.sessions.begin() as s:
+        crud.purge_console_sessions(s, dt.timedelta(minutes=service.settings.console_idle_minutes))
         if secret:
             if token and hmac.compare_digest(secret.encode(), token.encode()):
                 return crud.create_console_session(s, None, None, None, "operator")
@@ -234,7 +235,8 @@ async def playground(request: Request, service: ServiceDep, cu: User_, model: st
                                     "description": v.description, "type": v.type} for v in tpl.variables.values()]})
     by_kind = {k: [e.id for e in _models(service, cu, (k,))] for k in ("text", "echo", "image", "music")}
     return render(request, cu, "playground.html", text_models=by_kind["text"] + by_kind["echo"], image_models=by_kind["image"],
-                  music_models=by_kind["music"], chosen=model, templates_json=json.dumps(tpls, ensure_ascii=False))
+                  music_models=by_kind["music"], chosen=model,
+                  templates_json=json.dumps(tpls, ensure_ascii=False).replace("<", "\\u003c"))  # inside <script>: no "</script>"
 
 
 @router.get("/console/api/templates/{name}/render")
@@ -380,8 +382,7 @@ async def job_page(job_id: str, request: Request, service: ServiceDep, cu: User_
         job = await _db(service, crud.get_fine_tune, job_id[:64], cu.principal.org_id)
     except crud.NotFound:
         raise PageError(404, "not_found") from None
-    events = await _db(service, crud.list_events, job.id, 200, None)
-    return render(request, cu, "job.html", job=job, events=events, can_train=cu.principal.role in GENERATE)
+    return render(request, cu, "job.html", job=job, can_train=cu.principal.role in GENERATE)  # events arrive by SSE
 
 
 def _job_updates(service: Service, job_id: str, org_id: int, after: int) -> tuple[str, bool, list]:
