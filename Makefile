@@ -66,7 +66,7 @@ demo: $(STAMP)
 	$(BIN)/aigc eval moderation
 	# Serving: a fresh SQLite database with a plan, a price book, a tenant, a developer and an API key.
 	$(BIN)/aigc admin plan create starter --kind payg --db $(DEMO_DB)
-	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --per-second 0.0005 --db $(DEMO_DB)
+	$(BIN)/aigc admin price set '*' --input-per-1k 0.001 --output-per-1k 0.002 --per-image 0.01 --per-second 0.0005 --per-1k-train-tokens 0.004 --db $(DEMO_DB)
 	$(BIN)/aigc admin org create demo --plan starter --db $(DEMO_DB)
 	$(BIN)/aigc admin user create demo dev@demo.example --role developer --db $(DEMO_DB)
 	# The console's sign-in: the tenant admin's key (printed below), or admin@demo.example with this password.

