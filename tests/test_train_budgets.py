@@ -75,7 +75,11 @@ def test_time_budget_stops_within_a_step_and_ends_the_schedule(tmp_path, loop):
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == len(records)  # a bar over it never jumps back
     if kind != "dcgan":  # the GAN keeps a constant rate; the others decay on time to their floor at the budget
         lr, floor = cfg.train.lr, cfg.train.min_lr
-        assert records[-1]["lr"] - floor < 0.05 * (lr - floor) < records[len(records) // 2]["lr"] - floor
+        # the last step's rate is the schedule's at its start: near the floor, by as much as the step took (on a busy
+        # machine a step is a larger share of 1.5 s; cosine leaves (pi*e)^2/4 of the range with e of the budget left)
+        left = max(0.0, 1.5 - records[-2]["time_s"]) / 1.5
+        assert records[-1]["lr"] - floor < max(0.05, 4 * left ** 2 + 0.01) * (lr - floor)
+        assert records[-1]["lr"] < records[len(records) // 2]["lr"] and 0.05 * (lr - floor) < records[len(records) // 2]["lr"] - floor
         assert sum("val_loss" in r for r in records) >= 2  # a curve, not one dot, although the interval was never reached
 
 
