@@ -288,3 +288,31 @@ def test_the_api_fine_tunes_a_served_smollm2_sft_run(tmp_path, products_chat):
             assert s.get(crud.Organization, org_id).reserved == 0
     finally:
         live.stop()
+
+
+def test_a_dpo_job_with_a_validation_file(ft_server):
+    """Preference pairs train by DPO; a validation file of its own is used as the job's held-out split."""
+    _, key = org_tenant(ft_server)
+    c = client(ft_server, key)
+
+    def pairs(n, seed):
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            w = "".join(rng.choice(string.ascii_lowercase) for _ in range(8))
+            out.append({"prompt": f"Reverse {w}.", "chosen": w[::-1], "rejected": w})
+        return out
+    train = c.files.create(file=("pairs.jsonl", jsonl(pairs(24, 5))), purpose="fine-tune")
+    val = c.files.create(file=("pairs-val.jsonl", jsonl(pairs(8, 6))), purpose="fine-tune")
+    assert train.model_extra["kind"] == "preference"
+    with pytest.raises(openai.BadRequestError, match="beta"):  # beta is DPO's, not SFT's
+        c.fine_tuning.jobs.create(model="rand", training_file=train.id, hyperparameters={"beta": 0.2})
+    job = c.fine_tuning.jobs.create(model="rand", training_file=train.id, validation_file=val.id, suffix="pref",
+                                    method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1,
+                                                                                        "batch_size": 4}}})
+    assert job.method.type == "dpo" and job.hyperparameters.beta == 0.2
+    done = finished(c, job.id)
+    assert done.status == "succeeded", done.error
+    metrics = [e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert len(metrics) == 6 and any("valid_loss" in m for m in metrics)  # 24 pairs, batches of 4, one epoch
+    assert done.fine_tuned_model in [m.id for m in c.models.list()]
