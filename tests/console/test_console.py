@@ -340,6 +340,23 @@ def test_reviewer_takes_down_a_complained_of_image(site):
     assert httpx.get(url).status_code == 404
     page.goto(site.url + "/console/review?status=taken_down")
     assert "confirmed trademark use" in page.locator(".complaint").first.inner_text()
+    # an output moderation flagged (the built-in policy flags violent language) is listed, and goes into the queue
+    r = httpx.post(site.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "rand", "prompt": "how to stab a melon", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    flagged_id = site.flagged_id = r.headers["x-request-id"] + "-0"
+    page.goto(site.url + "/console/review?status=flagged")
+    row = page.locator("#flagged-table tr", has_text=flagged_id)
+    assert "input: flag (violence)" in row.inner_text()
+    shot(page, "14b-review-flagged")
+    row.locator("[data-review-generation]").click()
+    page.wait_for_url(re.compile(r"status=open"))
+    card = page.locator(".complaint", has_text="flagged by moderation")
+    assert flagged_id in card.inner_text()
+    card.locator("[data-action=dismiss]").click()
+    page.wait_for_function("!document.body.innerText.includes('flagged by moderation')")
+    page.goto(site.url + "/console/review?status=flagged")
+    assert "in the queue" in page.locator("#flagged-table tr", has_text=flagged_id).inner_text()
     page.context.close()
 
 
@@ -366,6 +383,8 @@ def test_a_tenant_sees_nothing_of_another(site):
     assert page.locator("#total-requests").inner_text() == "0"
     page.goto(site.url + "/console/review")
     assert "trademark" not in page.locator("main").inner_text()
+    page.goto(site.url + "/console/review?status=flagged")
+    assert getattr(site, "flagged_id", "req_") not in page.locator("main").inner_text()
     page.context.close()
 
 

@@ -47,7 +47,10 @@ EN = {
     "no_rows": "Nothing yet.", "signed_in_as": "Signed in as", "tenants": "Tenants",
     "working": "Working…", "done": "Done", "error": "Error", "interpolate": "Interpolate to", "n_images": "Images",
     "stream_note": "Answers stream in as they are generated.", "preview": "Preview",
-    "api_docs": "API reference", "no_models": "No model of this kind is served here yet.", "scenes": "Scenes (interpolated between)",
+    "api_docs": "API reference", "st_open": "Open", "st_flagged": "Flagged by moderation", "st_taken_down": "Taken down",
+    "st_dismissed": "Dismissed", "st_key_revoked": "Key revoked", "st_all": "All",
+    "flagged_help": "Outputs that moderation flagged, redacted or blocked. Put one in the queue to decide on it.",
+    "to_queue": "Put in the queue", "in_queue": "in the queue", "no_models": "No model of this kind is served here yet.", "scenes": "Scenes (interpolated between)",
     "csrf_failed": "This form was not sent from the console (its CSRF token is missing or wrong): reload the page.",
 }
 
@@ -93,7 +96,10 @@ ZH = {
     "no_rows": "暂无数据。", "signed_in_as": "当前用户", "tenants": "租户",
     "working": "处理中…", "done": "完成", "error": "错误", "interpolate": "插值到", "n_images": "图像数",
     "stream_note": "回答会边生成边显示。", "preview": "预览",
-    "api_docs": "API 文档", "no_models": "这里还没有这类模型。", "scenes": "场景数（场景之间插值）",
+    "api_docs": "API 文档", "st_open": "待处理", "st_flagged": "审核标记", "st_taken_down": "已下架",
+    "st_dismissed": "已驳回", "st_key_revoked": "已吊销密钥", "st_all": "全部",
+    "flagged_help": "被内容审核标记、打码或拦截的输出。放入队列后即可处理。",
+    "to_queue": "放入队列", "in_queue": "已在队列中", "no_models": "这里还没有这类模型。", "scenes": "场景数（场景之间插值）",
     "csrf_failed": "此表单不是从控制台提交的（CSRF 令牌缺失或错误），请刷新页面。",
 }
 

@@ -558,13 +558,42 @@ def _queue(s, org_id: int | None, status: str | None):
     return out[::-1]
 
 
+def flagged(g: Generation) -> list[str]:
+    """Why a generation needs a reviewer's eye: blocked, or a moderation stage that did more than allow it."""
+    why = [] if g.status != "blocked" else ["blocked"]
+    for stage, d in sorted((g.moderation or {}).items()):
+        if isinstance(d, dict) and d.get("action", "allow") != "allow":
+            why.append(f"{stage}: {d['action']} ({', '.join(d.get('categories') or d.get('rules') or []) or 'policy'})")
+    return why
+
+
+def _flagged(s, org_id: int | None, limit: int = 100) -> list[dict]:
+    """The newest flagged generations (moderation is a JSON column: filtered here, the same on every database)."""
+    q = s.query(Generation).filter(Generation.status != "taken_down")
+    if org_id is not None:
+        q = q.filter(Generation.org_id == org_id)
+    complained = {c.generation_id for c in records.list_complaints(s, org_id, None) if c.generation_id}
+    out = []
+    for g in q.order_by(Generation.created_at.desc()).limit(2000):
+        why = flagged(g)
+        if why:
+            out.append({"id": g.id, "created_at": g.created_at, "org_id": g.org_id, "model": g.model, "kind": g.kind,
+                        "status": g.status, "why": why, "complained": g.id in complained})
+            if len(out) >= limit:
+                break
+    return out
+
+
 @router.get("/console/review")
 async def review_page(request: Request, service: ServiceDep, cu: User_, status: str = "open"):
     page(cu, "review")
-    if status not in ("open", "dismissed", "taken_down", "key_revoked", "all"):
+    if status not in ("open", "dismissed", "taken_down", "key_revoked", "all", "flagged"):
         raise PageError(404, "not_found")
-    rows = await _db(service, _queue, None if cu.principal.operator else cu.principal.org_id, None if status == "all" else status)
-    return render(request, cu, "review.html", complaints=rows, status=status)
+    org = None if cu.principal.operator else cu.principal.org_id
+    if status == "flagged":
+        return render(request, cu, "review.html", complaints=[], flagged=await _db(service, _flagged, org), status=status)
+    rows = await _db(service, _queue, org, None if status == "all" else status)
+    return render(request, cu, "review.html", complaints=rows, flagged=None, status=status)
 
 
 # ---------------------------------------------------------------- audit (operator)

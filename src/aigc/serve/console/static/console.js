@@ -340,6 +340,14 @@ function initKeys() {
     try { await api("/v1/organization/users", {method: "POST", json: formValues(uf)}); location.reload(); }
     catch (e) { showError($("#user-result"), e); }
   });
+  // a flagged generation goes into the queue as a complaint (the same API as anyone's), then is decided there
+  $$("[data-review-generation]").forEach(b => b.addEventListener("click", async () => {
+    const id = b.dataset.reviewGeneration;
+    try {
+      await api("/v1/complaints", {method: "POST", json: {generation_id: id, reason: `flagged by moderation: ${b.dataset.reason}`}});
+      location.href = "/console/review?status=open";
+    } catch (e) { showError($(`#flag-${CSS.escape(id)}`), e); }
+  }));
   $$("[data-decide]").forEach(b => b.addEventListener("click", async () => {
     const id = b.dataset.decide, note = ($(`#note-${id}`) || {}).value || "";
     try {
