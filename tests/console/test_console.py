@@ -3,12 +3,9 @@
 Screenshots of every page are saved under ``runs/test-console/`` (or ``$AIGC_TEST_OUTPUT``) to be looked at."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import shutil
-import string
 import uuid
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 
 from aigc.db import crud
 from conftest import wait_for
-from tests.serve.helpers import db, start
+from tests.serve.helpers import db, jsonl, spell_records, start
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUT = Path(os.environ.get("AIGC_TEST_OUTPUT", Path(__file__).resolve().parents[2] / "runs" / "test-console"))
@@ -84,15 +81,6 @@ def sign_in(site, page, key: str | None = None, email: str | None = None, passwo
 
 def shot(page, name: str) -> None:
     page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)
-
-
-def records(n: int, seed: int) -> bytes:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(8))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": f"Reverse {w}."}, {"role": "assistant", "content": w[::-1]}]}))
-    return ("\n".join(lines) + "\n").encode()
 
 
 def test_sign_in_page_and_bad_credentials(site):
@@ -208,7 +196,7 @@ def test_upload_train_watch_the_loss_and_use_the_new_model(site):
     page.click("#upload-form button[type=submit]")
     assert "JSONL" in page.locator("#upload-result .alert.error").inner_text()
     page.set_input_files("#upload-form input[type=file]",
-                         files=[{"name": "spell.jsonl", "mimeType": "application/jsonl", "buffer": records(40, 1)}])
+                         files=[{"name": "spell.jsonl", "mimeType": "application/jsonl", "buffer": jsonl(spell_records(40, 1))}])
     page.click("#upload-form button[type=submit]")
     report = page.locator("#upload-result .alert.ok")
     assert "40 read, 40 kept" in report.inner_text()

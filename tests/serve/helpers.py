@@ -1,7 +1,10 @@
 """A live server in a background thread (real HTTP, so the official openai client and SSE are exercised)."""
 from __future__ import annotations
 
+import json
+import random
 import socket
+import string
 import threading
 from dataclasses import dataclass
 
@@ -70,3 +73,17 @@ def add_key(sessions, org_id: int, email: str, role: str, **key_kw) -> str:
 
 def db(settings: Settings):
     return open_db(settings.resolved_database_url())
+
+
+def spell_records(n: int, seed: int = 0) -> list[dict]:
+    """Short conversations that differ in every prompt (so near-duplicate removal keeps them all)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(8))
+        out.append({"messages": [{"role": "user", "content": f"Reverse {word}."}, {"role": "assistant", "content": word[::-1]}]})
+    return out
+
+
+def jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()

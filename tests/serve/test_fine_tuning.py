@@ -11,23 +11,9 @@ import pytest
 
 from aigc.db import crud
 from conftest import wait_for
-from tests.serve.helpers import add_key, db, start, tenant
+from tests.serve.helpers import add_key, db, jsonl, spell_records, start, tenant
 
 PER_1K_TRAIN = 0.5  # USD per 1K trained tokens
-
-
-def spell_records(n: int, seed: int = 0) -> list[dict]:
-    """Short conversations that differ in every prompt (so near-duplicate removal keeps them all)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(8))
-        out.append({"messages": [{"role": "user", "content": f"Reverse {word}."}, {"role": "assistant", "content": word[::-1]}]})
-    return out
-
-
-def jsonl(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 @pytest.fixture(scope="module")

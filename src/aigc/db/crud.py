@@ -17,6 +17,7 @@ from aigc.db.models import (MICRO, PLAN_KINDS, ROLES, ApiKey, AuditEntry, Consol
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
+DEFAULT_RPM, DEFAULT_TPM = 600, 200_000  # a plan's limits, and a key's where its organisation has no plan
 # Who performs admin changes, for the audit log: the CLI by default; the API sets "operator" or "key:<prefix>".
 ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("aigc_actor", default="cli")
 
@@ -42,7 +43,8 @@ def micro(usd: float) -> int:
 # ---------------------------------------------------------------- plans and prices
 
 def create_plan(s: Session, name: str, kind: str, monthly_fee: float = 0, included: float = 0, overage_rate: float | None = None,
-                price_multiplier: float = 1.0, spend_limit: float | None = None, rpm: int = 600, tpm: int = 200_000) -> Plan:
+                price_multiplier: float = 1.0, spend_limit: float | None = None, rpm: int = DEFAULT_RPM,
+                tpm: int = DEFAULT_TPM) -> Plan:
     if kind not in PLAN_KINDS:
         raise UserError(f"unknown plan kind {kind!r} (allowed: {', '.join(PLAN_KINDS)})")
     if min(monthly_fee, included, price_multiplier) < 0 or (overage_rate is not None and overage_rate < 0) \
@@ -225,7 +227,7 @@ def _key_principal(s: Session, where) -> Principal | None:
     key, user, org, plan = row
     return Principal(key.id, key.prefix, org.id, org.name, user.id, user.role,
                      tuple(key.allowed_models) if key.allowed_models else None,
-                     key.rpm or (plan.rpm if plan else 600), key.tpm or (plan.tpm if plan else 200_000),
+                     key.rpm or (plan.rpm if plan else DEFAULT_RPM), key.tpm or (plan.tpm if plan else DEFAULT_TPM),
                      key.expires_at, key.revoked_at is not None, plan.kind if plan else None)
 
 
@@ -630,6 +632,12 @@ def add_event(conn, job_id: str, message: str, level: str = "info", type: str = 
                                                     "message": message, "data": data})
 
 
+def events_since(s: Session, job_id: str, since: int, limit: int = 1000) -> list[FineTuneEvent]:
+    """Oldest first, the events written after the one numbered ``since`` (what a live view has not shown yet)."""
+    q = select(FineTuneEvent).where(FineTuneEvent.job_id == job_id, FineTuneEvent.id > since)
+    return list(s.scalars(q.order_by(FineTuneEvent.id).limit(limit)).all())
+
+
 def list_events(s: Session, job_id: str, limit: int, after: int | None) -> list[FineTuneEvent]:
     """Newest first, as OpenAI lists them; ``after``: events older than that one."""
     q = select(FineTuneEvent).where(FineTuneEvent.job_id == job_id)
@@ -679,8 +687,8 @@ def user_principal(s: Session, user: User) -> Principal:
     """A signed-in user without a key: the plan's limits, every model; rate-limited as the user."""
     org = s.get(Organization, user.org_id)
     plan = s.get(Plan, org.plan_id) if org.plan_id else None
-    return Principal(0, f"user:{user.id}", org.id, org.name, user.id, user.role, None,
-                     plan.rpm if plan else 600, plan.tpm if plan else 200_000, None, False, plan.kind if plan else None)
+    return Principal(0, f"user:{user.id}", org.id, org.name, user.id, user.role, None, plan.rpm if plan else DEFAULT_RPM,
+                     plan.tpm if plan else DEFAULT_TPM, None, False, plan.kind if plan else None)
 
 
 def create_console_session(s: Session, org_id: int | None, user_id: int | None, key_id: int | None, who: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,7 +178,7 @@ class FineTuner:
             if len(plan.data) == 2:
                 combine_prepared(plan.data[0], plan.data[1], data, plan.kind)
             else:
-                _copy_prepared(plan.data[0], data)
+                shutil.copytree(plan.data[0], data)
             run = plan.folder / "run"
             outcome = self._process(plan, data, run)
         finally:
@@ -298,12 +299,6 @@ def _with_org(db, jobs: list) -> list:
     for j in jobs:
         j.org_name = names.get(j.org_id, "org")
     return jobs
-
-
-def _copy_prepared(src: Path, out: Path) -> None:
-    import shutil
-
-    shutil.copytree(src, out)
 
 
 def _last_error(logfile: Path) -> str:

@@ -362,8 +362,7 @@ def _training(s, org_id: int):
 async def training_page(request: Request, service: ServiceDep, cu: User_):
     page(cu, "training")
     files, jobs = await _db(service, _training, cu.principal.org_id)
-    bases = [e.id for e in _models(service, cu, ("text",)) if not e.id.startswith("ft:")] + \
-            [e.id for e in _models(service, cu, ("text",)) if e.id.startswith("ft:")]
+    bases = sorted((e.id for e in _models(service, cu, ("text",))), key=lambda m: m.startswith("ft:"))  # ft: models last
     return render(request, cu, "training.html", files=files, jobs=jobs, bases=bases, can_train=cu.principal.role in GENERATE)
 
 
@@ -388,8 +387,7 @@ async def job_page(job_id: str, request: Request, service: ServiceDep, cu: User_
 def _job_updates(service: Service, job_id: str, org_id: int, after: int) -> tuple[str, bool, list]:
     with service.sessions() as s:
         job = crud.get_fine_tune(s, job_id, org_id)
-        events = [e for e in crud.list_events(s, job_id, 1000, None) if e.id > after]
-        return job.status, job.finished_at is not None, sorted(events, key=lambda e: e.id)
+        return job.status, job.finished_at is not None, crud.events_since(s, job_id, after)
 
 
 @router.get("/console/training/{job_id}/stream")
@@ -403,11 +401,12 @@ async def job_stream(job_id: str, request: Request, service: ServiceDep, cu: Use
         raise PageError(404, "not_found") from None
 
     async def events():
-        last = int(request.headers.get("last-event-id", "0") or 0) if (request.headers.get("last-event-id", "0") or "0").isdigit() else 0
+        resume = request.headers.get("last-event-id", "")  # a reconnecting EventSource goes on where it was
+        last = int(resume) if resume.isdigit() else 0
         while True:
             status, finished, new = await anyio.to_thread.run_sync(_job_updates, service, job_id, org_id, last)
             for e in new:
-                last = e.id
+                last = e.id  # events_since returns at most 1000: the rest come on the next round
                 payload = {"type": e.type, "message": e.message, "level": e.level, "data": e.data or {},
                            "created_at": e.created_at.isoformat() + "Z"}
                 yield f"id: {e.id}\nevent: job\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -429,19 +428,13 @@ def _usage(s, org_id: int | None, key_id: int | None, start: dt.date, end: dt.da
     by_model = crud.usage_report(s, ["model"], start, end, org_id, key_id)
     by_key = crud.usage_report(s, ["key"], start, end, org_id, key_id)
     keys = {k.id: k for k in s.query(ApiKey).filter(ApiKey.org_id == org_id).all()} if org_id else {}
-    for r in by_key:
+    for r in by_key:  # the operator's view spans tenants: their keys are shown by number
         k = keys.get(r["key"])
         r["label"] = f"{k.name or k.prefix} ({k.prefix}…)" if k else ("—" if not r["key"] else f"#{r['key']}")
-    org = crud.org_out(s, s.get(Organization, org_id)) if org_id else None
-    plan = None
-    if org_id:
-        o = s.get(Organization, org_id)
-        plan = crud.plan_out(s.get(crud.Plan, o.plan_id)) if o.plan_id else None
-    tenants = {o.id: o.name for o in s.query(Organization).all()} if org_id is None else {}
-    if org_id is None:
-        for r in by_key:
-            r["label"] = f"#{r['key']}"
-    return {"by_day": by_day, "by_model": by_model, "by_key": by_key, "org": org, "plan": plan, "tenants": tenants}
+    o = s.get(Organization, org_id) if org_id else None
+    plan = crud.plan_out(s.get(crud.Plan, o.plan_id)) if o is not None and o.plan_id else None
+    return {"by_day": by_day, "by_model": by_model, "by_key": by_key, "org": crud.org_out(s, o) if o is not None else None,
+            "plan": plan}
 
 
 def _window(start: str | None, end: str | None) -> tuple[dt.date, dt.date]:
