@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import regex
 import yaml
 
 from aigc.data import pii
@@ -111,6 +112,13 @@ class Rule:
         self.latin = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(normalise(t, False)[0].strip()) for t in latin) + r")(?!\w)") \
             if latin else None
         self.cjk = re.compile("|".join(re.escape(normalise(t, True)[0]) for t in cjk)) if cjk else None
+        # the same expressions for partial matching (``pending``): the ``regex`` module can say where a match may begin
+        self._partial = [(form, regex.compile(p.pattern)) for form, p in (("latin", self.latin), ("cjk", self.cjk)) if p is not None]
+        if self.regex is not None:
+            try:
+                self._partial.append(("text", regex.compile(self.pattern)))
+            except regex.error:  # an expression only ``re`` reads: hold the whole window (fail closed)
+                self._partial.append(("text", None))
 
     def find(self, text: str, forms: dict) -> list[tuple[int, int]]:
         spans = []
@@ -125,6 +133,20 @@ class Rule:
         if self.pii:
             spans += [(m.start, m.end) for m in pii.find(text, tuple(self.pii))]
         return spans
+
+    def pending(self, text: str, forms: dict) -> int:
+        """Where in ``text`` a match of this rule may have begun that more text could complete (``len(text)``: none).
+
+        A stream holds text from there: a match spanning two flushes is then seen whole before any of it leaves."""
+        start = len(text)
+        for form, pat in self._partial:
+            if pat is None:
+                return 0
+            norm, where = (text, None) if form == "text" else forms[form]
+            for m in pat.finditer(norm, partial=True):
+                if m.partial and m.end() > m.start():
+                    start = min(start, m.start() if where is None else where[m.start()])
+        return start
 
 
 class _Forms(dict):
@@ -205,6 +227,13 @@ class Policy:
         if not p.is_file():
             raise UserError(f"moderation policy not found: {p}")
         return cls.from_yaml(p.read_text(encoding="utf-8"), str(p), p.parent)
+
+    def pending(self, text: str, stage: str) -> int:
+        """The earliest index of ``text`` at which a block or redact rule's match may begin and still be completed by
+        text not yet written (``len(text)`` when none): a stream must not send text from there yet."""
+        forms = _Forms(text)
+        return min((r.pending(text, forms) for r in self.rules if stage in r.applies_to and r.action in ("block", "redact")),
+                   default=len(text))
 
     def check(self, text: str, stage: str) -> Decision:
         forms = _Forms(text)

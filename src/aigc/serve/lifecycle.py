@@ -127,6 +127,10 @@ class Generation:
         """The output policy on a piece of streamed text (with the tail already sent, for context)."""
         return self.service.governance.moderate(self.tenant, text, "output")
 
+    def pending(self, text: str) -> int:
+        """Where in streamed ``text`` a block or redact match may have begun that later text could complete."""
+        return self.tenant.moderation.pending(text, "output")
+
     def deliver_file(self, content, mime: str, title: str, extra: dict | None = None, *, parameters: str | None = None,
                      watermark_id: int | None = None) -> tuple[Delivered, bool]:
         """Finish a file as the tenant's policy says (image watermark, metadata, C2PA signature; ``govern.delivery``)

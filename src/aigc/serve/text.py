@@ -342,7 +342,7 @@ class TextGeneration:
         """Server-sent events: text goes out only once checked against the output policy, a word at a time."""
         job, gen = self.job, self.gen
         cut: set[int] = set()  # choices closed by the output policy
-        held = [""] * self.count  # generated text not yet checked and sent, per choice
+        guards = [StreamGuard(gen.check_chunk, gen.pending) for _ in range(self.count)]  # per choice: what may leave
         first = [True] * self.count
         # streamed logprobs, per choice: tokens given out, the characters they spell, the characters sent
         cursor, spelled, sent_len = [0] * self.count, [0] * self.count, [0] * self.count
@@ -359,29 +359,21 @@ class TextGeneration:
                         err = self.failure()
                         yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
                         return
-                held[i] += delta
-                # Checked and sent when a space or CJK punctuation arrives, after 32 characters without one, and at
-                # the end. A number that may go on across spaces (a phone or card number) stays held until it ends,
-                # so it can be redacted whole.
-                if done is None and len(held[i]) < 32 and not _BREAK.search(delta):
+                out, d = guards[i].feed(delta, final=done is not None)
+                if d is not None and d.blocked:
+                    cut.add(i)
+                    self.filtered[i] = d.to_dict()
+                    self.seqs[i].cancel()
+                    self.finished[i] = Finish("content_filter", len(self.part(i).ids), self.seqs[i].produced,
+                                              done.compute_s if done else 0.0, "")
+                    yield self._event(i, "", "content_filter", first[i])
                     continue
-                out, held[i] = (held[i], "") if done is not None else _ready(held[i])
+                if d is not None and d.action != "allow":
+                    self.filtered[i] = d.to_dict()
                 if out:
-                    tail = "".join(self.sent[i])[-256:]
-                    d = gen.check_chunk(tail + out)
-                    if d.blocked:
-                        cut.add(i)
-                        self.filtered[i] = d.to_dict()
-                        self.seqs[i].cancel()
-                        self.finished[i] = Finish("content_filter", len(self.part(i).ids), self.seqs[i].produced,
-                                                  done.compute_s if done else 0.0, "")
-                        yield self._event(i, "", "content_filter", first[i])
-                        continue
-                    if d.action != "allow":
-                        self.filtered[i] = d.to_dict()
-                    if d.action == "redact" and d.text.startswith(tail):
-                        out = d.text[len(tail):]
                     self.sent[i].append(out)
+                elif done is None:
+                    continue
                 if job.tools:  # the text as content and tool-call deltas, then the finish on its own chunk
                     events = parsers[i].feed(out) + (parsers[i].finish() if done is not None else [])
                     for event in events:
@@ -444,6 +436,48 @@ class TextGeneration:
 
 
 _BREAK = re.compile(r"[\s，。！？；：、]")
+
+
+class StreamGuard:
+    """The output policy on one streamed choice: text leaves a word at a time, only once checked, and fails closed.
+
+    Text is checked and sent when a space or CJK punctuation arrives, after 32 characters without one, and at the
+    end. Held back (until more text settles it) are: a number that may go on across spaces (a phone or card
+    number, so it is redacted whole), and whatever a block or redact rule may still match once more text comes
+    (``pending``: a rule of several words whose first words have arrived). A redaction that would change text
+    already sent (a match the hold could not foresee) closes the stream instead, as a block does.
+    """
+
+    WINDOW = 256  # characters of sent text checked again with the new text, for matches across the boundary
+
+    def __init__(self, check, pending):
+        self.check, self.pending = check, pending  # text -> moderation Decision; text -> index where a match may begin
+        self.sent, self.held = "", ""
+
+    def feed(self, delta: str, final: bool = False):
+        """(text that may leave now, the policy's decision on it or None when nothing was checked)."""
+        self.held += delta
+        if not final and len(self.held) < 32 and not _BREAK.search(delta):
+            return "", None
+        out, rest = (self.held, "") if final else _ready(self.held)
+        tail = self.sent[-self.WINDOW:]
+        if not final and out:
+            at = self.pending(tail + out)  # a match may begin there: hold from it on
+            keep = max(0, at - len(tail))
+            out, rest = out[:keep], out[keep:] + rest
+        self.held = rest
+        if not out:
+            return "", None
+        d = self.check(tail + out)
+        if d.action == "redact":
+            if not d.text.startswith(tail):  # the match reaches into text already sent: fail closed
+                d.action = "block"
+                return "", d
+            out = d.text[len(tail):]
+        if d.blocked:
+            return "", d
+        self.sent += out
+        return out, d
 _NUMBER_TAIL = re.compile(r"[\d+\-() ]*\d[\d+\-() ]*$")
 
 
