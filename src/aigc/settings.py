@@ -38,7 +38,16 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 100_000
     max_batch: int = 32  # sequences decoded together per text model
     context_tokens: int = 1024  # KV cache length per sequence (prompt + completion), capped by the model's own
-    key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds
+    key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds (without NOTIFY)
+    # The fleet (serve/fleet.py, serve/ratelimit.py): several processes and hosts on one PostgreSQL.
+    workers: int = Field(1, ge=1, description="Server processes on this host (aigc serve --workers); more than 1 needs PostgreSQL.")
+    rate_limit_backend: Literal["auto", "memory", "postgres", "redis"] = Field(
+        "auto", description="Where rate limits count: auto (Redis when AIGC_REDIS_URL is set, PostgreSQL when the database is, "
+                            "else in the process), memory, postgres or redis.")
+    redis_url: str = Field("", description="redis://HOST:6379/0: rate limits in Redis (optional; needs the redis package).")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a server renews its lease and reaps dead servers.")
+    lease_s: float = Field(30.0, gt=0, description="A server whose heartbeat is older than this is dead: any other server "
+                                                   "releases its holds and fails its jobs.")
     image_url_ttl_s: int = 3600  # also the lifetime of music and video result URLs
     job_workers: int = 1  # threads rendering music and video jobs
     fine_tune_workers: int = Field(1, ge=1, description="Fine-tuning jobs this server trains at once (each in its own process); more wait queued.")

@@ -127,28 +127,44 @@ def test_video_job(media_server):
     assert res.json()["c2pa"]["state"] == "Trusted" and res.json()["exact_match"] is True
 
 
-def test_prepaid_without_credit_is_refused_and_recovery_releases_holds(media_server):
-    org, key = tenant(media_server.sessions, "broke", "prepaid")
-    r = httpx.post(f"{media_server.url}/v1/audio/generations", headers=H(key), json={"model": "chorales", "bars": 4})
-    assert r.status_code == 402
+def test_prepaid_without_credit_is_refused_and_dead_servers_jobs_and_holds_are_released(media_server):
+    import datetime as dt
     import subprocess
     import sys
 
+    from aigc.db.models import Server, ServerHold
+
+    org, key = tenant(media_server.sessions, "broke", "prepaid")
+    r = httpx.post(f"{media_server.url}/v1/audio/generations", headers=H(key), json={"model": "chorales", "bars": 4})
+    assert r.status_code == 402
     org, _ = tenant(media_server.sessions, "crashed", "payg")
-    runner = media_server.service.jobs
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    owners = {"ab": f"{runner.host}:{gone}", "cd": f"{runner.host}:{os.getppid()}", "ef": "another-host:1"}
+    fleet = media_server.service.fleet
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    servers = {  # a dead process on this host, a live server on another host, one whose lease expired there
+        "ab": Server(id=f"{fleet.host}:{gone}:x", host=fleet.host, pid=gone, heartbeat_at=now),
+        "cd": Server(id="another-host:1:y", host="another-host", pid=1, heartbeat_at=now),
+        "ef": Server(id="another-host:2:z", host="another-host", pid=2, heartbeat_at=now - dt.timedelta(seconds=fleet.lease_s + 5)),
+    }
     with media_server.sessions.begin() as s:
-        for tag, owner in owners.items():  # a dead process here, a live one here, a process on another host
+        for tag, server in servers.items():
+            s.add(server)
             s.add(Job(id="job_" + tag * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="running",
-                      params={}, held=5000, owner=owner))
-        s.get(Organization, org).reserved = 15000
-    assert runner.recover() == 1
+                      params={}, held=5000, owner=server.id))
+            s.add(ServerHold(server_id=server.id, org_id=org, amount=700))  # its requests in flight
+        s.add(Job(id="job_" + "gh" * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="queued",
+                  params={}, held=5000, owner="old-host:123"))  # an owner no server row names (an older server)
+        s.get(Organization, org).reserved = 4 * 5000 + 3 * 700
+    done = fleet.sweep()
+    assert sorted(done["servers"]) == sorted([servers["ab"].id, servers["ef"].id]) and done["jobs"] == 3
+    assert done["released"] == {org: 1400}
     with media_server.sessions() as s:
-        job = s.get(Job, "job_" + "ab" * 12)
-        assert job.status == "failed" and "stopped" in job.error
-        assert [s.get(Job, "job_" + t * 12).status for t in ("cd", "ef")] == ["running", "running"]
-        assert s.get(Organization, org).reserved == 10000
+        status = {t: s.get(Job, "job_" + t * 12).status for t in ("ab", "cd", "ef", "gh")}
+        assert status == {"ab": "failed", "cd": "running", "ef": "failed", "gh": "failed"}
+        assert "stopped" in s.get(Job, "job_" + "ab" * 12).error
+        assert s.get(Organization, org).reserved == 5000 + 700  # the live server's job and request keep theirs
+        assert {x.id for x in s.query(Server)} >= {servers["cd"].id, fleet.id}
+    assert fleet.sweep() == {"servers": [], "released": {}, "jobs": 0, "fine_tunes": 0}  # each released once
 
 
 def test_sniff_recognises_audio_and_video():

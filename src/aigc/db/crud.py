@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from aigc.db.models import (MICRO, PLAN_KINDS, ROLES, ApiKey, AuditEntry, ConsoleSession, File, FineTuneEvent, FineTuneJob, Generation, Job, Organization, Plan, Price,
-                            UsageRollup, User, utcnow)
+                            Server, ServerHold, UsageRollup, User, utcnow)
 from aigc.errors import Conflict, NotFound, UserError
 
 KEY_PREFIX = "sk-aigc-"
@@ -26,6 +26,19 @@ def _audit(s: Session, action: str, org_id: int | None, subject: str, data: dict
     from aigc.db import audit
 
     audit.append_session(s, f"admin.{action}", ACTOR.get(), org_id, subject, data)
+
+
+CHANNEL = "aigc_changes"
+CHANGES = ("keys", "prices", "policy", "blocked")
+
+
+def announce(s, kind: str, org_id: int | None = None) -> None:
+    """Tell every server process that cached ``kind`` (keys, prices, policy, blocked outputs) changed: on PostgreSQL a
+    NOTIFY, delivered when this transaction commits (so also from the CLI); SQLite has no other process to tell, and
+    its servers re-read within their cache time."""
+    assert kind in CHANGES, kind
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": json.dumps({"kind": kind, "org": org_id})})
 
 
 class PaymentRequired(Exception):
@@ -82,6 +95,7 @@ def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 
     price.per_1k_train_tokens = micro(per_1k_train_tokens)
     s.flush()
     _audit(s, "price.set", None, f"price:{model}@{version}", price_out(price))
+    announce(s, "prices")
     return price
 
 
@@ -183,6 +197,7 @@ def revoke_key(s: Session, org_id: int, key_id: int) -> ApiKey:
         key.revoked_at = utcnow()
         s.flush()
         _audit(s, "key.revoke", org_id, f"key:{key_id}", {"prefix": key.prefix})
+        announce(s, "keys", org_id)
     return key
 
 
@@ -236,6 +251,7 @@ def set_org_plan(s: Session, org_id: int, plan: str) -> Organization:
     org.plan_id = get_plan(s, plan).id
     s.flush()
     _audit(s, "org.plan", org_id, f"org:{org_id}", {"plan": plan})
+    announce(s, "keys", org_id)  # a key's limits come from its plan
     return org
 
 
@@ -358,9 +374,16 @@ def _roll_period(s, org_id: int, b: PlanTerms) -> None:
                       Units(), 0, b.monthly_fee, 0.0, 0)
 
 
-def reserve(s, org_id: int, estimate_list: int) -> int:
+_TRACK = text("INSERT INTO server_holds (server_id, org_id, amount) VALUES (:server, :org, :amount) "
+              "ON CONFLICT (server_id, org_id) DO UPDATE SET amount = server_holds.amount + excluded.amount")
+_UNTRACK = text("UPDATE server_holds SET amount = amount - :held WHERE server_id = :server AND org_id = :org AND amount >= :held")
+
+
+def reserve(s, org_id: int, estimate_list: int, server: str | None = None) -> int:
     """Hold the most a request can cost before running it. Returns the amount held (for ``settle``).
 
+    ``server``: the server process whose request it is; its share of the tenant's holds is kept in
+    ``server_holds``, so that when it dies whoever finds it dead releases exactly what it held.
     Raises PaymentRequired when the quota, credit or spend limit cannot cover it.
     """
     b = load_billing(s, org_id)
@@ -378,7 +401,17 @@ def reserve(s, org_id: int, estimate_list: int) -> int:
             which, what = "none", ""
     if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
         raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")
+    if server is not None and amount:
+        s.execute(_TRACK, {"server": server, "org": org_id, "amount": amount})
     return amount
+
+
+def untrack_hold(s, server: str | None, org_id: int, held: int) -> int:
+    """Take ``held`` off ``server``'s share of the tenant's holds: what may still be released from the tenant's balance
+    (0 when the server was found dead meanwhile and its holds were already released)."""
+    if server is None or not held:
+        return held
+    return held if s.execute(_UNTRACK, {"server": server, "org": org_id, "held": held}).rowcount == 1 else 0
 
 
 @dataclass
@@ -389,8 +422,10 @@ class Settled:
 
 
 def settle(s, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
-           units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float) -> Settled:
+           units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float,
+           server: str | None = None) -> Settled:
     """Release the hold, charge what was used and append the usage record + rollup, in one transaction."""
+    held = untrack_hold(s, server, principal.org_id, held)
     b = load_billing(s, principal.org_id)
     lp = list_price(price, units)
     org = principal.org_id
@@ -493,7 +528,15 @@ def insert_generation(conn, row: dict) -> None:
 
 # ---------------------------------------------------------------- jobs
 
-def create_job(s: Session, **fields):
+def _carry_hold(s: Session, server: str | None, org_id: int, held: int) -> None:
+    """A job's row carries its hold from now on: it leaves the server's share (which a dead server's reaper releases)."""
+    if untrack_hold(s, server, org_id, held) != held:
+        raise Conflict("this server lost its lease while the job was created; its hold was released: send the request again")
+
+
+def create_job(s: Session, server: str | None = None, **fields):
+    """A queued job; ``server``: whose hold the job takes over (``reserve``)."""
+    _carry_hold(s, server, fields["org_id"], fields.get("held", 0))
     job = Job(status="queued", created_at=utcnow(), **fields)
     s.add(job)
     s.flush()
@@ -583,7 +626,8 @@ def active_fine_tunes(s: Session, org_id: int) -> int:
                                                                               _FT_UNFINISHED)) or 0)
 
 
-def create_fine_tune(s: Session, **fields) -> FineTuneJob:
+def create_fine_tune(s: Session, server: str | None = None, **fields) -> FineTuneJob:
+    _carry_hold(s, server, fields["org_id"], fields.get("held", 0))
     job = FineTuneJob(status="queued", created_at=utcnow(), **fields)
     s.add(job)
     s.flush()
@@ -618,12 +662,15 @@ def fine_tuned_models(s: Session) -> list[FineTuneJob]:
 
 
 def update_fine_tune(conn, job_id: str, **values) -> int:
-    """Set columns of a job (Core, usable inside a settle transaction); ``only_if`` limits it to jobs in those states."""
+    """Set columns of a job (Core, usable inside a settle transaction); ``only_if`` limits it to jobs in those states,
+    ``unsettled`` to jobs not settled yet (of two servers settling a job at once, one updates it and settles)."""
     t = FineTuneJob.__table__
     only = values.pop("only_if", None)
     q = update(t).where(t.c.id == job_id)
     if only:
         q = q.where(t.c.status.in_(only))
+    if values.pop("unsettled", False):
+        q = q.where(t.c.finished_at.is_(None))
     return conn.execute(q.values(**values)).rowcount
 
 
@@ -739,3 +786,61 @@ def list_audit(s: Session, org_id: int | None = None, actor: str | None = None, 
     if kind:
         q = q.where(AuditEntry.kind.startswith(kind, autoescape=True))
     return list(s.scalars(q.order_by(AuditEntry.seq.desc()).limit(limit)).all())
+
+
+# ---------------------------------------------------------------- the fleet: live servers, their holds and jobs
+
+def register_server(conn, server_id: str, host: str, pid: int) -> None:
+    now = utcnow()
+    conn.execute(Server.__table__.insert().values(id=server_id, host=host, pid=pid, started_at=now, heartbeat_at=now))
+
+
+def heartbeat(conn, server_id: str) -> bool:
+    """Renew this server's lease; False when its row is gone (another server found it dead)."""
+    t = Server.__table__
+    return conn.execute(update(t).where(t.c.id == server_id).values(heartbeat_at=utcnow())).rowcount == 1
+
+
+def servers(conn) -> list[tuple[str, str, int]]:
+    return [tuple(r) for r in conn.execute(select(Server.id, Server.host, Server.pid)).all()]
+
+
+def live_servers(conn) -> set[str]:
+    return set(conn.execute(select(Server.id)).scalars())
+
+
+def expired_servers(conn, lease_s: float) -> list[str]:
+    cutoff = utcnow() - dt.timedelta(seconds=lease_s)
+    return list(conn.execute(select(Server.id).where(Server.heartbeat_at < cutoff)).scalars())
+
+
+def reap_server(conn, server_id: str, lease_s: float | None) -> bool:
+    """Remove a server whose lease expired (``lease_s``; None: unconditionally, the server itself at a clean stop).
+    False when another server reaped it first (the conditional DELETE picks one winner) or it renewed meanwhile."""
+    t = Server.__table__
+    q = t.delete().where(t.c.id == server_id)
+    if lease_s is not None:
+        q = q.where(t.c.heartbeat_at < utcnow() - dt.timedelta(seconds=lease_s))
+    return conn.execute(q).rowcount == 1
+
+
+def release_orphan_holds(conn) -> dict[int, int]:
+    """Release what servers no longer alive held for their requests in flight: {org id: amount released}."""
+    h = ServerHold.__table__
+    rows = conn.execute(select(h.c.server_id, h.c.org_id, h.c.amount).where(h.c.server_id.not_in(select(Server.id)))).all()
+    released: dict[int, int] = {}
+    for server_id, org_id, amount in rows:
+        # the row is deleted first: of two servers releasing it at once, one deletes it and releases, the other finds nothing
+        if conn.execute(h.delete().where(h.c.server_id == server_id, h.c.org_id == org_id)).rowcount != 1:
+            continue
+        if amount:
+            conn.execute(text("UPDATE organizations SET reserved = reserved - :a WHERE id = :o"), {"a": amount, "o": org_id})
+            released[org_id] = released.get(org_id, 0) + amount
+    return released
+
+
+def claim_unfinished_job(conn, job_id: str, error: str) -> bool:
+    """Mark an unfinished job failed (once: False when it already finished, or someone else claimed it)."""
+    t = Job.__table__
+    return conn.execute(update(t).where(t.c.id == job_id, t.c.status.in_(("queued", "running")))
+                        .values(status="failed", error=error, finished_at=utcnow())).rowcount == 1

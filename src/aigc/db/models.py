@@ -314,3 +314,35 @@ class ConsoleSession(Base):
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Server(Base):
+    """A live server process (``serve.fleet``): it renews ``heartbeat_at`` every few seconds. One whose heartbeat is
+    older than the lease is dead: any live server deletes its row, releases its holds and fails its jobs."""
+
+    __tablename__ = "servers"
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)  # host:pid:random
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class ServerHold(Base):
+    """What one server's requests in flight hold of a tenant's balance (a part of ``organizations.reserved``):
+    released by whoever finds the server dead, so a killed process leaks no hold."""
+
+    __tablename__ = "server_holds"
+    server_id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    org_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RateSlot(Base):
+    """One second of a rate-limit window (``serve.ratelimit``, the shared SQL backend): requests and tokens admitted."""
+
+    __tablename__ = "rate_slots"
+    key: Mapped[str] = mapped_column(String(160), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # epoch second
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)

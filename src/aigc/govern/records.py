@@ -79,6 +79,7 @@ def set_policy(s, org_id: int, changes: dict, moderation: str | None) -> Organiz
             Policy.from_yaml(moderation, "the moderation policy")  # refuse a broken policy before storing it
         org.moderation = moderation or None
     s.flush()
+    crud.announce(s, "policy", org.id)
     audit.append_session(s, "admin.policy.set", crud.ACTOR.get(), org.id, f"org:{org.id}",
                          {"changes": valid, "moderation_sha256": hashlib.sha256(moderation.encode()).hexdigest()
                           if moderation is not None else None})
@@ -264,6 +265,7 @@ def decide(s: Session, complaint_id: int, action: str, reviewer: str, org_id: in
         assert gen is not None
         if s.get(BlockedOutput, gen.output_sha256) is None:
             s.add(BlockedOutput(sha256=gen.output_sha256, generation_id=gen.id, complaint_id=c.id))
+            crud.announce(s, "blocked")
         gen.status = "taken_down"
         if images_dir is not None:
             for f in Path(images_dir).glob(f"{gen.id}.*"):

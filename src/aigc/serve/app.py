@@ -97,8 +97,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     async def lifespan(app: FastAPI):
         bind = service.sessions.kw["bind"]
         log.info("server starting", extra={"models": list(registry.entries), "database": bind.url.render_as_string(hide_password=True)})
-        service.jobs.recover()
-        service.fine_tunes.recover()
+        service.fleet.start()  # register; fail what dead servers left (holds, jobs); serve every fine-tuned model
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
         service.close()

@@ -19,6 +19,7 @@ from aigc.serve.errors import ApiError
 class Hold:
     amount: int
     price: Price | None
+    server: str | None = None  # the server whose share of the tenant's holds it is (None: a job's row carries it)
 
 
 class Billing:
@@ -30,6 +31,7 @@ class Billing:
         # thread hop, and the event loop serialises the writers. PostgreSQL waits on the network: threads.
         self.inline = self.engine.dialect.name == "sqlite"
         self._prices: dict[tuple[str, str], tuple[Price | None, float]] = {}
+        self.server: str | None = None  # this server's id in the fleet (serve.fleet), once registered
 
     def forget_prices(self) -> None:
         """Drop cached prices (after the price book changed)."""
@@ -49,7 +51,7 @@ class Billing:
     def _reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         price = self.price(model, version)
         with self.engine.begin() as conn:  # a Core connection: no ORM work on the hot path
-            return Hold(crud.reserve(conn, principal.org_id, crud.list_price(price, estimate)), price)
+            return Hold(crud.reserve(conn, principal.org_id, crud.list_price(price, estimate), self.server), price, self.server)
 
     async def reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         try:
@@ -63,7 +65,7 @@ class Billing:
         """``settle`` for a caller that may block (a job's worker thread)."""
         with self.engine.begin() as conn:
             done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
-                               compute_s, self.cost_per_s)
+                               compute_s, self.cost_per_s, hold.server)
             if also is not None:
                 also(conn)  # e.g. the generation log and its audit entries: one commit for the whole request
             return done.charged, done.cost

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from aigc.config import load_yaml
 from aigc.db import audit, crud
@@ -109,16 +109,25 @@ class FineTuner:
 
     # ------------------------------------------------------------ start-up
 
-    def recover(self) -> int:
-        """Serve every tenant's fine-tuned models; fail the jobs a stopped server process on this host left unfinished."""
+    def serve_finished(self) -> int:
+        """Serve every tenant's fine-tuned models not served here yet (at start, and as other servers finish jobs)."""
         s = self.service
         with s.sessions() as db:
-            done = [(j.fine_tuned_model, j.run_dir, j.org_id, j.org_name) for j in _with_org(db, crud.fine_tuned_models(db))]
-            left = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.held) for j in crud.unfinished_fine_tunes(db)
-                    if s.jobs.orphaned(j.owner)]
+            done = [(j.fine_tuned_model, j.run_dir, j.org_id, j.org_name) for j in _with_org(db, crud.fine_tuned_models(db))
+                    if j.fine_tuned_model not in s.registry.entries]
+        added = 0
         for model_id, run_dir, org_id, org_name in done:
-            if model_id not in s.registry.entries and run_dir and Path(run_dir).is_dir():
+            if run_dir and Path(run_dir).is_dir():
                 self._register(model_id, Path(run_dir), org_id, org_name)
+                added += 1
+        return added
+
+    def fail_orphans(self, live: set[str]) -> int:
+        """Fail the jobs whose server is no longer alive and release their holds (once, by whichever server gets there)."""
+        s = self.service
+        with s.sessions() as db:
+            left = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.held) for j in crud.unfinished_fine_tunes(db)
+                    if j.owner not in live]
         for job_id, org_id, key_id, model, version, held in left:
             self._settle(job_id, _Payer(org_id, key_id), model, version, held, "failed", 0, 0.0,
                          error={"code": "server_stopped", "message": "the server stopped before the job finished", "param": None})
@@ -270,9 +279,8 @@ class FineTuner:
                 values["status"] = status
             if model_id:
                 values.update(fine_tuned_model=model_id, run_dir=run_dir, metrics=metrics)
-            if not conn.execute(_UNSETTLED, {"id": job_id}).first():
+            if not crud.update_fine_tune(conn, job_id, unsettled=True, **values):
                 return  # settled already
-            crud.update_fine_tune(conn, job_id, **values)
             usage = "ok" if status == "succeeded" else "cancelled" if status == "cancelled" else "error"
             done = crud.settle(conn, job_id, payer, model, version, ENDPOINT, usage, Units(train_tokens=trained), price, held,
                                compute_s, s.billing.cost_per_s)
@@ -287,9 +295,6 @@ class FineTuner:
         for plan in plans:  # stop training at the next step; each settles as cancelled
             plan.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-_UNSETTLED = text("SELECT id FROM fine_tuning_jobs WHERE id = :id AND finished_at IS NULL")
 
 
 def _with_org(db, jobs: list) -> list:

@@ -4,14 +4,12 @@
 hold on the most it can cost) and returns at once; a worker renders it, signs the files, writes them
 under ``HOME/media/<job id>/`` and settles it: the charge per second of output, the generation log
 and its audit entry and the job's final status commit in one transaction. Jobs left queued or running
-by a stopped server process on this host are failed when a server starts here and their holds
-released; jobs run by live processes (or by other hosts sharing the database) are left alone.
+by a server that stopped or died are failed and their holds released by any live server, on any host, once
+that server's lease has expired (``serve.fleet``); jobs of live servers are left alone.
 """
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,46 +32,35 @@ class Outcome:
     compute_s: float
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 class JobRunner:
     def __init__(self, service, workers: int = 1):
         self.service = service
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="aigc-job")
-        self.host = socket.gethostname()
-        self.owner = f"{self.host}:{os.getpid()}"
 
-    def orphaned(self, owner: str) -> bool:
-        """Whether a job's server process is gone: one on this host that no longer runs (or is this
-        process, which is only starting), or no owner at all. Other hosts' jobs are theirs to settle."""
-        host, _, pid = owner.rpartition(":")
-        if not host:
-            return True
-        return host == self.host and (owner == self.owner or not pid.isdigit() or not _alive(int(pid)))
+    @property
+    def owner(self) -> str:
+        """The id of this server in the fleet: the job's lease is this server's heartbeat (``serve.fleet``)."""
+        return self.service.fleet.id
 
-    def recover(self) -> int:
-        """Fail the jobs a stopped server process left unfinished and release what they held."""
+    def fail_orphans(self, live: set[str]) -> int:
+        """Fail the jobs whose server is no longer alive (stopped, killed, or its host gone) and release their holds.
+
+        Any live server may do it, on any host; each job is claimed once (``crud.claim_unfinished_job``)."""
         s = self.service
         with s.sessions() as db:
             rows = [(j.id, j.org_id, j.key_id, j.model, j.model_version, j.kind, j.held) for j in crud.unfinished_jobs(db)
-                    if self.orphaned(j.owner)]
+                    if j.owner not in live]
+        failed = 0
         for job_id, org_id, key_id, model, version, kind, held in rows:
-            who = _Payer(org_id, key_id)
             with s.billing.engine.begin() as conn:
-                crud.settle(conn, job_id, who, model, version, f"{kind}.generations", "error", Units(), None, held, 0.0,
-                            s.billing.cost_per_s)
-                crud.finish_job(conn, job_id, "failed", None, "the server stopped before the job finished")
-        if rows:
-            log.warning("failed unfinished jobs", extra={"jobs": len(rows)})
-        return len(rows)
+                if not crud.claim_unfinished_job(conn, job_id, "the server running the job stopped before it finished"):
+                    continue
+                crud.settle(conn, job_id, _Payer(org_id, key_id), model, version, f"{kind}.generations", "error", Units(), None,
+                            held, 0.0, s.billing.cost_per_s)
+                failed += 1
+        if failed:
+            log.warning("failed the jobs of stopped servers", extra={"jobs": failed})
+        return failed
 
     def submit(self, job_id: str, generation, work: Callable[[], Outcome]) -> None:
         """Run ``work`` on a worker; ``generation`` (a ``lifecycle.Generation`` past its hold) settles it."""

@@ -59,6 +59,7 @@ class Generation:
         self.prompt = ""  # the prompt as moderated (redacted where a redact rule matched)
         self.headers: dict = {}  # rate-limit headers for the response
         self.budget = 0  # tokens taken from the key's per-minute allowance
+        self._slot = 0  # the second the limiter counted them in
         self._hold: Hold | None = None
         self.settled: tuple[int, int] | None = None  # (charged, cost), micro-USD
 
@@ -90,14 +91,15 @@ class Generation:
 
     # ------------------------------------------------------------ limit
 
-    def limit(self, tokens: int = 0) -> dict:
-        """Take one request and ``tokens`` from the key's per-minute allowance; the response's rate-limit headers."""
+    async def limit(self, tokens: int = 0) -> dict:
+        """Take one request and ``tokens`` from the key's per-minute allowance (shared by every server:
+        ``serve.ratelimit``); the response's rate-limit headers."""
         p = self.principal
-        decision = self.service.limiter.take(p.limit_key, p.rpm, p.tpm, tokens)
+        decision = await self.service.limiter.atake(p.limit_key, p.rpm, p.tpm, tokens)
         if not decision.allowed:
             self.service.metrics.refused.labels("rate_limit").inc()
             raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
-        self.budget, self.headers = tokens, decision.headers
+        self.budget, self.headers, self._slot = tokens, decision.headers, decision.slot
         return decision.headers
 
     # ------------------------------------------------------------ hold
@@ -107,7 +109,7 @@ class Generation:
         try:
             self._hold = await self.service.billing.reserve(self.principal, self.entry.id, self.entry.version, estimate)
         except ApiError:
-            self.service.limiter.refund(self.principal.limit_key, self.budget)
+            await self.service.limiter.arefund(self.principal.limit_key, self.budget, self._slot)
             self.service.metrics.refused.labels("payment_required").inc()
             raise
         return self._hold
@@ -186,10 +188,8 @@ class Generation:
         self.settled = (charged, cost)
         return self.settled
 
-    def _refund(self, units: Units) -> None:
-        unused = self.budget - units.input_tokens - units.output_tokens
-        if self.budget and unused > 0:
-            self.service.limiter.refund(self.principal.limit_key, unused)
+    def _unused(self, units: Units) -> int:
+        return max(0, self.budget - units.input_tokens - units.output_tokens) if self.budget else 0
 
     def _writer(self, records: list[GenRecord], also):
         write = self.service.governance.writer(records, actor(self.principal)) if records else None
@@ -206,7 +206,7 @@ class Generation:
         if self.settled is not None:
             return self.settled
         self.settled = (0, 0)
-        self._refund(units)
+        await self.service.limiter.arefund(self.principal.limit_key, self._unused(units), self._slot)
         charged, cost = await self.service.billing.settle(self.request_id, self.principal, self.entry.id, self.entry.version,
                                                           self.endpoint, status, units, self._hold, compute_s,
                                                           also=self._writer(list(records), also))
@@ -218,7 +218,8 @@ class Generation:
         if self.settled is not None:
             return self.settled
         self.settled = (0, 0)
-        self._refund(units)
+        if self._unused(units):
+            self.service.limiter.safe_refund(self.principal.limit_key, self._unused(units), self._slot)
         charged, cost = self.service.billing.settle_blocking(settle_id, self.principal, self.entry.id, self.entry.version, self.endpoint,
                                                      status, units, self._hold, compute_s, also=self._writer(list(records), also))
         return self._settled(charged, cost, units)

@@ -22,7 +22,8 @@ from aigc.serve.governance import Governance
 from aigc.serve.finetune import FineTuner
 from aigc.serve.jobs import JobRunner
 from aigc.serve.metrics import Metrics
-from aigc.serve.ratelimit import RateLimiter
+from aigc.serve.fleet import Fleet
+from aigc.serve.ratelimit import Limiter, make_limiter
 from aigc.serve.registry import Registry
 from aigc.settings import Settings
 
@@ -35,12 +36,13 @@ class Service:
     registry: Registry
     sessions: object  # sqlalchemy sessionmaker
     billing: Billing
-    limiter: RateLimiter
+    limiter: Limiter
     metrics: Metrics
     url_secret: bytes  # the HMAC key of signed file URLs
     governance: Governance
     jobs: object = None  # serve.jobs.JobRunner: music and video jobs
     fine_tunes: object = None  # serve.finetune.FineTuner: fine-tuning jobs
+    fleet: object = None  # serve.fleet.Fleet: this server's lease among the others, and the change listener
     key_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready: bool = True
@@ -50,11 +52,28 @@ class Service:
         sessions = open_db(settings.resolved_database_url())
         # the operator's compute price follows where the models run (the server's device)
         cost_per_s = settings.gpu_second_cost if registry.device.type != "cpu" else settings.cpu_second_cost
-        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status), RateLimiter(), Metrics(registry),
-                      url_secret(settings), Governance(settings, sessions))
+        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status),
+                      make_limiter(settings, sessions.kw["bind"]), Metrics(registry), url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)
         service.fine_tunes = FineTuner(service, settings.fine_tune_workers)
+        service.fleet = Fleet(service)
         return service
+
+    def forget(self, kind: str, org_id: int | None = None) -> None:
+        """Drop a cache after a change (here, or in another process: ``serve.fleet`` hears it):
+        keys (revocations, plans, limits), prices, a tenant's policy, the takedown list."""
+        if kind == "keys":
+            self.key_cache.clear()
+        elif kind == "prices":
+            self.billing.forget_prices()
+        elif kind == "policy":
+            self.governance.forget(org_id)
+        elif kind == "blocked":
+            self.governance.forget_blocked()
+
+    def forget_all(self) -> None:
+        for kind in ("keys", "prices", "policy", "blocked"):
+            self.forget(kind)
 
     def base_url(self, request) -> str:
         """Where clients reach this server: ``public_url`` when set, else the request's own base."""
@@ -83,6 +102,7 @@ class Service:
         self.ready = False
         self.jobs.close()  # running jobs finish and settle; queued ones too
         self.fine_tunes.close()  # training stops at the next step; the jobs settle as cancelled
+        self.fleet.close()  # everything has settled: leave the fleet
         self.registry.close()
         self.sessions.kw["bind"].dispose()
 

@@ -180,7 +180,7 @@ class TextGeneration:
                            "support them", code="unsupported_parameter", param=job.extras()[0])
         bias = _token_bias(job.logit_bias, getattr(engine, "vocab", None))
         tokens_in, tokens_out = sum(len(q.ids) for q in parts), job.n * sum(q.max_tokens for q in parts)
-        gen.limit(tokens_in + tokens_out)
+        await gen.limit(tokens_in + tokens_out)
         await gen.hold(Units(tokens_in, tokens_out))
         text = cls(gen, request, job, shape, engine, parts)
         text.bias = bias

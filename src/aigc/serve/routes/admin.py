@@ -102,7 +102,7 @@ async def list_plans(service: ServiceDep, p: Operator) -> dict:
 async def set_price(body: PriceIn, service: ServiceDep, p: Operator) -> dict:
     """Set the list price of a model (or of one version of it; ``*`` for every model)."""
     out = await service.db(lambda s: crud.price_out(crud.set_price(s, **body.model_dump())))
-    service.billing.forget_prices()
+    service.forget("prices")  # here at once; other processes hear it (serve.fleet)
     return out
 
 
@@ -137,7 +137,7 @@ async def list_orgs(service: ServiceDep, p: Operator) -> dict:
 async def set_org_plan(org_id: Id, body: OrgPatch, service: ServiceDep, p: Operator) -> dict:
     """Move a tenant to another plan."""
     out = await service.db(lambda s: crud.org_out(s, crud.set_org_plan(s, org_id, body.plan)))
-    service.key_cache.clear()
+    service.forget("keys")
     return out
 
 
@@ -197,5 +197,5 @@ async def create_key(body: KeyIn, service: ServiceDep, p: KeyAdmin) -> dict:
 async def revoke_key(key_id: Id, service: ServiceDep, p: KeyAdmin) -> dict:
     """Revoke a key: this server refuses it at once, others within a few seconds."""
     out = await service.db(lambda s: crud.key_out(crud.revoke_key(s, p.org_id, key_id)))
-    service.key_cache.clear()  # this process stops accepting it now; others within key_cache_s
+    service.forget("keys")  # this process stops accepting it now; the others as they hear the change (serve.fleet)
     return out

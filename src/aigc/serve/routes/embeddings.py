@@ -76,7 +76,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: ServiceD
         raise ApiError(400, f"input[{i}] has {counts[i]} tokens; {entry.id} reads at most {engine.max_tokens}: split it",
                        code="context_length_exceeded", param="input")
     tokens = sum(counts)
-    headers = gen.limit(tokens)
+    headers = await gen.limit(tokens)
     await gen.hold(Units(tokens, 0))
     status, compute, vectors = "error", 0.0, None
     try:

@@ -185,7 +185,7 @@ async def create_job(body: FineTuneRequest, request: Request, service: ServiceDe
         args.append(f"--dpo.beta={resolved['beta']}")
 
     gen = Generation.admit(service, request, p, entry, finetune.ENDPOINT, "text")
-    headers = gen.limit()
+    headers = await gen.limit()
     job_id = "ftjob-" + secrets.token_hex(12)
     job_folder = service.settings.home / "fine_tuning" / job_id
 
@@ -193,7 +193,7 @@ async def create_job(body: FineTuneRequest, request: Request, service: ServiceDe
         if crud.active_fine_tunes(s, p.org_id) >= service.settings.fine_tune_max_active:
             raise ApiError(429, f"this organisation already has {service.settings.fine_tune_max_active} fine-tuning jobs queued or "
                            "running; wait for one to finish or cancel one", code="too_many_jobs")
-        job = crud.create_fine_tune(s, id=job_id, org_id=p.org_id, key_id=p.key_id or None, model=entry.id,
+        job = crud.create_fine_tune(s, server=hold.server, id=job_id, org_id=p.org_id, key_id=p.key_id or None, model=entry.id,
                                     model_version=entry.version, training_file=file_ids[0],
                                     validation_file=file_ids[1] if len(file_ids) > 1 else None,
                                     method={"type": method, "finetuning_type": body.finetuning_type, "metadata": body.metadata},
@@ -208,6 +208,7 @@ async def create_job(body: FineTuneRequest, request: Request, service: ServiceDe
     except BaseException:
         await service.billing.settle(job_id, p, entry.id, entry.version, finetune.ENDPOINT, "error", Units(), hold, 0.0)
         raise
+    hold.server = None  # the job's row carries the hold now
     job_folder.mkdir(parents=True, exist_ok=True)
     service.fine_tunes.submit(finetune.Plan(job_id, p.org_id, p.key_id or None, org_name, entry.id, entry.version, job_folder,
                                             prepared, args, tokens, n_epochs, body.suffix or None, hold.amount, kind=want))

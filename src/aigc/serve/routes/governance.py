@@ -153,7 +153,7 @@ class ComplaintRequest(BaseModel):
 async def complain(body: ComplaintRequest, request: Request, service: ServiceDep):
     """File a complaint about an output (no key needed): by generation id, content, file or hash; it is matched to its generation."""
     client = request.client.host if request.client else "unknown"
-    decision = service.limiter.take(f"complaints:{client}", 20, 10**9, 0)  # anonymous: 20 per minute per address
+    decision = await service.limiter.atake(f"complaints:{client}", 20, 10**9, 0)  # anonymous: 20 per minute per address
     if not decision.allowed:
         raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
     try:
@@ -197,8 +197,8 @@ async def decide(body: DecisionRequest, service: ServiceDep, p: Reviewer,
     out = await service.db(lambda s: records.decide(s, complaint_id, body.action, who, org, body.note,
                                                      service.settings.home / "images"))
     if out.revoked_key is not None:
-        service.key_cache.clear()  # the revocation takes effect on the next request
-    service.governance.forget_blocked()
+        service.forget("keys")  # the revocation takes effect on the next request
+    service.forget("blocked")
     return {**records.complaint_out(out.complaint), "revoked_key": out.revoked_key, "deleted_files": out.deleted_files}
 
 
@@ -239,5 +239,5 @@ async def get_policy(service: ServiceDep, p: PolicyReader):
 async def put_policy(body: PolicyRequest, service: ServiceDep, p: PolicyAdmin):
     """Change policy settings and the moderation rules (YAML; empty string: the default rules); audited."""
     out = await service.db(lambda s: _policy_out(set_policy(s, p.org_id, body.policy or {}, body.moderation)))
-    service.governance.forget(p.org_id)
+    service.forget("policy", p.org_id)
     return out

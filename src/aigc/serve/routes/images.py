@@ -83,7 +83,7 @@ async def generate_images(body: ImageRequest, request: Request, service: Service
     entry = model_for(service, p, body.model, (IMAGE,))
     gen = Generation.admit(service, request, p, entry, "images.generations", "image")
     await gen.moderate(body.prompt)
-    headers = gen.limit()
+    headers = await gen.limit()
     handle = await engine_for(service, entry)
     await gen.hold(Units(images=body.n))
     rid = gen.request_id

@@ -125,7 +125,7 @@ async def _create(service, p, request: Request, kind: str, entry, body, prompt: 
     """The lifecycle's first stages on the request; the job's worker renders, delivers, records and settles."""
     gen = Generation.admit(service, request, p, entry, f"{kind}.generations", kind)
     await gen.moderate(prompt)
-    headers = gen.limit()
+    headers = await gen.limit()
     hold = await gen.hold(Units(seconds=estimate_s))
     job_id = "job_" + secrets.token_hex(12)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -137,10 +137,15 @@ async def _create(service, p, request: Request, kind: str, entry, body, prompt: 
     base = service.base_url(request)
 
     def create(s):
-        job = crud.create_job(s, id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind, model=entry.id,
-                              model_version=entry.version, owner=service.jobs.owner, params=params, held=hold.amount)
+        job = crud.create_job(s, server=hold.server, id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind,
+                              model=entry.id, model_version=entry.version, owner=service.jobs.owner, params=params, held=hold.amount)
         return _job_json(job, service, base)
-    payload = await service.db(create)
+    try:
+        payload = await service.db(create)
+    except BaseException:
+        await gen.settle("error", Units(), 0.0)  # no job: the hold goes back at once
+        raise
+    hold.server = None  # the job's row carries the hold now
     service.jobs.submit(job_id, gen, work_factory(gen, job_id, seed, params))
     return JSONResponse(payload, status_code=202, headers={**headers, "location": f"/v1/jobs/{job_id}"})
 
