@@ -1004,39 +1004,46 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="Where the models compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (AIGC_DEVICE).")] = None,
     model_device: Annotated[Optional[list[str]], typer.Option("--model-device", help="NAME=DEVICE: put one model on another device (repeatable; AIGC_MODEL_DEVICES).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+    workers: Annotated[Optional[int], typer.Option(help="Server processes on this host (AIGC_WORKERS); more than 1 needs PostgreSQL.",
+                                                   min=1, max=256)] = None,
 ):
     """Serve trained runs through an OpenAI-compatible API (keys, plans, metering, rate limits, /metrics)."""
     import uvicorn
 
-    from aigc.serve.app import create_app, setup_logging
-    from aigc.serve.registry import Registry
+    from aigc.serve.app import build_registry, create_app, setup_logging
 
     import threading
     import time
 
-    settings = _settings(db, home=home, max_batch=max_batch, device=device)
+    settings = _settings(db, home=home, max_batch=max_batch, device=device, workers=workers)
+    url = settings.resolved_database_url()
+    if settings.workers > 1 and url.startswith("sqlite"):
+        raise UserError(f"--workers {settings.workers} needs PostgreSQL: SQLite serves one process (its writers queue on one "
+                        "file lock, and rate limits and caches would be per process). Set AIGC_DATABASE_URL="
+                        "postgresql+psycopg://USER@HOST/DB (or --db), or serve with one worker.")
     _check_port_free(host, port)
     setup_logging(settings.log_json)
     placements = _parse_vars([p for p in settings.model_devices.split(",") if p.strip()], "AIGC_MODEL_DEVICES")
     placements.update(_parse_vars(model_device or [], "--model-device"))
-    registry = Registry.from_paths(list(runs or []), models_dir or settings.models_dir, echo_model,
-                                   memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch, context=settings.context_tokens,
-                                   device=settings.device, model_devices=placements, gpu_memory_budget_mb=settings.gpu_memory_budget_mb,
-                                   embeddings=settings.embeddings)
+    main_thread = threading.current_thread()
+
+    def announce(started, names) -> None:  # only once the socket listens: a failed start never claims to serve
+        while not started() and main_thread.is_alive():
+            time.sleep(0.05)
+        if started():
+            extra = f", {settings.workers} workers" if settings.workers > 1 else ""
+            err.print(f"serving {', '.join(names)} on http://{host}:{port}/v1 (database: "
+                      f"{settings.resolved_database_url()}{extra}); Ctrl-C stops it", markup=False, highlight=False)
+
+    if settings.workers > 1:
+        _serve_workers(settings, host, port, shutdown_timeout, runs, models_dir, echo_model, placements, announce)
+        return
+    registry = build_registry(settings, list(runs or []), models_dir, echo_model, placements)
     threads.configure()
     application = create_app(settings, registry)
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=shutdown_timeout, access_log=False))
-    main_thread = threading.current_thread()
-
-    def announce() -> None:  # only once the socket listens: a failed start never claims to serve
-        while not server.started and main_thread.is_alive():
-            time.sleep(0.05)
-        if server.started:
-            err.print(f"serving {', '.join(registry.entries)} on http://{host}:{port}/v1 (database: "
-                      f"{settings.resolved_database_url()}); Ctrl-C stops it", markup=False, highlight=False)
-
-    threading.Thread(target=announce, daemon=True).start()
+    threading.Thread(target=announce, args=(lambda: server.started, list(registry.entries)), daemon=True).start()
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits when it cannot bind (the port taken since the check) or startup failed
@@ -1045,6 +1052,49 @@ def serve(
         raise
     if not server.started and not server.should_exit:
         raise UserError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs, models_dir, echo_model, placements,
+                   announce) -> None:
+    """``aigc serve --workers N``: uvicorn's supervisor runs N worker processes on one socket and starts a new one when
+    one dies; each builds its own app (``serve.app.worker_app``) from the environment set here. The schema is migrated
+    once, here, before any worker starts; the workers' metrics are summed through files (PROMETHEUS_MULTIPROC_DIR)."""
+    import json as _json
+    import os
+    import shutil
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from aigc.db.session import open_db
+
+    open_db(settings.resolved_database_url()).kw["bind"].dispose()  # migrate once, not N times at once
+    metrics_dir = settings.home / "run" / f"metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ.update({
+        "AIGC_SERVE_SPEC": _json.dumps({"runs": list(runs or []), "models_dir": str(models_dir) if models_dir else None,
+                                        "echo": list(echo_model or []), "placements": placements}),
+        "AIGC_HOME": str(settings.home), "AIGC_DATABASE_URL": settings.resolved_database_url(),
+        "AIGC_MAX_BATCH": str(settings.max_batch), "AIGC_DEVICE": settings.device, "AIGC_WORKERS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    })
+    names = [r.split("=", 1)[0] if "=" in r else Path(r).name for r in (runs or [])] + list(echo_model or [])
+    base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    threading.Thread(target=announce, args=(ready, names), daemon=True).start()
+    try:
+        uvicorn.run("aigc.serve.app:worker_app", factory=True, host=host, port=port, workers=settings.workers,
+                    log_level="warning", timeout_graceful_shutdown=shutdown_timeout, access_log=False,
+                    timeout_worker_healthcheck=30)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _check_port_free(host: str, port: int) -> None:

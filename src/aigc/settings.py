@@ -46,6 +46,9 @@ class Settings(BaseSettings):
                             "else in the process), memory, postgres or redis.")
     redis_url: str = Field("", description="redis://HOST:6379/0: rate limits in Redis (optional; needs the redis package).")
     heartbeat_s: float = Field(5.0, gt=0, description="How often a server renews its lease and reaps dead servers.")
+    serve_spec: str = Field("", description="Set by aigc serve --workers for its worker processes: what to serve (JSON).")
+    prometheus_multiproc_dir: str = Field("", validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR"),
+                                          description="prometheus_client's own variable: metrics shared by the workers.")
     lease_s: float = Field(30.0, gt=0, description="A server whose heartbeat is older than this is dead: any other server "
                                                    "releases its holds and fails its jobs.")
     image_url_ttl_s: int = 3600  # also the lifetime of music and video result URLs

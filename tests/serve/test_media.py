@@ -1,6 +1,5 @@
 """Music and video jobs through the API: create (202), poll, fetch signed files, metering per second."""
 import base64
-import os
 
 import httpx
 import pytest

@@ -86,6 +86,28 @@ class RequestContext:
                                        "ms": round(elapsed * 1000, 2), "key": st.get("key_prefix"), "org": st.get("org_id")})
 
 
+def build_registry(settings: Settings, runs: list[str], models_dir: str | None, echo: list[str] | None,
+                   placements: dict[str, str]) -> Registry:
+    """The models ``aigc serve`` serves, from its arguments and the settings."""
+    return Registry.from_paths(list(runs), models_dir or settings.models_dir, echo,
+                               memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch,
+                               context=settings.context_tokens, device=settings.device, model_devices=placements,
+                               gpu_memory_budget_mb=settings.gpu_memory_budget_mb, embeddings=settings.embeddings)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``aigc serve --workers N`` (uvicorn's factory, in each process it starts):
+    the settings come from the environment, what to serve from ``AIGC_SERVE_SPEC``, set by the parent."""
+    from aigc import threads
+
+    settings = Settings()
+    spec = json.loads(settings.serve_spec or "{}")
+    setup_logging(settings.log_json)
+    threads.configure()
+    return create_app(settings, build_registry(settings, spec.get("runs", []), spec.get("models_dir"), spec.get("echo"),
+                                               spec.get("placements", {})))
+
+
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
     from aigc.serve import console
     from aigc.serve.routes import (admin, chat, completions, embeddings, files, fine_tuning, governance, health, images, media, models,

@@ -88,6 +88,7 @@ class Fleet:
                                   "its holds were released and its jobs failed; registering again", extra={"server": self.id})
                         crud.register_server(conn, self.id, self.host, self.pid)
                 self.sweep()
+                self.service.metrics.refresh()  # this worker's gauges, for whichever worker answers /metrics
             except Exception:  # the database restarting, say: tried again at the next beat
                 log.warning("fleet heartbeat failed", exc_info=True)
 
@@ -98,10 +99,11 @@ class Fleet:
         for sid, host, pid in crud.servers(conn):
             if sid == self.id:
                 continue
-            if sid in expired:
-                out.append((sid, True))
-            elif host == self.host and not _alive(pid):
+            if host == self.host and not _alive(pid):
                 out.append((sid, False))
+                self.service.metrics.process_dead(pid)
+            elif sid in expired:
+                out.append((sid, True))
         return out
 
     def sweep(self) -> dict:

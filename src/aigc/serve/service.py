@@ -53,7 +53,7 @@ class Service:
         # the operator's compute price follows where the models run (the server's device)
         cost_per_s = settings.gpu_second_cost if registry.device.type != "cpu" else settings.cpu_second_cost
         service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status),
-                      make_limiter(settings, sessions.kw["bind"]), Metrics(registry), url_secret(settings), Governance(settings, sessions))
+                      make_limiter(settings, sessions.kw["bind"]), Metrics(registry, settings.prometheus_multiproc_dir), url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)
         service.fine_tunes = FineTuner(service, settings.fine_tune_workers)
         service.fleet = Fleet(service)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from aigc.db.crud import ping
 from aigc.serve.deps import ServiceDep
 from aigc.serve.schemas import Health, Ready
@@ -32,6 +32,5 @@ async def readyz(service: ServiceDep):
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics in the text exposition format."""
-    service.metrics.refresh()
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics in the text exposition format (summed over the workers of ``aigc serve --workers N``)."""
+    return Response(await anyio.to_thread.run_sync(service.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
