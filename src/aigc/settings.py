@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         "auto", description="Where rate limits count: auto (Redis when AIGC_REDIS_URL is set, PostgreSQL when the database is, "
                             "else in the process), memory, postgres or redis.")
     redis_url: str = Field("", description="redis://HOST:6379/0: rate limits in Redis (optional; needs the redis package).")
+    db_busy_timeout_s: float = Field(5.0, gt=0, description="How long a request waits for a SQLite database another "
+                                     "writer holds (the CLI, say) before it answers 503.")
+    settle_retry_s: float = Field(60.0, ge=0, description="How long a finished request keeps trying to record its usage "
+                                  "while the database is unavailable (a PostgreSQL restart, a held SQLite lock).")
     heartbeat_s: float = Field(5.0, gt=0, description="How often a server renews its lease and reaps dead servers.")
     serve_spec: str = Field("", description="Set by aigc serve --workers for its worker processes: what to serve (JSON).")
     prometheus_multiproc_dir: str = Field("", validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR"),

@@ -156,12 +156,41 @@ class TextEngine:
             try:
                 self._admit(block=self.active() == 0)
                 if self.active():
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as exc:
+                        self._isolate(exc)
             except Exception as exc:  # a bug must not leave clients hanging: fail everything in flight
                 log.exception("text engine %s failed", self.name)
                 for r, seq in enumerate(self.slots):
                     if seq is not None:
                         self._finish(r, "error", error=str(exc))
+
+    def _isolate(self, exc: Exception) -> None:
+        """A batch step failed (the model raised, or ran out of memory for the whole batch): each sequence takes that
+        step on its own. Those that fail alone end with an error; the others go on in the next batch.
+
+        Safe to repeat: a step writes each row's keys and values at its current position and advances the position
+        only when it succeeds; the rows set aside meanwhile are written again at their next step."""
+        log.warning("text engine %s: a batch step failed (%s: %s); stepping each sequence alone", self.name,
+                    type(exc).__name__, exc)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for r in [r for r, seq in enumerate(self.slots) if seq is not None]:
+            if self.slots[r] is None:
+                continue
+            batch = self.slots
+            self.slots = [seq if i == r else None for i, seq in enumerate(batch)]
+            error = None
+            try:
+                self._step()
+            except Exception as e:
+                error = e
+            alone, self.slots = self.slots[r], batch
+            self.slots[r] = alone  # None if it finished in its step
+            if error is not None:
+                log.exception("text engine %s: a sequence failed", self.name, exc_info=error)
+                self._finish(r, "error", error=f"{type(error).__name__}: {error}")
 
     def _admit(self, block: bool) -> None:
         while None in self.slots:
@@ -175,7 +204,15 @@ class TextEngine:
             if seq.cancelled:
                 seq.sink("", Finish("cancelled", len(seq.prompt_ids), 0, 0.0, ""))
                 continue
-            self._prefill(self.slots.index(None), seq)
+            r = self.slots.index(None)
+            try:
+                self._prefill(r, seq)
+            except Exception as exc:  # this prompt alone fails; the batch goes on
+                log.exception("text engine %s: a prefill failed", self.name)
+                if self.slots[r] is seq:
+                    self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+                else:
+                    seq.sink("", Finish("error", len(seq.prompt_ids), 0, 0.0, "", f"{type(exc).__name__}: {exc}"))
 
     @torch.inference_mode()
     def _prefill(self, r: int, seq: Sequence) -> None:
@@ -243,12 +280,13 @@ class TextEngine:
             x = torch.addmm(x, torch.nn.functional.silu(gate) * up, w_down)
         logits = (dec._norm(x) @ dec.head).float().cpu()  # (R, V)
         idx = torch.tensor(rows)
-        self.pos[idx.to(self.device)] += 1
         seqs = [self.slots[r] for r in rows]
+        tokens = self._sample(logits[idx], seqs)  # type: ignore[arg-type]
+        self.pos[idx.to(self.device)] += 1  # only once the step has succeeded (``_isolate`` may take it again)
         share = (time.perf_counter() - t0) / len(rows)
         for s in seqs:
             s.compute_s += share  # type: ignore[union-attr]
-        self._emit(idx, self._sample(logits[idx], seqs))  # type: ignore[arg-type]
+        self._emit(idx, tokens)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token per row: greedy at temperature 0, else top-p sampling with each row's own seeded generator.

@@ -3,16 +3,24 @@ its usage record (with measured compute seconds and their cost). Database work r
 threads; the settle step is shielded from cancellation so a dropped client still leaves its record."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import anyio
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from aigc.db import crud
 from aigc.db.crud import PaymentRequired, Principal, Units
+from aigc.db.session import is_locked, retry_locked
 from aigc.db.models import Price
-from aigc.serve.errors import ApiError
+from aigc.serve.errors import ApiError, database_unavailable
+
+log = logging.getLogger(__name__)
+
+
 
 
 @dataclass
@@ -23,8 +31,10 @@ class Hold:
 
 
 class Billing:
-    def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0, quota_status: int = 402):
+    def __init__(self, sessions: sessionmaker[Session], cost_per_s: float, price_ttl_s: float = 5.0, quota_status: int = 402,
+                 settle_retry_s: float = 60.0, busy_timeout_s: float = 5.0):
         self.sessions, self.cost_per_s, self.price_ttl_s = sessions, cost_per_s, price_ttl_s
+        self.settle_retry_s, self.busy_timeout_s = settle_retry_s, busy_timeout_s
         self.quota_status = quota_status  # 402, or 429 as OpenAI answers exhausted credit (clients classify it as a quota error)
         self.engine = sessions.kw["bind"]
         # SQLite in one process: a hold or settle is ~0.1-0.3 ms of local work, cheaper inline than a
@@ -48,22 +58,60 @@ class Billing:
         self._prices[(model, version)] = (p, time.monotonic() + self.price_ttl_s)
         return p
 
-    def _reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
+    def _reserve(self, principal: Principal, model: str, version: str, estimate: Units, wait: bool = True) -> Hold:
         price = self.price(model, version)
         with self.engine.begin() as conn:  # a Core connection: no ORM work on the hot path
+            if not wait:
+                conn.exec_driver_sql("PRAGMA busy_timeout=0")  # the event loop's fast path never waits for a lock
             return Hold(crud.reserve(conn, principal.org_id, crud.list_price(price, estimate), self.server), price, self.server)
 
     async def reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         try:
             if self.inline:
-                return self._reserve(principal, model, version, estimate)
-            return await anyio.to_thread.run_sync(self._reserve, principal, model, version, estimate)
+                try:
+                    return self._reserve(principal, model, version, estimate, False)
+                except OperationalError as exc:
+                    if not is_locked(exc):
+                        raise
+                # another writer holds the file (a job settling, the CLI): wait for it off the event loop, within the bound
+            return await anyio.to_thread.run_sync(retry_locked, lambda: self._reserve(principal, model, version, estimate),
+                                                  self.busy_timeout_s)
         except PaymentRequired as exc:
             raise ApiError(self.quota_status, str(exc), code="insufficient_quota", type="insufficient_quota") from None
 
     def settle_blocking(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
-        """``settle`` for a caller that may block (a job's worker thread)."""
+        """``settle`` for a caller that may block (a job's worker thread). While the database is unavailable (restarting,
+        locked) it tries again for up to ``settle_retry_s``: a request that ran is recorded once it can be, exactly once
+        (the usage record's request id is unique: a try whose commit did land is found, not repeated)."""
+        deadline, pause, tries = time.monotonic() + self.settle_retry_s, 0.1, 0
+        while True:
+            tries += 1
+            try:
+                return self._settle_once(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)
+            except IntegrityError:
+                if tries == 1:
+                    raise
+                done = self._recorded(request_id)  # an earlier try committed before its connection failed
+                if done is None:
+                    raise
+                return done
+            except DBAPIError as exc:
+                if not database_unavailable(exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("the database is unavailable: retrying the settle", extra={"request_id": request_id, "try": tries})
+                time.sleep(pause)
+                pause = min(2.0, pause * 2)
+
+    def _recorded(self, request_id: str) -> tuple[int, int] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(text("SELECT charged, cost FROM usage_records WHERE request_id = :r"), {"r": request_id}).first()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def _settle_once(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None,
+                     wait: bool = True):
         with self.engine.begin() as conn:
+            if not wait:
+                conn.exec_driver_sql("PRAGMA busy_timeout=0")
             done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
                                compute_s, self.cost_per_s, hold.server)
             if also is not None:
@@ -74,7 +122,12 @@ class Billing:
                      units: Units, hold: Hold, compute_s: float, also=None) -> tuple[int, int]:
         """Charge and record; ``also(conn)`` runs in the same transaction."""
         if self.inline:
-            return self.settle_blocking(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)
+            try:
+                return self._settle_once(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also,
+                                         wait=False)
+            except OperationalError as exc:  # locked (rolled back, nothing written): wait for it off the event loop
+                if not is_locked(exc):
+                    raise
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(self.settle_blocking, request_id, principal, model, version, endpoint, status,
                                                   units, hold, compute_s, also)

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error",
          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_exceeded",
-         500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+         500: "server_error", 503: "service_unavailable", 504: "timeout_error", 507: "server_error"}
 
 
 class ApiError(Exception):
@@ -73,5 +73,25 @@ async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONRes
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+RETRY_AFTER_S = 2
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether an error means the database cannot be reached or is held by another writer (a PostgreSQL restart, a
+    SQLite lock past its wait, no free connection): a client should try again shortly."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.OperationalError, sa.TimeoutError, sa.InterfaceError)):
+        return True
+    return isinstance(exc, sa.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def unavailable() -> ApiError:
+    return ApiError(503, "the database is unavailable for the moment (restarting, or held by another writer); "
+                    f"try again in {RETRY_AFTER_S} s", code="database_unavailable", headers={"retry-after": str(RETRY_AFTER_S)})
+
+
 async def unhandled_handler(_: Request, exc: Exception) -> JSONResponse:
+    if database_unavailable(exc):
+        return error_response(unavailable())
     return JSONResponse(body("internal server error", "server_error", "internal_error"), status_code=500)

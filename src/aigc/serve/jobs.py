@@ -10,6 +10,7 @@ that server's lease has expired (``serve.fleet``); jobs of live servers are left
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,7 +78,10 @@ class JobRunner:
             status, units, records, result, compute = "succeeded", outcome.units, outcome.records, outcome.result, outcome.compute_s
         except Exception as exc:  # a job's failure is reported through the job, never lost
             error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, OSError) and exc.strerror:
+                error = f"the server could not store the job's files ({exc.strerror}); nothing was charged"
             compute = time.perf_counter() - t0
+            shutil.rmtree(s.settings.home / "media" / job_id, ignore_errors=True)  # no partial set of files is left
             if not isinstance(exc, UserError):
                 log.exception("job failed", extra={"job": job_id})
         try:

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 
 import anyio
 
-from aigc.db.session import open_db
+from aigc.db.session import open_db, retry_locked
 from aigc.errors import Conflict, NotFound, UserError
 from aigc.serve.billing import Billing
 from aigc.serve.errors import ApiError
@@ -49,10 +49,12 @@ class Service:
 
     @classmethod
     def build(cls, settings: Settings, registry: Registry) -> Service:
-        sessions = open_db(settings.resolved_database_url())
+        sessions = open_db(settings.resolved_database_url(), busy_timeout_s=settings.db_busy_timeout_s)
         # the operator's compute price follows where the models run (the server's device)
         cost_per_s = settings.gpu_second_cost if registry.device.type != "cpu" else settings.cpu_second_cost
-        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status),
+        service = cls(settings, registry, sessions, Billing(sessions, cost_per_s, quota_status=settings.quota_status,
+                                                              settle_retry_s=settings.settle_retry_s,
+                                                              busy_timeout_s=settings.db_busy_timeout_s),
                       make_limiter(settings, sessions.kw["bind"]), Metrics(registry, settings.prometheus_multiproc_dir), url_secret(settings), Governance(settings, sessions))
         service.jobs = JobRunner(service, settings.job_workers)
         service.fine_tunes = FineTuner(service, settings.fine_tune_workers)
@@ -89,7 +91,7 @@ class Service:
             with self.sessions() as s:
                 return fn(s, *args)
         try:
-            return await anyio.to_thread.run_sync(work)
+            return await anyio.to_thread.run_sync(retry_locked, work, self.settings.db_busy_timeout_s)
         except NotFound as exc:
             raise ApiError(404, str(exc), code="not_found") from None
         except Conflict as exc:

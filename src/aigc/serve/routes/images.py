@@ -77,6 +77,21 @@ def _render(handle, body: ImageRequest, seed: int, gen: Generation) -> tuple[lis
     return out, labels, time.perf_counter() - t0
 
 
+def _store(folder, rid: str, kept: list) -> list[str]:
+    """Save the images to be served by URL (each atomically); if one cannot be written, none is left behind."""
+    names = []
+    try:
+        for i, f, _ in kept:
+            name = f"{rid}-{i}{delivery.SUFFIX[f.mime]}"
+            f.save(folder / name)
+            names.append(name)
+    except OSError:
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
+        raise
+    return names
+
+
 @router.post("/v1/images/generations", response_model=ImagesResponse)
 async def generate_images(body: ImageRequest, request: Request, service: ServiceDep, p: Generator):
     """Draw ``n`` images: the prompt is the condition (a class name or a caption; empty for an unconditional model)."""
@@ -93,28 +108,32 @@ async def generate_images(body: ImageRequest, request: Request, service: Service
     if body.output_format != "png":
         params["output_format"] = body.output_format
     status, compute, files, labels, records, kept = "error", 0.0, [], [], [], []
+    folder, names = service.settings.home / "images", []
     try:
         files, labels, compute = await anyio.to_thread.run_sync(_render, handle, body, seed, gen)
-        status = "ok"
         for i, ((f, blocked), lab) in enumerate(zip(files, labels)):
             records.append(gen.record(f"{rid}-{i}", params={**params, "index": i}, output_sha256=f.sha256, watermark_id=f.watermark_id,
                                       filters=gen.filters(*f.filters), status="blocked" if blocked else "delivered"))
             if not blocked:
                 kept.append((i, f, lab))
+        if body.response_format == "url":  # stored before anything is charged: a full disk fails the request whole
+            names = await anyio.to_thread.run_sync(_store, folder, rid, kept)
+        status = "ok"
     except UserError as exc:
         raise ApiError(400, str(exc), code="invalid_prompt", param="prompt") from None
+    except OSError as exc:
+        files, records = [], []  # nothing was delivered: nothing is charged or logged
+        raise ApiError(507, f"the server could not store the images ({exc.strerror or exc}); nothing was charged: try again "
+                       "later or ask for response_format b64_json", code="insufficient_storage") from None
     finally:
-        await gen.settle(status, Units(images=len(files)), compute, records)
+        await gen.settle(status, Units(images=len(files) if status == "ok" else 0), compute, records)
     data = []
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(f.data).decode(), "revised_prompt": lab} for _, f, lab in kept]
     else:
-        folder = service.settings.home / "images"
         base = service.base_url(request)
         expires = int(time.time()) + service.settings.image_url_ttl_s
-        for i, f, lab in kept:
-            name = f"{rid}-{i}{delivery.SUFFIX[f.mime]}"
-            f.save(folder / name)
+        for name, (i, f, lab) in zip(names, kept):
             sig = sign(service.url_secret, name, expires)
             data.append({"url": f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}", "revised_prompt": lab})
     return JSONResponse({"created": int(time.time()), "data": data},
