@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     context_tokens: int = 1024  # KV cache length per sequence (prompt + completion), capped by the model's own
     key_cache_s: float = 5.0  # a key revoked from another process stops working within this many seconds (without NOTIFY)
     # The fleet (serve/fleet.py, serve/ratelimit.py): several processes and hosts on one PostgreSQL.
+    echo_token_ms: float = Field(0.0, ge=0, description="Stub (--echo-model) models write a word every this many ms "
+                                 "(0: all at once): streams that last, for load and fault tests.")
     workers: int = Field(1, ge=1, description="Server processes on this host (aigc serve --workers); more than 1 needs PostgreSQL.")
     rate_limit_backend: Literal["auto", "memory", "postgres", "redis"] = Field(
         "auto", description="Where rate limits count: auto (Redis when AIGC_REDIS_URL is set, PostgreSQL when the database is, "

@@ -399,10 +399,10 @@ def reserve(s, org_id: int, estimate_list: int, server: str | None = None) -> in
             which, limit, what = "spend", b.spend_limit, "monthly spend limit"
         else:
             which, what = "none", ""
-    if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
-        raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")
-    if server is not None and amount:
+    if server is not None and amount:  # first, as settle takes its locks: server_holds, then organizations (no deadlock)
         s.execute(_TRACK, {"server": server, "org": org_id, "amount": amount})
+    if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
+        raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")  # rolls back both
     return amount
 
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc import __version__
@@ -29,7 +30,8 @@ class JsonFormatter(logging.Formatter):
     SKIP = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "pid": record.process,
+               "msg": record.getMessage()}
         out.update({k: v for k, v in record.__dict__.items() if k not in self.SKIP})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
@@ -92,7 +94,8 @@ def build_registry(settings: Settings, runs: list[str], models_dir: str | None, 
     return Registry.from_paths(list(runs), models_dir or settings.models_dir, echo,
                                memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch,
                                context=settings.context_tokens, device=settings.device, model_devices=placements,
-                               gpu_memory_budget_mb=settings.gpu_memory_budget_mb, embeddings=settings.embeddings)
+                               gpu_memory_budget_mb=settings.gpu_memory_budget_mb, embeddings=settings.embeddings,
+                               echo_token_ms=settings.echo_token_ms)
 
 
 def worker_app() -> FastAPI:
@@ -131,6 +134,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
+    app.add_exception_handler(SQLAlchemyError, errors.database_handler)  # the database restarting or locked: 503
     app.add_exception_handler(Exception, errors.unhandled_handler)
     for module in (models, completions, chat, embeddings, images, media, files, fine_tuning, usage, admin, governance, health):
         app.include_router(module.router)

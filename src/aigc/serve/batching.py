@@ -13,6 +13,7 @@ that in ``loop.call_soon_threadsafe``.
 from __future__ import annotations
 
 import logging
+import heapq
 import queue
 import secrets
 import threading
@@ -477,13 +478,21 @@ class SerialTextEngine:
 
 
 class EchoEngine:
-    """A stub text model that answers instantly with the prompt's words: measures the gateway alone."""
+    """A stub text model that answers with the prompt's words: measures the gateway alone. With ``token_ms`` it writes
+    a word every ``token_ms`` milliseconds (one scheduler thread for all its sequences), so streams last."""
 
     context = 1_000_000
     sampling_extras = True  # accepted, and meaningless for an echo
 
-    def __init__(self):
+    def __init__(self, token_ms: float = 0.0):
         self.tokens_out = 0
+        self.delay = token_ms / 1000.0
+        self._due: list = []  # (when, n, seq, words, next index)
+        self._n = 0
+        self._cv = threading.Condition()
+        self._open = True
+        if self.delay:
+            threading.Thread(target=self._loop, name="engine-echo", daemon=True).start()
 
     def encode(self, text: str) -> list[int]:
         return [len(w) for w in text.split()] or [0]
@@ -492,14 +501,41 @@ class EchoEngine:
         words = seq.text.split() or ["echo"]
         out = [words[i % len(words)] for i in range(seq.max_tokens)]
         self.tokens_out += len(out)
-        seq.sink(" ".join(out), Finish("length", len(seq.prompt_ids), len(out), 0.0, " ".join(out)))
+        if not self.delay or not out:
+            seq.sink(" ".join(out), Finish("length", len(seq.prompt_ids), len(out), 0.0, " ".join(out)))
+            return seq
+        with self._cv:
+            self._n += 1
+            heapq.heappush(self._due, (time.monotonic() + self.delay, self._n, seq, out, 0))
+            self._cv.notify()
         return seq
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._open and (not self._due or self._due[0][0] > time.monotonic()):
+                    self._cv.wait(max(0.0, self._due[0][0] - time.monotonic()) if self._due else None)
+                if not self._open:
+                    return
+                when, n, seq, out, i = heapq.heappop(self._due)
+            if seq.cancelled:
+                seq.sink("", Finish("cancelled", len(seq.prompt_ids), i, 0.0, " ".join(out[:i])))
+                continue
+            piece = (" " if i else "") + out[i]
+            if i + 1 == len(out):
+                seq.sink(piece, Finish("length", len(seq.prompt_ids), len(out), 0.0, " ".join(out)))
+                continue
+            seq.sink(piece, None)
+            with self._cv:
+                heapq.heappush(self._due, (when + self.delay, n, seq, out, i + 1))
 
     def queue_depth(self) -> int:
         return 0
 
     def active(self) -> int:
-        return 0
+        return len(self._due)
 
     def close(self) -> None:
-        pass
+        with self._cv:
+            self._open = False
+            self._cv.notify()

@@ -98,7 +98,8 @@ class Billing:
             except DBAPIError as exc:
                 if not database_unavailable(exc) or time.monotonic() + pause > deadline:
                     raise
-                log.warning("the database is unavailable: retrying the settle", extra={"request_id": request_id, "try": tries})
+                log.warning("the database is unavailable: retrying the settle", extra={"request_id": request_id, "try": tries,
+                                                                                     "error": str(exc.orig or exc)[:200]})
                 time.sleep(pause)
                 pause = min(2.0, pause * 2)
 

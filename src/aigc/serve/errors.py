@@ -1,6 +1,8 @@
 """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -89,6 +91,15 @@ def database_unavailable(exc: BaseException) -> bool:
 def unavailable() -> ApiError:
     return ApiError(503, "the database is unavailable for the moment (restarting, or held by another writer); "
                     f"try again in {RETRY_AFTER_S} s", code="database_unavailable", headers={"retry-after": str(RETRY_AFTER_S)})
+
+
+async def database_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Database errors, answered here (not as an unhandled error, which would also close the client's connection):
+    503 with Retry-After when the database is unavailable, else a plain 500 (logged)."""
+    if database_unavailable(exc):
+        return error_response(unavailable())
+    logging.getLogger("aigc.serve").error("database error", exc_info=exc)
+    return JSONResponse(body("internal server error", "server_error", "internal_error"), status_code=500)
 
 
 async def unhandled_handler(_: Request, exc: Exception) -> JSONResponse:

@@ -116,7 +116,7 @@ class Registry:
 
     @classmethod
     def from_paths(cls, paths: list[str], models_dir: Path | None = None, echo: list[str] | None = None, embeddings: bool = False,
-                   **kw) -> Registry:
+                   echo_token_ms: float = 0.0, **kw) -> Registry:
         entries = []
         if embeddings and (entry := embedding_entry()) is not None:
             entries.append(entry)
@@ -130,7 +130,8 @@ class Registry:
                 raise UserError(f"run directory not found: {path}")
             entries.append(entry_for(Path(path), name or None))
         for name in echo or []:
-            entries.append(ModelEntry(name, ECHO, None, "echo", int(time.time()), 0, info={"note": "echoes the prompt; for gateway tests"}))
+            info = {"note": "echoes the prompt; for gateway tests", **({"token_ms": echo_token_ms} if echo_token_ms else {})}
+            entries.append(ModelEntry(name, ECHO, None, "echo", int(time.time()), 0, info=info))
         if not [e for e in entries if e.kind != EMBEDDING]:
             raise UserError("nothing to serve: pass run directories, --models-dir or --echo-model")
         return cls(entries, **kw)
@@ -278,7 +279,7 @@ def _load_embedding(entry: ModelEntry, reg: Registry):
 def _load_echo(entry: ModelEntry, reg: Registry):
     from aigc.serve.batching import EchoEngine
 
-    return EchoEngine()
+    return EchoEngine(float(entry.info.get("token_ms", 0.0)))
 
 
 LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo, EMBEDDING: _load_embedding}
