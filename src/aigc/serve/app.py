@@ -3,6 +3,7 @@ metering, rate limits, Prometheus metrics and JSON logs. ``create_app`` builds i
 runs it under uvicorn (which, on SIGTERM, stops accepting and lets in-flight requests finish)."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import secrets
@@ -123,6 +124,10 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
         bind = service.sessions.kw["bind"]
         log.info("server starting", extra={"models": list(registry.entries), "database": bind.url.render_as_string(hide_password=True)})
         service.fleet.start()  # register; fail what dead servers left (holds, jobs); serve every fine-tuned model
+        # The models and libraries loaded at start are millions of objects that live as long as the process: kept out of
+        # the collector's view, a full collection no longer walks them (a ~200 ms pause of every request in flight).
+        gc.collect()
+        gc.freeze()
         yield
         # uvicorn has already waited for in-flight requests (their usage is recorded) before we get here.
         service.close()
