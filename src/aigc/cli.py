@@ -1011,6 +1011,7 @@ def serve(
     import uvicorn
 
     from aigc.serve.app import build_registry, create_app, setup_logging
+    from aigc.serve.http import uvicorn_options
 
     import threading
     import time
@@ -1041,8 +1042,10 @@ def serve(
     registry = build_registry(settings, list(runs or []), models_dir, echo_model, placements)
     threads.configure()
     application = create_app(settings, registry)
-    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=shutdown_timeout, access_log=False))
+    config = uvicorn.Config(application, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=False, **uvicorn_options(settings))
+    config.client_timeout_s = settings.client_timeout_s
+    server = uvicorn.Server(config)
     threading.Thread(target=announce, args=(lambda: server.started, list(registry.entries)), daemon=True).start()
     try:
         server.run()
@@ -1068,6 +1071,7 @@ def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs
     import uvicorn
 
     from aigc.db.session import open_db
+    from aigc.serve.http import uvicorn_options
 
     open_db(settings.resolved_database_url()).kw["bind"].dispose()  # migrate once, not N times at once
     metrics_dir = settings.home / "run" / f"metrics-{os.getpid()}"
@@ -1078,7 +1082,7 @@ def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs
                                         "echo": list(echo_model or []), "placements": placements}),
         "AIGC_HOME": str(settings.home), "AIGC_DATABASE_URL": settings.resolved_database_url(),
         "AIGC_MAX_BATCH": str(settings.max_batch), "AIGC_DEVICE": settings.device, "AIGC_WORKERS": "1",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "AIGC_CLIENT_TIMEOUT_S": str(settings.client_timeout_s),
     })
     names = [r.split("=", 1)[0] if "=" in r else Path(r).name for r in (runs or [])] + list(echo_model or [])
     base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
@@ -1092,7 +1096,7 @@ def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs
     try:
         uvicorn.run("aigc.serve.app:worker_app", factory=True, host=host, port=port, workers=settings.workers,
                     log_level="warning", timeout_graceful_shutdown=shutdown_timeout, access_log=False,
-                    timeout_worker_healthcheck=30)
+                    timeout_worker_healthcheck=30, **uvicorn_options(settings))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

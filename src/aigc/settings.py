@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     fine_tune_workers: int = Field(1, ge=1, description="Fine-tuning jobs this server trains at once (each in its own process); more wait queued.")
     fine_tune_max_active: int = Field(2, ge=1, description="Fine-tuning jobs a tenant may have queued or running at once.")
     fine_tune_max_seconds: float = Field(3600.0, gt=0, description="The time budget of one fine-tuning job (training stops there and keeps its best model).")
+    max_body_mb: int = Field(64, ge=1, description="The largest request body (413 beyond it); /v1/files uploads: file_max_mb.")
+    max_header_kb: int = Field(32, ge=1, description="The most a request's headers may weigh in all (431 beyond it).")
+    client_timeout_s: float = Field(30.0, gt=0, description="How long a client may take to send a request's head, and "
+                                    "between parts of its body (408 and closed beyond it).")
+    trusted_proxies: str = Field("", description="Reverse proxies (addresses or networks, comma-separated) whose "
+                                 "X-Forwarded-For is believed; empty: the peer's address counts, the header is ignored.")
+    complaints_per_minute: int = Field(20, ge=1, description="Complaints (no key needed) one address may file a minute.")
+    complaints_per_minute_total: int = Field(600, ge=1, description="Complaints all addresses together may file a minute "
+                                             "(a flood from many addresses).")
+    cors_origins: str = Field("", description="Origins (comma-separated) whose pages may call the API from a browser; "
+                              "empty: none (CORS closed).")
     file_max_mb: int = Field(512, ge=1, description="The largest file /v1/files accepts.")
     console_idle_minutes: float = Field(60.0, gt=0, description="A console session ends after this long without a request.")
     threads: int = Field(0, ge=0, description="torch intra-op threads for every job; 0: follow the free CPU (aigc/threads.py).")

@@ -15,6 +15,7 @@ from conftest import wait_for
 from aigc.db.session import open_db
 from aigc.db import crud
 from aigc.serve.app import create_app
+from aigc.serve.http import uvicorn_options
 from aigc.serve.registry import Registry
 from aigc.settings import Settings
 
@@ -45,7 +46,8 @@ class Live:
 def start(settings: Settings, registry: Registry) -> Live:
     app = create_app(settings, registry)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options(settings))
+    config.client_timeout_s = settings.client_timeout_s
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

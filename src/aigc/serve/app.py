@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc import __version__
 from aigc.serve import errors
+from aigc.serve.http import add_edge
 from aigc.serve.registry import Registry
 from aigc.serve.service import Service
 from aigc.settings import Settings
@@ -144,5 +145,6 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     for module in (models, completions, chat, embeddings, images, media, files, fine_tuning, usage, admin, governance, health):
         app.include_router(module.router)
     console.mount(app)
+    add_edge(app, settings)  # body, header and time limits; trusted proxies; CORS
     app.add_middleware(RequestContext, service_getter=lambda: service)
     return app

@@ -61,7 +61,7 @@ OPENAI_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/a
 
 
 async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large"}.get(exc.status_code)
     message = str(exc.detail)
     if exc.status_code == 404 and exc.detail == "Not Found":  # no route: say what was asked and whether OpenAI has it
         path = request.url.path

@@ -152,10 +152,16 @@ class ComplaintRequest(BaseModel):
 @router.post("/v1/complaints", status_code=201, response_model=NewComplaint)
 async def complain(body: ComplaintRequest, request: Request, service: ServiceDep):
     """File a complaint about an output (no key needed): by generation id, content, file or hash; it is matched to its generation."""
+    # Anonymous: a limit per address (the peer's, or the client's as a trusted proxy reports it: serve/http.py) and one
+    # for all addresses together, so that neither one address nor a crowd of them can bury the reviewers.
     client = request.client.host if request.client else "unknown"
-    decision = await service.limiter.atake(f"complaints:{client}", 20, 10**9, 0)  # anonymous: 20 per minute per address
-    if not decision.allowed:
-        raise ApiError(429, decision.reason, code="rate_limit_exceeded", headers=decision.headers)
+    settings = service.settings
+    for key, limit in ((f"complaints:{client}", settings.complaints_per_minute),  # the address's first: one address
+                       ("complaints:*", settings.complaints_per_minute_total)):   # past its own limit spends no one's
+        decision = await service.limiter.atake(key, limit, 10**9, 0)
+        if not decision.allowed:
+            message = decision.reason if key != "complaints:*" else "too many complaints are arriving: try again in a minute"
+            raise ApiError(429, message, code="rate_limit_exceeded", headers=decision.headers)
     try:
         data = records.decode_b64(body.file) if body.file is not None else None
     except UserError as exc:
