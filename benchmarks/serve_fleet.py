@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import BARE, free_port, open_loop, wait_ready  # noqa: E402
+from serve_load import BARE, free_port, open_loop, wait_ready
 
 ECHO_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "AIGC_THREADS": "1"}
 
@@ -64,7 +64,7 @@ def postgres(url: str | None):
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, check=False)
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -114,7 +114,7 @@ class Server:
     def pids(self) -> list[int]:
         if self.workers == 1:
             return [self.proc.pid]
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False).stdout.split()
         pids = []
         for p in out:
             try:
@@ -267,7 +267,7 @@ async def _soak(url: str, key: str, rate: float, seconds: float, on_minute) -> d
         async def guarded(coro):
             try:
                 await coro
-            except Exception as exc:  # a connection reset or timeout: an error of the soak
+            except Exception as exc:  # noqa: BLE001 -- a connection reset or timeout: an error of the soak
                 error(f"{type(exc).__name__}: {exc}")
 
         start, pending, minute = time.perf_counter(), set(), 0
@@ -323,11 +323,10 @@ def soak(work: Path, db: str, env: dict, key: str, image_run: Path, minutes: flo
 
 
 def image_run(work: Path) -> Path:
+    import aigc
     from aigc.config import load_config
     from aigc.data.images import ImagePrepareOptions, prepare
     from aigc.train.image import ImageTrainConfig, prepare_run, train
-
-    import aigc
 
     prepare([], work / "shapes", ImagePrepareOptions(size=8, count=120), builtin=["shapes"])
     tiny = Path(aigc.__file__).parent / "configs/image/tiny.yaml"

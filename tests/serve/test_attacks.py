@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from aigc.db import crud
-from aigc.db.models import ApiKey, FineTuneJob, Job
+from aigc.db.models import FineTuneJob, Job
 from aigc.serve.app import JsonFormatter, create_app
 from aigc.serve.registry import Registry
 from aigc.settings import Settings
@@ -412,7 +412,7 @@ def test_slow_clients_are_cut_off(live):
     body, took = _raw(live, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
                             b"Content-Type: application/json\r\n\r\n{\"model\":")
     assert b" 408 " in body.split(b"\r\n")[0] and b"request_timeout" in body and took < 8
-    idle, took = _raw(live, b"")  # a socket opened and left
+    _, took = _raw(live, b"")  # a socket opened and left
     assert took < 8
     assert httpx.get(live.url + "/healthz").status_code == 200  # others were served meanwhile
 
