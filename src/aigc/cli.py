@@ -1065,6 +1065,7 @@ def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs
     import json as _json
     import os
     import shutil
+    import socket
     import threading
 
     import httpx
@@ -1074,7 +1075,8 @@ def _serve_workers(settings, host: str, port: int, shutdown_timeout: float, runs
     from aigc.serve.http import uvicorn_options
 
     open_db(settings.resolved_database_url()).kw["bind"].dispose()  # migrate once, not N times at once
-    metrics_dir = settings.home / "run" / f"metrics-{os.getpid()}"
+    # per host and supervisor: hosts may share AIGC_HOME, and two hosts may give their supervisors the same pid
+    metrics_dir = settings.home / "run" / f"metrics-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ.update({
