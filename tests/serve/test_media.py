@@ -146,11 +146,12 @@ def test_prepaid_without_credit_is_refused_and_dead_servers_jobs_and_holds_are_r
         "ef": Server(id="another-host:2:z", host="another-host", pid=2, heartbeat_at=now - dt.timedelta(seconds=fleet.lease_s + 5)),
     }
     with media_server.sessions.begin() as s:
-        for tag, server in servers.items():
+        for i, (tag, server) in enumerate(servers.items()):
             s.add(server)
             s.add(Job(id="job_" + tag * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="running",
                       params={}, held=5000, owner=server.id))
-            s.add(ServerHold(server_id=server.id, org_id=org, amount=700))  # its requests in flight
+            s.add(ServerHold(id=10 * i + 1, server_id=server.id, org_id=org, amount=300))  # its requests in flight
+            s.add(ServerHold(id=10 * i + 2, server_id=server.id, org_id=org, amount=400))
         s.add(Job(id="job_" + "gh" * 12, org_id=org, kind="audio", model="chorales", model_version="v", status="queued",
                   params={}, held=5000, owner="old-host:123"))  # an owner no server row names (an older server)
         s.get(Organization, org).reserved = 4 * 5000 + 3 * 700

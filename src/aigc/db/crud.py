@@ -374,16 +374,19 @@ def _roll_period(s, org_id: int, b: PlanTerms) -> None:
                       Units(), 0, b.monthly_fee, 0.0, 0)
 
 
-_TRACK = text("INSERT INTO server_holds (server_id, org_id, amount) VALUES (:server, :org, :amount) "
-              "ON CONFLICT (server_id, org_id) DO UPDATE SET amount = server_holds.amount + excluded.amount")
-_UNTRACK = text("UPDATE server_holds SET amount = amount - :held WHERE server_id = :server AND org_id = :org AND amount >= :held")
+_TRACK = text("INSERT INTO server_holds (id, server_id, org_id, amount) VALUES (:id, :server, :org, :amount)")
+_UNTRACK = text("DELETE FROM server_holds WHERE id = :id AND server_id = :server")
 
 
-def reserve(s, org_id: int, estimate_list: int, server: str | None = None) -> int:
+def new_hold_id() -> int:
+    return secrets.randbits(62) + 1
+
+
+def reserve(s, org_id: int, estimate_list: int, server: str | None = None, hold_id: int | None = None) -> int:
     """Hold the most a request can cost before running it. Returns the amount held (for ``settle``).
 
-    ``server``: the server process whose request it is; its share of the tenant's holds is kept in
-    ``server_holds``, so that when it dies whoever finds it dead releases exactly what it held.
+    ``server``: the server process whose request it is; the hold is kept in ``server_holds`` as row ``hold_id``
+    (``new_hold_id``), so that when the server dies whoever finds it dead releases exactly what it held.
     Raises PaymentRequired when the quota, credit or spend limit cannot cover it.
     """
     b = load_billing(s, org_id)
@@ -399,19 +402,19 @@ def reserve(s, org_id: int, estimate_list: int, server: str | None = None) -> in
             which, limit, what = "spend", b.spend_limit, "monthly spend limit"
         else:
             which, what = "none", ""
-    if server is not None and amount:  # first, as settle takes its locks: server_holds, then organizations (no deadlock)
-        s.execute(_TRACK, {"server": server, "org": org_id, "amount": amount})
+    if server is not None and amount:  # a row of its own: no lock another request waits for
+        s.execute(_TRACK, {"id": hold_id or new_hold_id(), "server": server, "org": org_id, "amount": amount})
     if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
         raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")  # rolls back both
     return amount
 
 
-def untrack_hold(s, server: str | None, org_id: int, held: int) -> int:
-    """Take ``held`` off ``server``'s share of the tenant's holds: what may still be released from the tenant's balance
+def untrack_hold(s, server: str | None, org_id: int, held: int, hold_id: int | None = None) -> int:
+    """Delete the request's row ``hold_id`` of ``server``'s holds: what may still be released from the tenant's balance
     (0 when the server was found dead meanwhile and its holds were already released)."""
     if server is None or not held:
         return held
-    return held if s.execute(_UNTRACK, {"server": server, "org": org_id, "held": held}).rowcount == 1 else 0
+    return held if s.execute(_UNTRACK, {"id": hold_id, "server": server}).rowcount == 1 else 0
 
 
 @dataclass
@@ -423,9 +426,9 @@ class Settled:
 
 def settle(s, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
            units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float,
-           server: str | None = None) -> Settled:
+           server: str | None = None, hold_id: int | None = None) -> Settled:
     """Release the hold, charge what was used and append the usage record + rollup, in one transaction."""
-    held = untrack_hold(s, server, principal.org_id, held)
+    held = untrack_hold(s, server, principal.org_id, held, hold_id)
     b = load_billing(s, principal.org_id)
     lp = list_price(price, units)
     org = principal.org_id
@@ -528,15 +531,15 @@ def insert_generation(conn, row: dict) -> None:
 
 # ---------------------------------------------------------------- jobs
 
-def _carry_hold(s: Session, server: str | None, org_id: int, held: int) -> None:
-    """A job's row carries its hold from now on: it leaves the server's share (which a dead server's reaper releases)."""
-    if untrack_hold(s, server, org_id, held) != held:
+def _carry_hold(s: Session, server: str | None, org_id: int, held: int, hold_id: int | None) -> None:
+    """A job's row carries its hold from now on: it leaves the server's holds (which a dead server's reaper releases)."""
+    if untrack_hold(s, server, org_id, held, hold_id) != held:
         raise Conflict("this server lost its lease while the job was created; its hold was released: send the request again")
 
 
-def create_job(s: Session, server: str | None = None, **fields):
-    """A queued job; ``server``: whose hold the job takes over (``reserve``)."""
-    _carry_hold(s, server, fields["org_id"], fields.get("held", 0))
+def create_job(s: Session, server: str | None = None, hold_id: int | None = None, **fields):
+    """A queued job; ``server``, ``hold_id``: the hold the job takes over (``reserve``)."""
+    _carry_hold(s, server, fields["org_id"], fields.get("held", 0), hold_id)
     job = Job(status="queued", created_at=utcnow(), **fields)
     s.add(job)
     s.flush()
@@ -626,8 +629,8 @@ def active_fine_tunes(s: Session, org_id: int) -> int:
                                                                               _FT_UNFINISHED)) or 0)
 
 
-def create_fine_tune(s: Session, server: str | None = None, **fields) -> FineTuneJob:
-    _carry_hold(s, server, fields["org_id"], fields.get("held", 0))
+def create_fine_tune(s: Session, server: str | None = None, hold_id: int | None = None, **fields) -> FineTuneJob:
+    _carry_hold(s, server, fields["org_id"], fields.get("held", 0), hold_id)
     job = FineTuneJob(status="queued", created_at=utcnow(), **fields)
     s.add(job)
     s.flush()
@@ -827,15 +830,14 @@ def reap_server(conn, server_id: str, lease_s: float | None) -> bool:
 def release_orphan_holds(conn) -> dict[int, int]:
     """Release what servers no longer alive held for their requests in flight: {org id: amount released}."""
     h = ServerHold.__table__
-    rows = conn.execute(select(h.c.server_id, h.c.org_id, h.c.amount).where(h.c.server_id.not_in(select(Server.id)))).all()
+    # the rows are deleted first: of two servers releasing them at once, one deletes and releases, the other finds none
+    rows = conn.execute(h.delete().where(h.c.server_id.not_in(select(Server.id))).returning(h.c.org_id, h.c.amount)).all()
     released: dict[int, int] = {}
-    for server_id, org_id, amount in rows:
-        # the row is deleted first: of two servers releasing it at once, one deletes it and releases, the other finds nothing
-        if conn.execute(h.delete().where(h.c.server_id == server_id, h.c.org_id == org_id)).rowcount != 1:
-            continue
+    for org_id, amount in rows:
+        released[org_id] = released.get(org_id, 0) + amount
+    for org_id, amount in sorted(released.items()):
         if amount:
             conn.execute(text("UPDATE organizations SET reserved = reserved - :a WHERE id = :o"), {"a": amount, "o": org_id})
-            released[org_id] = released.get(org_id, 0) + amount
     return released
 
 

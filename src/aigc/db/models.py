@@ -329,12 +329,15 @@ class Server(Base):
 
 
 class ServerHold(Base):
-    """What one server's requests in flight hold of a tenant's balance (a part of ``organizations.reserved``):
-    released by whoever finds the server dead, so a killed process leaks no hold."""
+    """The hold of one request in flight on one server (a part of ``organizations.reserved``): released by whoever
+    finds the server dead, so a killed process leaks no hold. A row per request, inserted at the hold and deleted at
+    the settle: no two requests write the same row (a row per server and tenant made every request of a tenant on a
+    server wait for the one before it to commit)."""
 
     __tablename__ = "server_holds"
-    server_id: Mapped[str] = mapped_column(String(120), primary_key=True)
-    org_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # random, made by the server
+    server_id: Mapped[str] = mapped_column(String(120), index=True)
+    org_id: Mapped[int] = mapped_column(Integer)
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

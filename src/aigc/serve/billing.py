@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class Hold:
     amount: int
     price: Price | None
-    server: str | None = None  # the server whose share of the tenant's holds it is (None: a job's row carries it)
+    server: str | None = None  # the server whose request holds it (None: a job's row carries it)
+    hold_id: int | None = None  # its row in server_holds
 
 
 class Billing:
@@ -63,7 +64,9 @@ class Billing:
         with self.engine.begin() as conn:  # a Core connection: no ORM work on the hot path
             if not wait:
                 conn.exec_driver_sql("PRAGMA busy_timeout=0")  # the event loop's fast path never waits for a lock
-            return Hold(crud.reserve(conn, principal.org_id, crud.list_price(price, estimate), self.server), price, self.server)
+            hold_id = crud.new_hold_id()
+            amount = crud.reserve(conn, principal.org_id, crud.list_price(price, estimate), self.server, hold_id)
+            return Hold(amount, price, self.server, hold_id)
 
     async def reserve(self, principal: Principal, model: str, version: str, estimate: Units) -> Hold:
         try:
@@ -114,7 +117,7 @@ class Billing:
             if not wait:
                 conn.exec_driver_sql("PRAGMA busy_timeout=0")
             done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
-                               compute_s, self.cost_per_s, hold.server)
+                               compute_s, self.cost_per_s, hold.server, hold.hold_id)
             if also is not None:
                 also(conn)  # e.g. the generation log and its audit entries: one commit for the whole request
             return done.charged, done.cost

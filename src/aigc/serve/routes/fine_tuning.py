@@ -193,7 +193,7 @@ async def create_job(body: FineTuneRequest, request: Request, service: ServiceDe
         if crud.active_fine_tunes(s, p.org_id) >= service.settings.fine_tune_max_active:
             raise ApiError(429, f"this organisation already has {service.settings.fine_tune_max_active} fine-tuning jobs queued or "
                            "running; wait for one to finish or cancel one", code="too_many_jobs")
-        job = crud.create_fine_tune(s, server=hold.server, id=job_id, org_id=p.org_id, key_id=p.key_id or None, model=entry.id,
+        job = crud.create_fine_tune(s, server=hold.server, hold_id=hold.hold_id, id=job_id, org_id=p.org_id, key_id=p.key_id or None, model=entry.id,
                                     model_version=entry.version, training_file=file_ids[0],
                                     validation_file=file_ids[1] if len(file_ids) > 1 else None,
                                     method={"type": method, "finetuning_type": body.finetuning_type, "metadata": body.metadata},

@@ -137,7 +137,7 @@ async def _create(service, p, request: Request, kind: str, entry, body, prompt: 
     base = service.base_url(request)
 
     def create(s):
-        job = crud.create_job(s, server=hold.server, id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind,
+        job = crud.create_job(s, server=hold.server, hold_id=hold.hold_id, id=job_id, org_id=p.org_id, key_id=p.key_id or None, kind=kind,
                               model=entry.id, model_version=entry.version, owner=service.jobs.owner, params=params, held=hold.amount)
         return _job_json(job, service, base)
     try:
