@@ -222,7 +222,9 @@ def scaling(work: Path, db: str, env: dict, key: str, workers: int, rates: list[
 
 async def _rate_limited(url: str, key: str, rate: float, seconds: float) -> dict:
     codes: dict[int, int] = {}
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+    # a new connection per request, so that the kernel spreads them over the workers (kept-alive ones stay with one)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as client:
         async def one():
             r = await client.post("/v1/completions", json={"model": "echo", "prompt": "a b c", "max_tokens": 2})
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
