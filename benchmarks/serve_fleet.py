@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import BARE, free_port, pct, wait_ready
+from serve_load import BARE, free_port, open_loop, wait_ready
 
 ECHO_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "AIGC_THREADS": "1"}
 
@@ -159,40 +159,6 @@ class Bare:
         self.proc.wait(30)
 
 
-async def open_loop(url: str, key: str, rate: float, seconds: float, timeout: float = 20.0) -> dict:
-    """serve_load's open loop, where a request that fails or times out is counted (an overloaded server is a result)."""
-    body = {"model": "echo", "prompt": "a b c d", "max_tokens": 4}
-    lat, codes = [], {}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                                 timeout=timeout) as client:
-        async def one():
-            t = time.perf_counter()
-            try:
-                r = await client.post("/v1/completions", json=body)
-                code = r.status_code
-            except httpx.HTTPError as exc:
-                code = type(exc).__name__
-            lat.append(time.perf_counter() - t)
-            codes[code] = codes.get(code, 0) + 1
-
-        for _ in range(20):
-            await one()
-        lat.clear()
-        codes.clear()
-        tasks, start = [], time.perf_counter()
-        n = int(rate * seconds)
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    return {"requests": n, "achieved_rps": round(n / wall, 1), "p50_ms": round(pct(lat, 0.5) * 1000, 3),
-            "p99_ms": round(pct(lat, 0.99) * 1000, 3), "codes": codes}
-
-
 def scaling(work: Path, db: str, env: dict, key: str, workers: int, rates: list[float], seconds: float) -> dict:
     bare = Bare(work, workers)
     srv = Server(["--echo-model", "echo"], workers, {**env, "AIGC_DATABASE_URL": db}, work / f"scaling-{workers}.log")
@@ -200,8 +166,8 @@ def scaling(work: Path, db: str, env: dict, key: str, workers: int, rates: list[
     try:
         asyncio.run(open_loop(srv.url, key, 50, 4))  # warm up every worker (models and classifiers load on first use)
         for rate in rates:
-            b = asyncio.run(open_loop(bare.url, key, rate, seconds))
-            g = asyncio.run(open_loop(srv.url, key, rate, seconds))
+            b = asyncio.run(open_loop(bare.url, key, rate, seconds, timeout=20, max_connections=256))
+            g = asyncio.run(open_loop(srv.url, key, rate, seconds, timeout=20, max_connections=256))
             added = round(g["p99_ms"] - b["p99_ms"], 3)
             served = set(g["codes"]) == {200} and g["achieved_rps"] >= 0.97 * rate and g["p99_ms"] < 1000
             ok = served and added <= 10

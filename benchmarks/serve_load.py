@@ -73,21 +73,26 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-async def open_loop(url: str, key: str, rate: float, seconds: float) -> dict:
-    """Send requests at a fixed rate (not waiting for answers), measure each one's latency."""
+async def open_loop(url: str, key: str, rate: float, seconds: float, timeout: float = 30.0,
+                    max_connections: int = 64) -> dict:
+    """Send requests at a fixed rate (not waiting for answers), measure each one's latency. A request that fails or
+    times out is counted under its exception's name (an overloaded server is a result, not a crash)."""
     body = {"model": "echo", "prompt": "a b c d", "max_tokens": 4}
     headers = {"Authorization": f"Bearer {key}"}
     lat, codes = [], {}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as client:
         for _ in range(20):  # warm up connections and caches
             await client.post("/v1/completions", json=body)
 
         async def one():
             t = time.perf_counter()
-            r = await client.post("/v1/completions", json=body)
+            try:
+                code = (await client.post("/v1/completions", json=body)).status_code
+            except httpx.HTTPError as exc:
+                code = type(exc).__name__
             lat.append(time.perf_counter() - t)
-            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            codes[code] = codes.get(code, 0) + 1
 
         tasks, start = [], time.perf_counter()
         n = int(rate * seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import io
-import json
 import logging
 import re
 import socket
@@ -215,7 +214,7 @@ def test_authorisation_matrix_of_the_api(world):
         for who in sorted(EVERYONE):
             r = call(world.client, method, url, world.headers(who))
             denied = r.status_code in (401, 403)
-            if who in allowed and denied and r.json()["error"]["code"] not in ("url_expired",):
+            if who in allowed and denied:
                 wrong.append((method, path, who, r.status_code, r.text[:120]))
             if who not in allowed and not denied:
                 wrong.append((method, path, who, r.status_code, "admitted"))
@@ -519,4 +518,3 @@ def test_cors_closed_by_default_open_only_to_configured_origins(world, tmp_path)
         assert ok.headers.get("access-control-allow-origin") == "https://app.example"
         bad = c2.options("/v1/models", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
         assert "access-control-allow-origin" not in bad.headers
-    assert json.loads(json.dumps(dict(ok.headers)))  # headers are plain strings

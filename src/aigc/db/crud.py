@@ -403,7 +403,9 @@ def reserve(s, org_id: int, estimate_list: int, server: str | None = None, hold_
         else:
             which, what = "none", ""
     if server is not None and amount:  # a row of its own: no lock another request waits for
-        s.execute(_TRACK, {"id": hold_id or new_hold_id(), "server": server, "org": org_id, "amount": amount})
+        if hold_id is None:
+            raise ValueError("a server's hold needs its hold_id (new_hold_id): settle finds the row by it")
+        s.execute(_TRACK, {"id": hold_id, "server": server, "org": org_id, "amount": amount})
     if s.execute(_HOLD[which], {"amount": amount, "org": org_id, "limit": limit}).rowcount != 1:
         raise PaymentRequired(f"{what} exhausted: this request could cost up to ${amount / MICRO:.6f}")  # rolls back both
     return amount

@@ -20,11 +20,13 @@ from starlette.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from aigc.serve import errors
 from aigc.settings import Settings
 
 
 def _error(status: int, message: str, code: str) -> tuple[dict, dict]:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}).encode()
+    """The ASGI messages of an error answered before (or outside) the app: OpenAI's shape (``errors.body``)."""
+    body = json.dumps(errors.body(message, "invalid_request_error", code)).encode()
     start = {"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          (b"connection", b"close")]}
@@ -33,10 +35,11 @@ def _error(status: int, message: str, code: str) -> tuple[dict, dict]:
 
 class BodyTimeout(StarletteHTTPException):
     """Raised from ``receive``: FastAPI's body parsing lets an HTTPException through (and our handler words it)."""
+    code = "request_timeout"
 
 
 class BodyTooLarge(StarletteHTTPException):
-    pass
+    code = "body_too_large"
 
 
 class RequestLimits:
@@ -94,7 +97,7 @@ class RequestLimits:
         except (BodyTimeout, BodyTooLarge) as exc:  # read outside a route (no handler saw it)
             if started:
                 raise
-            await self.refuse(send, exc.status_code, exc.detail, "request_timeout" if exc.status_code == 408 else "body_too_large")
+            await self.refuse(send, exc.status_code, exc.detail, exc.code)
 
 
 def add_edge(app, settings: Settings) -> None:
@@ -143,10 +146,9 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or not self._waiting_for_head():
             return
-        if self.cycle is None or self.cycle.response_complete:
-            start, body = _error(408, f"the request head did not arrive within {self.head_timeout:g} s", "request_timeout")
-            head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in start["headers"])
-            self.transport.write(head + b"\r\n" + body["body"])
+        start, body = _error(408, f"the request head did not arrive within {self.head_timeout:g} s", "request_timeout")
+        head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in start["headers"])
+        self.transport.write(head + b"\r\n" + body["body"])
         self.transport.close()
 
     def connection_lost(self, exc) -> None:
