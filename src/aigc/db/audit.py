@@ -26,6 +26,7 @@ GENESIS = "0" * 64
 _HEAD = text("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
 _INSERT = AuditEntry.__table__.insert()
 _LOCK = text("SELECT pg_advisory_xact_lock(7303311)")
+_LAST = "aigc.audit.last"  # in Connection.info: (the transaction, the hash it appended last)
 
 
 def canonical(obj) -> str:
@@ -46,15 +47,18 @@ def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject:
     write lock until commit). Otherwise a SAVEPOINT guards a retry on the new head."""
     payload = canonical(data)
     if conn.dialect.name == "postgresql":
-        conn.execute(_LOCK)  # one appender at a time until this transaction ends: no lost races under load
-        holds_write_lock = True
-    if holds_write_lock:
-        prev = conn.execute(_HEAD).scalar() or GENESIS
-        ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
-        h = entry_hash(prev, ts, kind, actor, org_id, subject, payload)
-        conn.execute(_INSERT, {"ts": ts, "kind": kind, "actor": actor, "org_id": org_id, "subject": subject,
-                               "data": payload, "prev_hash": prev, "hash": h})
+        tx, last = conn.get_transaction(), conn.info.get(_LAST)
+        if tx is not None and last is not None and last[0] is tx and not conn.in_nested_transaction():
+            prev = last[1]  # this transaction holds the lock and wrote the head itself (a group commit's next entry)
+        else:
+            conn.execute(_LOCK)  # one appender at a time until this transaction ends: no lost races under load
+            prev = conn.execute(_HEAD).scalar() or GENESIS
+            tx = conn.get_transaction()  # begun by the statement above where none was
+        h = _insert(conn, prev, kind, actor, org_id, subject, payload)
+        conn.info[_LAST] = (tx, h)
         return h
+    if holds_write_lock:
+        return _insert(conn, conn.execute(_HEAD).scalar() or GENESIS, kind, actor, org_id, subject, payload)
     for _ in range(retries):
         prev = conn.execute(_HEAD).scalar() or GENESIS
         ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
@@ -67,6 +71,14 @@ def append(conn: Connection, kind: str, actor: str, org_id: int | None, subject:
         except IntegrityError:
             continue  # another writer took this head: read the new one
     raise RuntimeError("could not append to the audit log: the head kept moving")
+
+
+def _insert(conn: Connection, prev: str, kind: str, actor: str, org_id: int | None, subject: str, payload: str) -> str:
+    ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    h = entry_hash(prev, ts, kind, actor, org_id, subject, payload)
+    conn.execute(_INSERT, {"ts": ts, "kind": kind, "actor": actor, "org_id": org_id, "subject": subject,
+                           "data": payload, "prev_hash": prev, "hash": h})
+    return h
 
 
 def append_session(session, kind: str, actor: str, org_id: int | None, subject: str, data: dict) -> str:

@@ -9,7 +9,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from aigc.db.models import (MICRO, PLAN_KINDS, ROLES, ApiKey, AuditEntry, ConsoleSession, File, FineTuneEvent, FineTuneJob, Generation, Job, Organization, Plan, Price,
@@ -375,7 +375,7 @@ def _roll_period(s, org_id: int, b: PlanTerms) -> None:
 
 
 _TRACK = text("INSERT INTO server_holds (id, server_id, org_id, amount) VALUES (:id, :server, :org, :amount)")
-_UNTRACK = text("DELETE FROM server_holds WHERE id = :id AND server_id = :server")
+_UNTRACK_ONE = text("DELETE FROM server_holds WHERE id = :id AND server_id = :server")
 
 
 def new_hold_id() -> int:
@@ -416,7 +416,11 @@ def untrack_hold(s, server: str | None, org_id: int, held: int, hold_id: int | N
     (0 when the server was found dead meanwhile and its holds were already released)."""
     if server is None or not held:
         return held
-    return held if s.execute(_UNTRACK, {"id": hold_id, "server": server}).rowcount == 1 else 0
+    return held if s.execute(_UNTRACK_ONE, {"id": hold_id, "server": server}).rowcount == 1 else 0
+
+
+_UNTRACK = text("DELETE FROM server_holds WHERE server_id = :server AND id IN :ids RETURNING id").bindparams(
+    bindparam("ids", expanding=True))
 
 
 @dataclass
@@ -426,37 +430,103 @@ class Settled:
     list_price: int
 
 
+@dataclass
+class SettleItem:
+    """One request to settle: what it used (``units`` at ``price``) and what it held (``held``, tracked as row
+    ``hold_id`` of ``server``'s holds when ``server`` is set)."""
+
+    request_id: str
+    principal: Principal
+    model: str
+    version: str
+    endpoint: str
+    status: str
+    units: Units
+    price: Price | None
+    held: int
+    compute_s: float
+    server: str | None = None
+    hold_id: int | None = None
+
+
 def settle(s, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
            units: Units, price: Price | None, held: int, compute_s: float, cost_per_s: float,
            server: str | None = None, hold_id: int | None = None) -> Settled:
-    """Release the hold, charge what was used and append the usage record + rollup, in one transaction."""
-    held = untrack_hold(s, server, principal.org_id, held, hold_id)
-    b = load_billing(s, principal.org_id)
-    lp = list_price(price, units)
-    org = principal.org_id
-    if b.kind == "subscription":
-        new = s.execute(_SETTLE_SUB, {"held": held, "lp": lp, "org": org}).scalar()
-        over = max(0, new - b.included) - max(0, new - lp - b.included)
-        charged = int(round(over * (b.overage_rate or 0.0)))
-        if charged:
-            s.execute(_CHARGE_SUB, {"charged": charged, "org": org})
-    else:
-        charged = int(round(lp * b.price_multiplier))
-        s.execute(_SETTLE, {"held": held, "lp": lp, "charged": charged, "debit": charged if b.kind == "prepaid" else 0, "org": org})
-    cost = int(round(compute_s * cost_per_s * MICRO))
-    _append_usage(s, request_id, org, principal.key_id or None, model, version, endpoint, status, units, lp, charged, compute_s, cost)
-    return Settled(charged, cost, lp)
+    """Release the hold, charge what was used and append the usage record + rollup, in the caller's transaction."""
+    return settle_many(s, [SettleItem(request_id, principal, model, version, endpoint, status, units, price, held, compute_s,
+                                      server, hold_id)], cost_per_s)[0]
+
+
+def settle_many(s, items: list[SettleItem], cost_per_s: float) -> list[Settled]:
+    """``settle`` for many requests in one transaction (a group commit): each tenant's row is updated once, with the
+    sums, and each rollup row once; the charges are exactly those of settling the items one after another in order.
+    Rows are locked in a fixed order (tenants, then rollups, by key), so two servers settling at once never deadlock."""
+    held = _untrack(s, items)
+    orgs = sorted({it.principal.org_id for it in items})
+    terms = {org: load_billing(s, org) for org in orgs}
+    lps = [list_price(it.price, it.units) for it in items]
+    charged = [0] * len(items)
+    for org in orgs:
+        mine = [i for i, it in enumerate(items) if it.principal.org_id == org]
+        b, lp, hold = terms[org], sum(lps[i] for i in mine), sum(held[i] for i in mine)
+        if b.kind == "subscription":
+            total = s.execute(_SETTLE_SUB, {"held": hold, "lp": lp, "org": org}).scalar()
+            before = total - lp  # the period's list price before these items, then item by item as if settled in turn
+            for i in mine:
+                after = before + lps[i]
+                over = max(0, after - b.included) - max(0, before - b.included)
+                charged[i], before = int(round(over * (b.overage_rate or 0.0))), after
+            if any(charged[i] for i in mine):
+                s.execute(_CHARGE_SUB, {"charged": sum(charged[i] for i in mine), "org": org})
+        else:
+            for i in mine:
+                charged[i] = int(round(lps[i] * b.price_multiplier))
+            debit = sum(charged[i] for i in mine) if b.kind == "prepaid" else 0
+            s.execute(_SETTLE, {"held": hold, "lp": lp, "charged": sum(charged[i] for i in mine), "debit": debit, "org": org})
+    costs = [int(round(it.compute_s * cost_per_s * MICRO)) for it in items]
+    _append_usage_many(s, [(it.request_id, it.principal.org_id, it.principal.key_id or None, it.model, it.version, it.endpoint,
+                            it.status, it.units, lps[i], charged[i], it.compute_s, costs[i]) for i, it in enumerate(items)])
+    return [Settled(charged[i], costs[i], lps[i]) for i in range(len(items))]
+
+
+def _untrack(s, items: list[SettleItem]) -> list[int]:
+    """Delete the items' rows of their servers' holds: what each may still release from its tenant's balance (0 for a
+    hold whose server was found dead meanwhile: its holds were already released)."""
+    held = [it.held for it in items]
+    by_server: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        if it.server is not None and it.held:
+            by_server.setdefault(it.server, []).append(i)
+    for server, idx in by_server.items():
+        gone = {r[0] for r in s.execute(_UNTRACK, {"server": server, "ids": [items[i].hold_id for i in idx]})}
+        for i in idx:
+            if items[i].hold_id not in gone:
+                held[i] = 0
+    return held
 
 
 def _append_usage(s, request_id: str, org_id: int, key_id: int | None, model: str, version: str, endpoint: str,
                   status: str, u: Units, lp: int, charged: int, compute_s: float, cost: int) -> None:
+    _append_usage_many(s, [(request_id, org_id, key_id, model, version, endpoint, status, u, lp, charged, compute_s, cost)])
+
+
+def _append_usage_many(s, rows: list[tuple]) -> None:
+    """Usage records (one statement for all, sent at once) and their daily rollups, summed per rollup row first."""
     now = utcnow()
-    sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds,
-                train_tokens=u.train_tokens, list_price=lp,
-                charged=charged, compute_s=compute_s, cost=cost)
-    s.execute(_RECORD, dict(request_id=request_id, created_at=str(now), day=str(now.date()), org_id=org_id, key_id=key_id, model=model,
+    day = str(now.date())
+    records, rollups = [], {}
+    for request_id, org_id, key_id, model, version, endpoint, status, u, lp, charged, compute_s, cost in rows:
+        sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds,
+                    train_tokens=u.train_tokens, list_price=lp, charged=charged, compute_s=compute_s, cost=cost)
+        records.append(dict(request_id=request_id, created_at=str(now), day=day, org_id=org_id, key_id=key_id, model=model,
                             version=version, endpoint=endpoint, status=status, **sums))
-    s.execute(_ROLLUP, dict(day=str(now.date()), org_id=org_id, key_id=key_id or 0, model=model, requests=1, **sums))
+        r = rollups.setdefault((org_id, key_id or 0, model), dict.fromkeys(ROLLUP_SUMS, 0))
+        r["requests"] += 1
+        for c, v in sums.items():
+            r[c] += v
+    s.execute(_RECORD, records if len(records) > 1 else records[0])
+    params = [dict(day=day, org_id=k[0], key_id=k[1], model=k[2], **v) for k, v in sorted(rollups.items())]
+    s.execute(_ROLLUP, params if len(params) > 1 else params[0])
 
 
 # ---------------------------------------------------------------- reports

@@ -37,8 +37,11 @@ def make_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        # a server that is down or restarting answers within seconds (then the API says 503), never hangs a request
-        return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, pool_timeout=10,
+        # A server that is down or restarting answers within seconds (then the API says 503), never hangs a request.
+        # No ping at checkout (a round trip before every transaction, three per request): a connection the server
+        # dropped fails its first statement, SQLAlchemy then discards every pooled connection at once, and the
+        # request answers 503 (a settle tries again); connections are also renewed after an hour.
+        return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=3600, pool_timeout=10,
                              connect_args={"connect_timeout": 5})
     raise UserError(f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///PATH or postgresql+psycopg://...")
 

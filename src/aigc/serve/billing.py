@@ -1,10 +1,21 @@
 """Request metering: hold the most a request can cost, run it, then charge what it used and append
 its usage record (with measured compute seconds and their cost). Database work runs in worker
-threads; the settle step is shielded from cancellation so a dropped client still leaves its record."""
+threads; the settle step is shielded from cancellation so a dropped client still leaves its record.
+
+On PostgreSQL the settles of a server's requests are a group commit (``SettleQueue``): one thread settles
+whatever requests are waiting in one transaction (one update of each tenant's row, one audit lock, one
+commit), and each request's response waits for that commit. Settled one transaction per request, every
+request of a tenant waited on the tenant's row for the one before it to commit, and a fleet of servers
+served no more than one did.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import anyio
@@ -19,8 +30,6 @@ from aigc.db.models import Price
 from aigc.serve.errors import ApiError, database_unavailable
 
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Billing:
         self.inline = self.engine.dialect.name == "sqlite"
         self._prices: dict[tuple[str, str], tuple[Price | None, float]] = {}
         self.server: str | None = None  # this server's id in the fleet (serve.fleet), once registered
+        self.queue = SettleQueue(self)  # the group commit (not used inline)
 
     def forget_prices(self) -> None:
         """Drop cached prices (after the price book changed)."""
@@ -82,11 +92,13 @@ class Billing:
         except PaymentRequired as exc:
             raise ApiError(self.quota_status, str(exc), code="insufficient_quota", type="insufficient_quota") from None
 
-    def settle_blocking(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None):
+    def settle_blocking(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None,
+                        tried: bool = False):
         """``settle`` for a caller that may block (a job's worker thread). While the database is unavailable (restarting,
         locked) it tries again for up to ``settle_retry_s``: a request that ran is recorded once it can be, exactly once
-        (the usage record's request id is unique: a try whose commit did land is found, not repeated)."""
-        deadline, pause, tries = time.monotonic() + self.settle_retry_s, 0.1, 0
+        (the usage record's request id is unique: a try whose commit did land is found, not repeated). ``tried``: an
+        earlier try (a group commit's) may have landed."""
+        deadline, pause, tries = time.monotonic() + self.settle_retry_s, 0.1, 1 if tried else 0
         while True:
             tries += 1
             try:
@@ -111,6 +123,14 @@ class Billing:
             row = conn.execute(text("SELECT charged, cost FROM usage_records WHERE request_id = :r"), {"r": request_id}).first()
         return (int(row[0]), int(row[1])) if row else None
 
+    def _settle_many(self, batch: list[Pending]) -> list[tuple[int, int]]:
+        with self.engine.begin() as conn:
+            done = crud.settle_many(conn, [p.item() for p in batch], self.cost_per_s)
+            for p in batch:
+                if p.also is not None:
+                    p.also(conn)
+            return [(d.charged, d.cost) for d in done]
+
     def _settle_once(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None,
                      wait: bool = True):
         with self.engine.begin() as conn:
@@ -132,6 +152,119 @@ class Billing:
             except OperationalError as exc:  # locked (rolled back, nothing written): wait for it off the event loop
                 if not is_locked(exc):
                     raise
-        with anyio.CancelScope(shield=True):
-            return await anyio.to_thread.run_sync(self.settle_blocking, request_id, principal, model, version, endpoint, status,
-                                                  units, hold, compute_s, also)
+            with anyio.CancelScope(shield=True):
+                return await anyio.to_thread.run_sync(self.settle_blocking, request_id, principal, model, version, endpoint,
+                                                      status, units, hold, compute_s, also)
+        done = self.queue.submit(Pending(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also))
+        with anyio.CancelScope(shield=True):  # the settle goes on in the queue's thread whatever happens to this request
+            return await asyncio.shield(asyncio.wrap_future(done))
+
+    def close(self) -> None:
+        """Settle what is queued, then stop the queue's thread."""
+        self.queue.close()
+
+
+@dataclass
+class Pending:
+    """A request waiting in the group commit."""
+
+    request_id: str
+    principal: Principal
+    model: str
+    version: str
+    endpoint: str
+    status: str
+    units: Units
+    hold: Hold
+    compute_s: float
+    also: object = None
+    done: Future | None = None
+
+    @property
+    def args(self) -> tuple:
+        return (self.request_id, self.principal, self.model, self.version, self.endpoint, self.status, self.units, self.hold,
+                self.compute_s, self.also)
+
+    def item(self) -> crud.SettleItem:
+        h = self.hold
+        return crud.SettleItem(self.request_id, self.principal, self.model, self.version, self.endpoint, self.status,
+                               self.units, h.price, h.amount, self.compute_s, h.server, h.hold_id)
+
+
+class SettleQueue:
+    """Group commit of settles: one thread takes every request waiting (up to ``max_batch``) and settles them in one
+    transaction (``crud.settle_many``, then each one's ``also``: the generation log and its audit entries), while the
+    next ones queue. A batch that fails as a whole (one request's record is refused, the database went away for longer
+    than ``Billing.settle_retry_s``) is settled again one request at a time, so that each request gets its own result."""
+
+    def __init__(self, billing: Billing, max_batch: int = 64):
+        self.billing, self.max_batch = billing, max_batch
+        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = self.settled = self.alone = 0  # transactions, requests settled in them, requests settled alone
+
+    def submit(self, p: Pending) -> Future:
+        p.done = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="aigc-settle", daemon=True)
+                self._thread.start()
+            self._queue.put(p)
+        return p.done
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            self._settle(batch)
+
+    def _settle(self, batch: list[Pending]) -> None:
+        b = self.billing
+        deadline, pause, tried = time.monotonic() + b.settle_retry_s, 0.1, False
+        while True:
+            try:
+                results = b._settle_many(batch)
+                break
+            except DBAPIError as exc:
+                if not isinstance(exc, IntegrityError) and database_unavailable(exc) and time.monotonic() + pause < deadline:
+                    log.warning("the database is unavailable: retrying the settles", extra={
+                        "requests": len(batch), "error": str(exc.orig or exc)[:200]})
+                    tried = True  # its commit may have landed before the connection failed
+                    time.sleep(pause)
+                    pause = min(2.0, pause * 2)
+                    continue
+                results = None
+            except Exception:
+                results = None
+            break
+        if results is None:  # one at a time: each request's own outcome
+            self.alone += len(batch)
+            for p in batch:
+                try:
+                    p.done.set_result(b.settle_blocking(*p.args, tried=tried))
+                except BaseException as exc:  # noqa: BLE001 - handed to the request that waits for it
+                    p.done.set_exception(exc)
+            return
+        self.batches += 1
+        self.settled += len(batch)
+        for p, r in zip(batch, results):
+            p.done.set_result(r)

@@ -7,7 +7,8 @@ of N is allowed at once). The stores:
 
 - ``MemoryLimiter``: in the process (SQLite, one server process: the embedded default);
 - ``SqlLimiter``: PostgreSQL, shared by every worker and host (``rate_slots``: the key's slots read and the current
-  slot upserted under a transaction-scoped advisory lock on the key, so two servers never both take the last place);
+  slot upserted under a transaction-scoped advisory lock on the key, so two servers never both take the last place,
+  in one call of a database function);
 - ``RedisLimiter``: Redis (``AIGC_REDIS_URL``), a hash per key updated in an optimistic WATCH/MULTI transaction.
 
 ``make_limiter`` picks the store from the settings. Slots are wall-clock seconds, so the hosts of a fleet need their
@@ -167,7 +168,9 @@ class MemoryLimiter(Limiter):
 
 
 class SqlLimiter(Limiter):
-    """PostgreSQL: shared by every worker and host on the database."""
+    """PostgreSQL: shared by every worker and host on the database. A take is one call of ``aigc_rate_take`` (migration
+    0008: the key's window read and the current slot upserted under a transaction-scoped advisory lock on the key, so
+    two servers never both take the last place), in a transaction of its own: one round trip."""
 
     inline = False
     name = "postgres"
@@ -175,31 +178,24 @@ class SqlLimiter(Limiter):
     def __init__(self, engine):
         from sqlalchemy import text
 
-        self.engine = engine
-        self._lock = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
-        self._read = text("SELECT slot, requests, tokens FROM rate_slots WHERE key = :k AND slot > :floor")
-        self._add = text("INSERT INTO rate_slots (key, slot, requests, tokens) VALUES (:k, :slot, 1, :t) ON CONFLICT (key, slot) "
-                         "DO UPDATE SET requests = rate_slots.requests + 1, tokens = rate_slots.tokens + excluded.tokens")
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")  # each statement its own transaction
+        self._take = text("SELECT w_slot, w_requests, w_tokens FROM aigc_rate_take(:k, :floor, :slot, :rpm, :tpm, :t)")
         self._refund = text("UPDATE rate_slots SET tokens = GREATEST(tokens - :t, 0) WHERE key = :k AND slot = :slot")
         self._purge = text("DELETE FROM rate_slots WHERE slot <= :floor")
 
     def take(self, key, rpm: int, tpm: int, tokens: int) -> Decision:
-        k = key_name(key)
-        with self.engine.begin() as conn:
-            conn.execute(self._lock, {"k": k})  # held to the commit: the read and the add are one step for this key
-            now = time.time()
-            rows = [tuple(r) for r in conn.execute(self._read, {"k": k, "floor": int(now) - SLOTS}).all()]
-            d = decide(rows, now, rpm, tpm, tokens)
-            if d.allowed:
-                conn.execute(self._add, {"k": k, "slot": d.slot, "t": tokens})
-        return d
+        now = time.time()
+        with self.engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(self._take, {"k": key_name(key), "floor": int(now) - SLOTS,
+                                                                "slot": int(now), "rpm": rpm, "tpm": tpm, "t": tokens})]
+        return decide(rows, now, rpm, tpm, tokens)  # the same rule on the same window: admitted iff the call added it
 
     def refund(self, key, tokens: int, slot: int) -> None:
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             conn.execute(self._refund, {"k": key_name(key), "slot": slot, "t": tokens})
 
     def purge(self) -> None:
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             conn.execute(self._purge, {"floor": int(time.time()) - SLOTS})
 
 

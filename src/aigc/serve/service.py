@@ -104,6 +104,7 @@ class Service:
         self.ready = False
         self.jobs.close()  # running jobs finish and settle; queued ones too
         self.fine_tunes.close()  # training stops at the next step; the jobs settle as cancelled
+        self.billing.close()  # the group commit settles what it still holds
         self.fleet.close()  # everything has settled: leave the fleet
         self.registry.close()
         self.sessions.kw["bind"].dispose()
