@@ -246,7 +246,7 @@ def test_the_settle_queue_groups_requests_and_isolates_a_failing_one(database_ur
         s.execute(crud.text("INSERT INTO usage_records (request_id, created_at, day, org_id, model, version, endpoint, status, "
                             "input_tokens, output_tokens, images, seconds, list_price, charged, compute_s, cost) VALUES "
                             "(:r, :t, :d, :o, 'm', 'v1', 'other', 'ok', 0, 0, 0, 0, 0, 0, 0, 0)"),
-                  {"r": dup, "t": str(dt.datetime.now(dt.timezone.utc)), "d": str(dt.date.today()), "o": org})
+                  {"r": dup, "t": str(dt.datetime.now(dt.UTC)), "d": str(dt.date.today()), "o": org})
 
     async def run(batch):
         async def one(it):

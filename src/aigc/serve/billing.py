@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from aigc.db import crud
 from aigc.db.crud import PaymentRequired, Principal, Units
-from aigc.db.session import is_locked, retry_locked
 from aigc.db.models import Price
+from aigc.db.session import is_locked, retry_locked
 from aigc.serve.errors import ApiError, database_unavailable
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,12 @@ class SettleQueue:
                     time.sleep(pause)
                     pause = min(2.0, pause * 2)
                     continue
+                if not isinstance(exc, IntegrityError) and database_unavailable(exc):  # down past the bound: all fail
+                    for p in batch:
+                        p.done.set_exception(exc)
+                    return
                 results = None
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever it was, each request is tried alone and gets its own error
                 results = None
             break
         if results is None:  # one at a time: each request's own outcome
