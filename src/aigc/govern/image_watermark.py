@@ -3,90 +3,25 @@ invisible-watermark's ``dwtDctSvd`` method (the one Stable Diffusion uses; it su
 on the luma channel (measured: the library's default, chroma U, lost the mark under JPEG's 4:2:0
 chroma subsampling at 256x256; luma kept 100% of the bits).
 
-Payload: 32-bit id + CRC-16/CCITT of the id = 48 bits, coded as 12 Hamming(7,4) codewords = 84 bits,
-interleaved so that a codeword's bits sit in distant blocks. ``dwtDctSvd`` writes the 84 bits
+Payload (``govern.payload``, shared with the audio mark): 32-bit id + CRC-16/CCITT of the id = 48 bits, coded as
+12 Hamming(7,4) codewords = 84 bits, interleaved so that a codeword's bits sit in distant blocks. ``dwtDctSvd`` writes the 84 bits
 cyclically into the 4x4 blocks of the Haar LL band of the Y channel, so every bit is repeated many
 times (about 12 times on a 256x256 image). Decoding keeps the soft vote of each bit (the fraction of
-its blocks that read 1) and decodes each codeword by maximum correlation over the 16 codewords
-(soft-decision decoding: one or two weak bits per codeword are corrected); the CRC then rejects
-anything that is not one of our payloads (a false match on an unmarked image needs the CRC to pass
-by chance: about 1 in 65,536, and the id must also exist in the generation log).
+its blocks that read 1) and decodes the payload from those votes (``govern.payload.decode_payload``).
 
 Needs at least 256x256 pixels (the library's floor; smaller images carry too few blocks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
 from aigc.errors import UserError
+from aigc.govern.payload import CODED_BITS, Extracted, decode_payload, encode_payload
 
 MIN_SIDE = 256
 SCALE = 24  # quantisation step of the largest singular value (the library's default is 36 on U)
 CHANNEL = 0  # Y: JPEG keeps luma at full resolution but halves chroma (4:2:0), which erased U marks at 256x256
-ID_BITS, CRC_BITS = 32, 16
-N_WORDS = (ID_BITS + CRC_BITS) // 4  # 12 Hamming(7,4) codewords
-CODED_BITS = N_WORDS * 7  # 84
-
-_G = np.array([[1, 0, 0, 0, 1, 1, 0],
-               [0, 1, 0, 0, 1, 0, 1],
-               [0, 0, 1, 0, 0, 1, 1],
-               [0, 0, 0, 1, 1, 1, 1]])
-_NIBBLES = np.array([[(n >> (3 - i)) & 1 for i in range(4)] for n in range(16)])
-_CODEWORDS = _NIBBLES @ _G % 2  # (16, 7)
-_ORDER = np.array([w * 7 + j for j in range(7) for w in range(N_WORDS)])  # interleaved position -> coded bit
-
-
-def crc16(data: bytes) -> int:
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-    return crc
-
-
-def encode_payload(wm_id: int) -> np.ndarray:
-    if not 0 <= wm_id < 2**ID_BITS:
-        raise ValueError("a watermark id is a 32-bit unsigned integer")
-    word = (wm_id << CRC_BITS) | crc16(wm_id.to_bytes(4, "big"))
-    nibbles = [(word >> (4 * (N_WORDS - 1 - k))) & 0xF for k in range(N_WORDS)]
-    coded = np.concatenate([_CODEWORDS[n] for n in nibbles])
-    return coded[_ORDER]
-
-
-@dataclass
-class Extracted:
-    found: bool
-    watermark_id: int | None
-    corrected_bits: int  # coded bits whose hard reading disagreed with the decoded codeword
-    confidence: float  # mean distance of the bit votes from 0.5, scaled to [0, 1]
-
-    def to_dict(self) -> dict:
-        return {"found": self.found, "watermark_id": self.watermark_id, "corrected_bits": self.corrected_bits,
-                "confidence": round(self.confidence, 3)}
-
-
-def decode_payload(soft: np.ndarray) -> Extracted:
-    """soft: (84,) votes in [0, 1] in embedded order."""
-    coded = np.empty(CODED_BITS)
-    coded[_ORDER] = soft
-    signed = 2 * coded.reshape(N_WORDS, 7) - 1  # +1 reads 1, -1 reads 0
-    corr = signed @ (2 * _CODEWORDS.T - 1)  # (12, 16)
-    best = corr.argmax(1)
-    word = 0
-    for n in best:
-        word = (word << 4) | int(n)
-    hard = (coded.reshape(N_WORDS, 7) > 0.5).astype(int)
-    corrected = int((hard != _CODEWORDS[best]).sum())
-    wm_id, crc = word >> CRC_BITS, word & 0xFFFF
-    ok = crc16(wm_id.to_bytes(4, "big")) == crc
-    confidence = float(np.abs(soft - 0.5).mean() * 2)
-    return Extracted(ok, wm_id if ok else None, corrected, confidence)
-
-
 def _codec(bits: np.ndarray | None = None):
     from imwatermark.dwtDctSvd import EmbedDwtDctSvd
 
