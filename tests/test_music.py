@@ -218,7 +218,8 @@ def test_training_windows_start_with_the_piece_header(music_model):
 def test_midi_and_wav_rendering():
     import pretty_midi
 
-    from aigc.generate.music import SAMPLE_RATE, read_wav, render_wav, to_midi
+    from aigc.data.audio import read_wav
+    from aigc.generate.music import SAMPLE_RATE, render_wav, to_midi
 
     piece = Piece("t", 9, "minor", "4/4", 120, ["a", "b"], [[0, 0, 69, 8], [0, 1, 57, 8], [8, 0, 72, 8]])
     midi = pretty_midi.PrettyMIDI(io.BytesIO(to_midi(piece, 120)))

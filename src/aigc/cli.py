@@ -634,7 +634,7 @@ def generate_music(
     n: Annotated[int, typer.Option("--n", help="Number of pieces.")] = 1,
     synth: Annotated[str, typer.Option(help="auto (FluidSynth when installed), builtin or fluidsynth.")] = "auto",
     soundfont: Annotated[Optional[Path], typer.Option(help="A General MIDI .sf2 for FluidSynth.")] = None,
-    wav: Annotated[bool, typer.Option(help="Also render 44.1 kHz WAV audio (C2PA-signed).")] = True,
+    wav: Annotated[bool, typer.Option(help="Also render 44.1 kHz WAV audio (watermarked and C2PA-signed).")] = True,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
@@ -684,11 +684,11 @@ def generate_music(
                  "notes": len(result.piece.notes), "seconds": round(result.seconds, 2), "elapsed_s": round(result.elapsed_s, 2)}
         if wav:
             audio, used = render_wav(result.piece, result.tempo, result.program, synth, str(soundfont or ""))
-            delivery.finish(audio, delivery.WAV, provenance=provenance,
-                            claim=delivery.Claim(stem.name + ".wav", run.name, version,
-                                                 {"seed": seed + i, "midi_sha256": hashlib.sha256(midi).hexdigest()})
-                            ).save(stem.with_suffix(".wav"))
-            entry.update(wav=str(stem.with_suffix(".wav")), synth=used, c2pa=True)
+            done = delivery.finish(audio, delivery.WAV, provenance=provenance, watermark=True, audio_key=_audio_key(),
+                                   claim=delivery.Claim(stem.name + ".wav", run.name, version,
+                                                        {"seed": seed + i, "midi_sha256": hashlib.sha256(midi).hexdigest()}))
+            done.save(stem.with_suffix(".wav"))
+            entry.update(wav=str(stem.with_suffix(".wav")), synth=used, c2pa=True, watermark_id=done.watermark_id)
         written.append(entry)
     if as_json:
         _emit_json({"run": str(run), "pieces": written})
@@ -738,13 +738,16 @@ def generate_video(
                                      "guidance": guidance, "key": key, "tempo": tempo, "synth": synth, "chroma": chroma})
     out_dir = out_dir or image_run / f"video-{seed}"
     with err.status("composing video"):
-        result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite)
-    delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id, provenance=Provenance.from_settings(_settings()),
+        result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite,
+                         audio_key=_audio_key())
+    delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id, audio_marked=result.audio_marked,
+                    provenance=Provenance.from_settings(_settings()),
                     claim=delivery.Claim("video.mp4", image_run.name, pipe_version(image_run),
                                          {"seed": seed, "text_run": str(text_run or ""), "music_run": str(music_run or "")})
                     ).save(out_dir / "video.mp4")
     summary = {"video": str(out_dir / "video.mp4"), "folder": str(out_dir), "frames": result.frames, "seconds": round(result.seconds, 3),
-               "fps": fps, "size": size, "audio": result.audio, "watermark_id": result.watermark_id, "c2pa": True,
+               "fps": fps, "size": size, "audio": result.audio, "watermark_id": result.watermark_id,
+               "audio_watermark": result.audio_marked, "c2pa": True,
                "scenes": [asdict(s) for s in result.storyboard], "timings": result.timings}
     if as_json:
         _emit_json(summary)
@@ -759,6 +762,20 @@ def generate_video(
 def pipe_version(run: Path) -> str:
     """The same model version the server reports for this run."""
     return fingerprint(run).version
+
+
+def _existing_secret(home: Path, name: str) -> bytes | None:
+    """A secret of ``home`` if it has one (a checker never mints one: it would read with a key nothing was marked with)."""
+    from aigc.govern.crypto import secret
+
+    return secret(home, name) if (Path(home) / "keys" / f"{name}.key").is_file() else None
+
+
+def _audio_key() -> bytes:
+    """The secret of the inaudible watermark in audio made with this data folder (the server's, when they share it)."""
+    from aigc.govern.crypto import secret
+
+    return secret(_settings().home, "audio-watermark")
 
 
 def _local_mark():
@@ -1321,7 +1338,7 @@ admin_app.add_typer(c2pa_app, name="c2pa")
 
 @app.command("verify")
 def verify(
-    targets: Annotated[Optional[list[str]], typer.Argument(help="Files (PNG, JPEG, WAV, MP4), text files with --text-file, or texts (after -- if one starts with -); - reads stdin.")] = None,
+    targets: Annotated[Optional[list[str]], typer.Argument(help="Files (PNG, JPEG, WAV, MP3, FLAC, M4A, MP4), text files with --text-file, or texts (after -- if one starts with -); - reads stdin.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Text run whose tokenizer scores the text (repeatable).")] = None,
     org: Annotated[Optional[str], typer.Option(help="Score the text with this organisation's watermark key (default: this machine's CLI key).")] = None,
     text_file: Annotated[bool, typer.Option("--text-file", help="TARGETS are text files to score, not media files.")] = False,
@@ -1330,7 +1347,7 @@ def verify(
     home: Annotated[Optional[Path], typer.Option(help="Data folder whose keys and CA the content was made with (default: $AIGC_HOME or ~/.aigc).")] = None,
     db: DbOpt = None, as_json: JsonOpt = False,
 ):
-    """Report the text watermark z-score, the image watermark payload (and its generation) and the C2PA state.
+    """Report the text watermark z-score, the image and audio watermark payloads (and their generation) and the C2PA state.
 
     Exit status: 0 when every target is detected (text) or carries a valid signature or watermark (files),
     1 when one is not, 2 on an error. Several targets, or --jsonl, print one result line each."""
@@ -1343,6 +1360,7 @@ def verify(
     candidates = _watermark_scorers(settings, model, org, db) if texts else []
     sessions = _existing_db(settings) if len(texts) < len(items) else None
     anchors = anchors_from_settings(settings) if len(texts) < len(items) else ""
+    audio_key = _existing_secret(settings.home, "audio-watermark") if len(texts) < len(items) else None
     results = []
     try:
         for it in items:
@@ -1351,11 +1369,12 @@ def verify(
                 ok = bool(report["text_watermark"].get("detected"))
             else:
                 if sessions is None:
-                    report = records.verify_file(it["content"], anchors, None, None, operator=True)
+                    report = records.verify_file(it["content"], anchors, None, None, operator=True, audio_key=audio_key)
                 else:
                     with sessions() as s:
-                        report = records.verify_file(it["content"], anchors, s, None, operator=True)
-                ok = report["c2pa"]["state"] in ("Trusted", "Valid") or bool(report.get("image_watermark", {}).get("found"))
+                        report = records.verify_file(it["content"], anchors, s, None, operator=True, audio_key=audio_key)
+                ok = (report["c2pa"]["state"] in ("Trusted", "Valid") or bool(report.get("image_watermark", {}).get("found"))
+                      or bool(report.get("audio_watermark", {}).get("found")))
             results.append((it["label"], report, ok))
     finally:
         if sessions is not None:
@@ -1456,9 +1475,10 @@ def _one_line_verdict(report: dict) -> str:
         return (f"{'DETECTED' if t['detected'] else 'not detected'} (z = {t['z']:.2f}, {t['scored_tokens']} tokens, model {t['model']})"
                 + (f"; {t['note']}" if t.get("note") else ""))
     parts = [f"C2PA {report['c2pa']['state']}"]
-    w = report.get("image_watermark")
-    if w is not None:
-        parts.append(f"image watermark id {w['watermark_id']}" if w.get("found") else "no image watermark")
+    for kind in ("image", "audio"):
+        w = report.get(f"{kind}_watermark")
+        if w is not None:
+            parts.append(f"{kind} watermark id {w['watermark_id']}" if w.get("found") else f"no {kind} watermark")
     return "; ".join(parts)
 
 
@@ -1482,15 +1502,17 @@ def _print_verdict(report: dict) -> None:
             m = c["manifest"]
             out.print(f"  model {m.get('model')} version {m.get('model_version')}; source type {m.get('digital_source_type')}",
                       markup=False, highlight=False)
-    if "image_watermark" in report:
-        w = report["image_watermark"]
+    for kind in ("image", "audio"):
+        if f"{kind}_watermark" not in report:
+            continue
+        w = report[f"{kind}_watermark"]
         if w.get("found"):
             g = w.get("generation") or {}
             where = f" -> generation {g['generation_id']} (request {g['request_id']}, {g['organization']})" if g.get("owner") else \
                 ("" if g.get("known", True) else " (unknown here)")
-            out.print(f"image watermark: id {w['watermark_id']} ({w['corrected_bits']} bits corrected){where}", markup=False)
+            out.print(f"{kind} watermark: id {w['watermark_id']} ({w['corrected_bits']} bits corrected){where}", markup=False)
         else:
-            out.print(f"image watermark: none ({w.get('reason', '')})", markup=False, highlight=False)
+            out.print(f"{kind} watermark: none ({w.get('reason', '')})", markup=False, highlight=False)
     if "text_watermark" in report:
         t = report["text_watermark"]
         if "z" in t:

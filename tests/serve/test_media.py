@@ -43,7 +43,7 @@ def wait(server, key, job_id, timeout=180):
 
 
 def test_music_job(media_server):
-    from aigc.generate.music import read_wav
+    from aigc.data.audio import read_wav
 
     org, key = tenant(media_server.sessions, "band", "payg")
     r = httpx.post(f"{media_server.url}/v1/audio/generations", headers=H(key),

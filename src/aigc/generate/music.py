@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from aigc import threads
+from aigc.data.audio import write_wav
 from aigc.data.music import (BOS, Grammar, Piece, Vocab, bar_ticks, key_name, parse_key, tempo_bucket,
                              ticks_to_seconds, TIME_SIGNATURES)
 from aigc.errors import UserError
@@ -290,7 +290,7 @@ def render_wav(piece: Piece, tempo: int, program: int = 52, synth: str = "auto",
                         "(Debian: apt-get install fluidsynth fluid-soundfont-gm); use --synth builtin")
     if synth == "fluidsynth" or (synth == "auto" and fluidsynth_available(sf2)):
         return _fluidsynth(to_midi(piece, tempo, program), soundfont(sf2)), "fluidsynth"
-    return wav_bytes(synthesize(piece, tempo)), "builtin"
+    return write_wav(synthesize(piece, tempo), SAMPLE_RATE), "builtin"
 
 
 def _fluidsynth(midi: bytes, sf2: str) -> bytes:
@@ -346,27 +346,6 @@ def _adsr(t: np.ndarray, held: float, attack: float, decay: float, sustain: floa
     after = t >= held
     env = np.where(after, level_at_release * np.clip(1 - (t - held) / release, 0, 1), env)
     return env.astype(np.float32)
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """(samples, channels) float in [-1, 1] -> 16-bit PCM WAV bytes."""
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(pcm.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
-
-
-def read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """WAV bytes -> ((samples, channels) float32, sample rate); 16-bit PCM only."""
-    with wave.open(io.BytesIO(data), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise UserError("only 16-bit PCM WAV is supported")
-        frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-        return frames.reshape(-1, w.getnchannels()), w.getframerate()
 
 
 def key_label(piece: Piece) -> str:

@@ -106,6 +106,7 @@ class VideoResult:
     audio: bool
     watermark_id: int | None
     timings: dict
+    audio_marked: bool = False  # the soundtrack carries watermark_id too (an audio mark)
 
 
 # ---------------------------------------------------------------- storyboard
@@ -327,12 +328,15 @@ def probe_mp4(data: bytes) -> dict:
 # ---------------------------------------------------------------- the pipeline
 
 def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, text_run: str | Path | None = None,
-            music_run: str | Path | None = None, watermark_id: int | None = None, overwrite: bool = False) -> VideoResult:
-    """Make the video and every intermediate in ``out_dir``; returns the (unsigned) MP4 bytes and the storyboard."""
+            music_run: str | Path | None = None, watermark_id: int | None = None, overwrite: bool = False,
+            audio_key: bytes | None = None) -> VideoResult:
+    """Make the video and every intermediate in ``out_dir``; returns the (unsigned) MP4 bytes and the storyboard.
+    With the watermark on, the frames carry a 32-bit id, and so does the soundtrack when ``audio_key`` (the server's
+    audio-watermark secret) is given and it is long enough."""
     import secrets
 
     from aigc.generate.image import ImagePipeline, to_pil, upscale
-    from aigc.govern import image_watermark
+    from aigc.govern import audio_watermark, image_watermark
 
     params.validate()
     out = Path(out_dir)
@@ -386,10 +390,11 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         to_pil(frames[f]).save(out / "keyframes" / f"scene-{scene + 1:02d}.png")
     timings["finish_frames_s"] = time.perf_counter() - t2
 
-    audio = None
+    audio, audio_marked = None, False
     if music_run is not None:
         t3 = time.perf_counter()
-        from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline, read_wav, wav_bytes
+        from aigc.data.audio import read_wav, write_wav
+        from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline
 
         music = MusicPipeline.from_run(music_run, device=device).generate(MusicParams(seconds=params.seconds, key=params.key, tempo=params.tempo,
                                                                      seed=params.seed))
@@ -401,8 +406,11 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         if samples.shape[1] == 1:
             samples = np.repeat(samples, 2, axis=1)
         audio = fit_audio(samples, len(frames) / params.fps, SAMPLE_RATE)
+        if wm_id is not None and audio_key is not None and len(audio) / SAMPLE_RATE >= audio_watermark.MIN_SECONDS:
+            audio = audio_watermark.embed(audio, SAMPLE_RATE, wm_id, audio_key)
+            audio_marked = True
         (out / "soundtrack.mid").write_bytes(midi)
-        (out / "soundtrack.wav").write_bytes(wav_bytes(audio))
+        (out / "soundtrack.wav").write_bytes(write_wav(audio, SAMPLE_RATE))
         timings["soundtrack_s"] = time.perf_counter() - t3
         timings["synth"] = synth
     t4 = time.perf_counter()
@@ -415,7 +423,7 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
     (out / "storyboard.json").write_text(json.dumps(story, indent=2, ensure_ascii=False), encoding="utf-8")
     record = {"params": asdict(params), "image_run": str(image_run), "text_run": str(text_run) if text_run else None,
               "music_run": str(music_run) if music_run else None, "frames": len(frames),
-              "seconds": round(len(frames) / params.fps, 3), "watermark_id": wm_id, "timings": timings}
+              "seconds": round(len(frames) / params.fps, 3), "watermark_id": wm_id, "audio_watermark": audio_marked, "timings": timings}
     (out / "params.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-    return VideoResult(out, mp4, scenes, len(frames), len(frames) / params.fps, audio is not None, wm_id, timings)
+    return VideoResult(out, mp4, scenes, len(frames), len(frames) / params.fps, audio is not None, wm_id, timings, audio_marked)
 

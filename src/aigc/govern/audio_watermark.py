@@ -1,28 +1,29 @@
 """Inaudible audio watermark: the same 32-bit generation id as the image mark (``govern.payload``: CRC-16,
 Hamming(7,4), 84 coded bits), keyed by a server secret, in every WAV the engine delivers.
 
-The method is spread-transform dither modulation (STDM, Chen & Wornell's quantisation index modulation on a
-spread-spectrum projection), on the log-magnitude spectrum between 300 Hz and 7 kHz:
+The method is quantisation index modulation (Chen & Wornell's dither modulation) of a spread feature: the
+ratio of the energies of two keyed halves of the spectrum between 300 Hz and 7 kHz:
 
 - the audio is mixed to mono and resampled to 16 kHz, and cut in frames of 512 samples (32 ms, hop 256, a
   square-root Hann window, so the frames add back exactly);
 - the frames are grouped in blocks of ``BLOCK`` frames; block ``j`` carries coded bit ``j mod 84`` (so a clip
   longer than 84 blocks repeats the payload, and every repetition votes);
-- a block's feature is the projection of its log-magnitudes (dB, over the band's bins and the block's frames) on a
-  keyed pseudo-random +-1 pattern that is the same in each frame of the block (so a time shift of a few
-  milliseconds, an encoder's delay, changes the feature little). The pattern sums to zero in every frame: a gain,
-  or a filter's smooth tilt, does not move the feature;
+- a block's feature is the ratio, in dB, of its band energy in the bins its keyed pseudo-random pattern marks +1
+  to that in the bins it marks -1 (the same bins in each frame of the block, so a time shift of a few
+  milliseconds, an encoder's delay, changes it little). A gain does not move a ratio, and the halves interleave
+  across the band, so a filter's smooth tilt hardly does;
 - the feature is quantised to one of two interleaved lattices of step ``STEP`` dB (bit 0 or bit 1, offset by a
-  keyed dither); the change is spread back over the block's bins (each moved by the same fraction of a dB, up or
-  down as the pattern says), and the mark is the difference, resampled back to the file's rate and added to
-  every channel. Quantising instead of adding a pattern cancels the host's own interference: the reading does not
-  depend on what the music or voice happened to contain, only on what an attack changed. Three passes correct
-  what the overlap of the frames blurred.
+  keyed dither): the +1 bins are raised and the -1 bins lowered by half the change (at most ``STEP`` / 4 dB each),
+  and the mark is the difference, resampled back to the file's rate and added to every channel. Quantising instead
+  of adding a pattern cancels the host's own interference: the reading does not depend on what the music or
+  voice happened to contain, only on what an attack changed. Five passes correct what the overlap of the frames
+  blurred.
 
 Reading resamples to 16 kHz, tries time offsets up to ``SEARCH_MS`` either side in steps of 2 ms, then of 0.25 ms
-around the best (encoders delay the audio: AAC by 23 ms or more), keeps the offset whose feature values sit closest to a lattice, and decodes the 84 soft bits there
-(a single CRC check: trying every offset's CRC would multiply the chance of a false match). A reading is accepted
-only when the lattice fit is clearly better than unmarked audio gives and the CRC passes.
+around the best (encoders delay the audio: AAC by 23 ms or more), keeps the offset whose features sit closest to a
+lattice, and decodes the 84 soft bits there (a single CRC check: trying every offset's CRC would multiply the chance
+of a false match). A reading is accepted only when the lattice fit is clearly better than unmarked audio gives and
+the CRC passes.
 
 Silence carries no mark (a gain of digital zero is zero): the blocks are voted with the weight of their energy.
 Needs at least ``MIN_SECONDS`` of sound.
@@ -42,10 +43,10 @@ from aigc.govern.payload import CODED_BITS, Extracted, decode_payload, encode_pa
 
 RATE = 16000  # the mark lives below 8 kHz: it survives resampling to 16 kHz and back
 FRAME, HOP = 512, 256
-BLOCK = 3  # frames per coded bit (48 ms): 84 bits in 4.1 s
+BLOCK = 3  # frames per coded bit (48 ms): 84 bits in 4.0 s
 LO_HZ, HI_HZ = 300.0, 7000.0
 STEP = 0.8  # dB: the lattice step of the feature (larger is more robust and more audible)
-PASSES = 3
+PASSES = 5
 SILENT = 1e-4  # blocks 40 dB under the clip's median block energy are not read
 SEARCH_MS = 100.0
 FIT_MIN = 0.7  # accepted lattice fit (mean |vote| at the best offset): measured 0.52-0.58 unmarked, 0.86-0.93 marked

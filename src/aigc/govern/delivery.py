@@ -2,14 +2,15 @@
 JPEG, WAV and MP4, in the only order that keeps every mark verifiable:
 
 1. the invisible watermark goes into the pixels (images of at least 256x256; a video's frames are
-   marked while they are encoded, so for MP4 this step only records the mark);
+   marked while they are encoded, so for MP4 this step only records the mark) or the sound (WAV of at least
+   ``audio_watermark.MIN_SECONDS``; a video's soundtrack is marked before it is encoded, with the frames' id);
 2. generation parameters go into the file's metadata when the tenant's policy allows: a PNG text chunk
    ``parameters`` or a JPEG EXIF UserComment, both in the Stable Diffusion web UIs' convention (the
    prompt, then ``Key: value, ...``);
 3. the C2PA manifest is signed last, over the final bytes (any later change invalidates it);
 4. ``Delivered.save`` writes the file atomically (a reader never sees half of it).
 
-Audio has no watermark in this product yet: a WAV is signed only.
+The same 32-bit id goes into every mark of one output (frames and soundtrack), so any of them leads to its generation.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image, PngImagePlugin
 
 from aigc.data import store
 from aigc.errors import UserError
-from aigc.govern import image_watermark
+from aigc.govern import audio_watermark, image_watermark
 
 PNG, JPEG, WAV, MP4 = "image/png", "image/jpeg", "audio/wav", "video/mp4"
 SUFFIX = {PNG: ".png", JPEG: ".jpg", WAV: ".wav", MP4: ".mp4"}
@@ -85,11 +86,14 @@ class Delivered:
 
 
 def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, parameters: str | None = None,
-           provenance=None, claim: Claim | None = None, watermark_id: int | None = None) -> Delivered:
+           provenance=None, claim: Claim | None = None, watermark_id: int | None = None, audio_key: bytes | None = None,
+           audio_marked: bool = False) -> Delivered:
     """Watermark, describe, sign: ``content`` is a PIL image for PNG and JPEG, the encoded bytes for WAV and MP4.
 
     ``provenance`` (a ``govern.c2pa.Provenance``) and ``claim`` sign the result; without them it is not signed.
-    For MP4, ``watermark_id`` is the mark its frames already carry (None: unmarked)."""
+    A WAV is marked with ``audio_key`` (the server's audio-watermark secret) when ``watermark`` is on.
+    For MP4, ``watermark_id`` is the mark its frames already carry (None: unmarked), and ``audio_marked`` says whether
+    its soundtrack carries it too."""
     if mime not in SUFFIX:
         raise UserError(f"cannot deliver {mime!r}: one of {', '.join(SUFFIX)}")
     filters: list[str] = []
@@ -122,13 +126,25 @@ def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, 
         if mime == MP4 and watermark_id is not None:
             wm_id = watermark_id
             filters.append("watermark:image:dwtDctSvd")
+            if audio_marked:
+                filters.append("watermark:audio:stdm")
+        if mime == WAV and watermark and audio_key is not None:
+            from aigc.data.audio import read_wav, write_wav
+
+            audio, rate = read_wav(data)
+            if len(audio) / rate >= audio_watermark.MIN_SECONDS and rate >= audio_watermark.RATE:
+                wm_id = watermark_id if watermark_id is not None else secrets.randbits(32)
+                data = write_wav(audio_watermark.embed(audio, rate, wm_id, audio_key), rate)
+                filters.append("watermark:audio:stdm")
     signed = False
     if provenance is not None and claim is not None:
         manifest = provenance.manifest(claim.title, claim.model, claim.version, dict(claim.extra))
         if wm_id is not None:
+            marks = [m for m, f in (("invisible (dwtDctSvd)", "watermark:image:dwtDctSvd"),
+                                    ("inaudible (stdm)", "watermark:audio:stdm")) if f in filters]
             for a in manifest.get("assertions", []):
                 if a.get("label") == "org.aigc.generation":
-                    a["data"]["watermark"] = "invisible (dwtDctSvd)"
+                    a["data"]["watermark"] = ", ".join(marks)
         data = provenance.sign(data, mime, manifest)
         signed = True
         filters.append("c2pa")

@@ -22,7 +22,7 @@ from aigc.db import crud
 from aigc.db.models import AuditEntry, BlockedOutput, Complaint, Generation, Organization, utcnow
 from aigc.errors import NotFound, UserError
 from aigc.db import audit
-from aigc.govern import c2pa, image_watermark, text_watermark
+from aigc.govern import audio_watermark, c2pa, image_watermark, text_watermark
 from aigc.govern.crypto import KeyRing
 from aigc.govern.moderation import Policy
 
@@ -35,6 +35,7 @@ MAX_FILE_BYTES = 32 * 2**20
 DEFAULT_POLICY = {
     "watermark_text": True,  # green-list watermark on generated text
     "watermark_image": True,  # invisible payload in images of 256x256 and more
+    "watermark_audio": True,  # inaudible payload in audio of a few seconds and more (music, speech, soundtracks)
     "c2pa": True,  # signed C2PA manifest on every file
     "png_parameters": True,  # generation parameters in PNG text metadata ("parameters" convention)
     "store_content": True,  # keep prompts and outputs (PII-scrubbed, encrypted) for explanations and complaints
@@ -118,8 +119,40 @@ def check_image_mark(data: bytes) -> dict:
     return out
 
 
+def audio_kind(data: bytes) -> str | None:
+    """The MIME type of an audio file (or of an MP4, whose soundtrack may carry the mark), else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "audio/wav"
+    if data[:4] == b"fLaC":
+        return "audio/flac"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "audio/aac" if data[1] & 0x06 == 0 else "audio/mpeg"  # ADTS has layer bits 00, MP3 has 01
+    if data[4:8] == b"ftyp":
+        return "audio/mp4" if data[8:12] in (b"M4A ", b"M4B ") else "video/mp4"
+    return None
+
+
+def check_audio_mark(data: bytes, key: bytes | None) -> dict:
+    """The inaudible watermark of an audio file (or an MP4's soundtrack): {found, watermark_id, ...} or why none could
+    be read. ``key``: the audio-watermark secret of the home that made it."""
+    from aigc.data.audio import decode
+
+    if key is None:
+        return {"found": False, "reason": "no audio-watermark key here: verify with the home (AIGC_HOME) that generated it"}
+    try:
+        audio, rate = decode(data)
+    except UserError as exc:
+        return {"found": False, "reason": str(exc)}
+    if len(audio) / rate < audio_watermark.MIN_SECONDS:
+        return {"found": False, "reason": f"audio under {audio_watermark.MIN_SECONDS:.1f} s carries no watermark"}
+    out = audio_watermark.extract(audio, rate, key).to_dict()
+    if not out["found"]:
+        out["reason"] = "no watermark payload (not generated here, or altered beyond what error correction can repair)"
+    return out
+
+
 def resolve_watermark(s: Session, wm_id: int, org_id: int | None, operator: bool) -> dict | None:
-    """The generation behind an image watermark id, shown to its owner (or the operator) only."""
+    """The generation behind a watermark id (image or audio), shown to its owner (or the operator) only."""
     gen = s.scalar(select(Generation).where(Generation.watermark_id == wm_id).order_by(Generation.created_at.desc()))
     if gen is None:
         return {"known": False}
@@ -146,16 +179,25 @@ def _first_frame_png(data: bytes) -> bytes | None:
 
 
 def verify_file(data: bytes, trust_anchors: str, s: Session | None = None, org_id: int | None = None,
-                operator: bool = False) -> dict:
+                operator: bool = False, audio_key: bytes | None = None) -> dict:
+    """What a file says of its origin: its C2PA manifest, its image watermark (images, a video's frames) and its audio
+    watermark (audio files of any format, a video's soundtrack; ``audio_key``: the home's audio-watermark secret)."""
     mime = c2pa.sniff_mime(data)
-    out: dict = {"kind": mime or "unknown", "sha256": hashlib.sha256(data).hexdigest(),
+    sound = audio_kind(data)
+    out: dict = {"kind": mime or sound or "unknown", "sha256": hashlib.sha256(data).hexdigest(),
                  "c2pa": c2pa.verify(data, mime, trust_anchors).to_dict()}
-    frame = _first_frame_png(data) if mime == "video/mp4" else None
-    if mime in ("image/png", "image/jpeg") or mime is None or frame is not None:
+    frame = _first_frame_png(data) if mime == "video/mp4" and sound != "audio/mp4" else None
+    if mime in ("image/png", "image/jpeg") or (mime is None and sound is None) or frame is not None:
         mark = check_image_mark(frame or data)
         if mark.get("found") and s is not None:
             mark["generation"] = resolve_watermark(s, mark["watermark_id"], org_id, operator)
         out["image_watermark"] = mark
+    if sound is not None:
+        mark = check_audio_mark(data, audio_key)
+        if mark.get("found") and s is not None:
+            mark["generation"] = resolve_watermark(s, mark["watermark_id"], org_id, operator)
+        if sound != "video/mp4" or mark.get("found") or "no audio" not in mark.get("reason", ""):
+            out["audio_watermark"] = mark
     if s is not None:
         gen = s.scalar(select(Generation).where(Generation.output_sha256 == out["sha256"]))
         out["exact_match"] = bool(gen) and (operator or gen.org_id == org_id)
@@ -184,8 +226,9 @@ def verify_text(content: str, candidates: list[tuple[str, object, int]], thresho
 
 
 def find_generation(s: Session, generation_id: str | None = None, digest: str | None = None,
-                    data: bytes | None = None) -> tuple[Generation | None, dict]:
-    """Identify the generation a piece of evidence points at: by id, by exact output hash, else by image watermark."""
+                    data: bytes | None = None, audio_key: bytes | None = None) -> tuple[Generation | None, dict]:
+    """Identify the generation a piece of evidence points at: by id, by exact output hash, else by its watermark
+    (image, or audio with the home's ``audio_key``)."""
     if generation_id:
         gen = s.get(Generation, generation_id)
         return gen, {"by": "generation_id", "generation_id": generation_id, "matched": gen is not None}
@@ -198,11 +241,16 @@ def find_generation(s: Session, generation_id: str | None = None, digest: str | 
         if mark.get("found"):
             gen = s.scalar(select(Generation).where(Generation.watermark_id == mark["watermark_id"]))
             return gen, {"by": "image_watermark", "watermark_id": mark["watermark_id"], "matched": gen is not None}
+    if data is not None and audio_key is not None and audio_kind(data) is not None:
+        mark = check_audio_mark(data, audio_key)
+        if mark.get("found"):
+            gen = s.scalar(select(Generation).where(Generation.watermark_id == mark["watermark_id"]))
+            return gen, {"by": "audio_watermark", "watermark_id": mark["watermark_id"], "matched": gen is not None}
     return None, {"by": "sha256" if digest else "none", "sha256": digest, "matched": False}
 
 
 def create_complaint(s: Session, reason: str, contact: str = "", generation_id: str | None = None, content: str | None = None,
-                     data: bytes | None = None, digest: str | None = None) -> Complaint:
+                     data: bytes | None = None, digest: str | None = None, audio_key: bytes | None = None) -> Complaint:
     if not reason or not reason.strip():
         raise UserError("a complaint needs a reason")
     if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -213,7 +261,7 @@ def create_complaint(s: Session, reason: str, contact: str = "", generation_id: 
         digest = hashlib.sha256(data).hexdigest()
     if not (generation_id or digest):
         raise UserError("give evidence: a generation_id, the content, a file, or its sha256")
-    gen, how = find_generation(s, generation_id, digest, data)
+    gen, how = find_generation(s, generation_id, digest, data, audio_key)
     c = Complaint(reason=reason.strip(), contact=contact.strip(), evidence_sha256=digest, evidence=how,
                   generation_id=gen.id if gen else None, org_id=gen.org_id if gen else None, decision_note="")
     s.add(c)

@@ -70,6 +70,7 @@ class Governance:
         self.engine = sessions.kw["bind"]
         self.inline = self.engine.dialect.name == "sqlite"
         self.text_secret = secret(self.home, "text-watermark")
+        self.audio_secret = secret(self.home, "audio-watermark")  # one for the fleet (a shared home): any host reads it
         self.keyring = KeyRing.load(self.home, settings.data_keys)
         self._tenants: dict[int, Tenant] = {}
         self.tokenizers: dict[str, object] = {}  # text models' tokenizers, for scoring watermarks

@@ -134,15 +134,16 @@ class Generation:
         return self.tenant.moderation.pending(text, "output")
 
     def deliver_file(self, content, mime: str, title: str, extra: dict | None = None, *, parameters: str | None = None,
-                     watermark_id: int | None = None) -> tuple[Delivered, bool]:
-        """Finish a file as the tenant's policy says (image watermark, metadata, C2PA signature; ``govern.delivery``)
-        and check it against the takedown list: (the delivered file, whether it is withheld). Blocking: a worker thread."""
-        policy = self.policy
-        done = delivery.finish(content, mime, watermark=policy["watermark_image"],
+                     watermark_id: int | None = None, audio_marked: bool = False) -> tuple[Delivered, bool]:
+        """Finish a file as the tenant's policy says (image or audio watermark, metadata, C2PA signature;
+        ``govern.delivery``) and check it against the takedown list: (the delivered file, whether it is withheld).
+        Blocking: a worker thread."""
+        policy, gov = self.policy, self.service.governance
+        done = delivery.finish(content, mime, watermark=policy["watermark_audio" if mime == delivery.WAV else "watermark_image"],
                                parameters=parameters if policy["png_parameters"] else None,
-                               provenance=self.service.governance.provenance if policy["c2pa"] else None,
+                               provenance=gov.provenance if policy["c2pa"] else None,
                                claim=delivery.Claim(title, self.entry.id, self.entry.version, dict(extra or {})),
-                               watermark_id=watermark_id)
+                               watermark_id=watermark_id, audio_key=gov.audio_secret, audio_marked=audio_marked)
         return done, self.withheld(done.sha256)
 
     def withheld(self, digest: str) -> bool:
@@ -167,6 +168,9 @@ class Generation:
             moderation["output"] = output_decision or {"action": "allow"}
         if watermark is None and watermark_id is not None:
             watermark = {"scheme": "dwtDctSvd", "id": watermark_id}
+            if "watermark:audio:stdm" in (filters or []):
+                watermark = ({"scheme": "dwtDctSvd+stdm", "id": watermark_id} if "watermark:image:dwtDctSvd" in filters
+                             else {"scheme": "stdm", "id": watermark_id})
         p = self.principal
         return GenRecord(id=generation_id, request_id=self.request_id, org_id=p.org_id, key_id=p.key_id or None,
                          endpoint=self.endpoint, kind=self.kind, model=self.entry.id, model_version=self.entry.version,

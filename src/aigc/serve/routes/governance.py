@@ -82,9 +82,10 @@ async def verify(body: VerifyRequest, service: ServiceDep, p: OptionalPrincipal)
             raise ApiError(400, str(exc), code="invalid_file", param="file") from None
         anchors = service.governance.provenance.trust_anchors
 
+        key = service.governance.audio_secret
         if p is None:
-            return await anyio.to_thread.run_sync(records.verify_file, data, anchors)
-        return await service.db(lambda s: records.verify_file(data, anchors, s, org_id, operator), write=False)
+            return await anyio.to_thread.run_sync(lambda: records.verify_file(data, anchors, audio_key=key))
+        return await service.db(lambda s: records.verify_file(data, anchors, s, org_id, operator, audio_key=key), write=False)
     if p is None or p.operator:
         raise ApiError(401, "text watermarks are keyed per tenant: verify text with your tenant's API key",
                        code="missing_api_key")
@@ -167,7 +168,8 @@ async def complain(body: ComplaintRequest, request: Request, service: ServiceDep
     except UserError as exc:
         raise ApiError(400, str(exc), code="invalid_file", param="file") from None
     c = await service.db(lambda s: records.complaint_out(records.create_complaint(
-        s, body.reason, body.contact, body.generation_id, body.content, data, body.sha256)))
+        s, body.reason, body.contact, body.generation_id, body.content, data, body.sha256,
+        audio_key=service.governance.audio_secret)))
     return {**c, "matched_generation": c["generation_id"] is not None}
 
 

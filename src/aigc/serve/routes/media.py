@@ -199,8 +199,9 @@ async def create_music(body: MusicRequest, request: Request, service: ServiceDep
             files = [_save(folder, "music.wav", done.data), _save(folder, "music.mid", midi)]
             seconds = round(result.seconds, 3)
             rec = gen.record(job_id, params=params, output_sha256=done.sha256, filters=gen.filters(*done.filters),
-                             prompt=body.prompt)
+                             prompt=body.prompt, watermark_id=done.watermark_id)
             return Outcome(Units(seconds=seconds), [rec], {"seconds": seconds, "generation_id": job_id, "files": files,
+                                                           "watermark_id": done.watermark_id,
                                                            "key": f"{result.piece.tonic}:{result.piece.mode}", "tempo": result.tempo,
                                                            "time_signature": result.piece.time_signature, "notes": len(result.piece.notes),
                                                            "primer_bars": result.primer_bars, "synth": synth},
@@ -238,10 +239,12 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
                              size=body.size, captions=body.captions, seed=seed, steps=body.steps, guidance=body.guidance,
                              key=body.key, tempo=body.tempo, watermark=gen.policy["watermark_image"], chroma=body.chroma)
             folder = service.settings.home / "media" / job_id
-            result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True)
+            result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True,
+                             audio_key=service.governance.audio_secret if gen.policy["watermark_audio"] else None)
             done, withheld = gen.deliver_file(result.mp4, delivery.MP4, f"{job_id}.mp4",
                                               {"generation_id": job_id, "text_model": body.text_model or "",
-                                               "music_model": body.music_model or ""}, watermark_id=result.watermark_id)
+                                               "music_model": body.music_model or ""}, watermark_id=result.watermark_id,
+                                              audio_marked=result.audio_marked)
             if withheld:
                 raise UserError("the output was withheld: it matches content taken down")
             files = [_save(folder, "video.mp4", done.data)]
