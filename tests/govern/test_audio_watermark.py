@@ -69,8 +69,8 @@ def test_unmarked_audio_or_another_key_reads_nothing(marked):
 
 
 def test_short_or_low_rate_audio_is_refused_with_a_reason():
-    with pytest.raises(UserError, match="at least 4.2 s"):
-        aw.embed(notes(2.0), 44100, WM, KEY)
+    with pytest.raises(UserError, match=f"at least {aw.MIN_SECONDS:.1f} s"):
+        aw.embed(notes(2.0), 44100, WM, KEY)  # under MIN_SECONDS (2.8 s)
     with pytest.raises(UserError, match="16000 Hz"):
         aw.embed(notes(6.0, rate=8000), 8000, WM, KEY)
 
