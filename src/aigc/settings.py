@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Where served models compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     model_devices: str = Field("", description="Per-model placement, NAME=DEVICE[,NAME=DEVICE...]: overrides AIGC_DEVICE for those models.")
     embeddings: bool = Field(True, description="Serve /v1/embeddings with the offline all-MiniLM-L6-v2 encoder (listed in /v1/models).")
+    speech: bool = Field(True, description="Serve /v1/audio/speech (model tts-1) with the installed voices: Piper voices and eSpeak NG.")
+    voices_dir: Path | None = Field(None, description="A folder of Piper voices (NAME.onnx + NAME.onnx.json) for speech.")
     quota_status: Literal[402, 429] = Field(402, description="HTTP status of exhausted credit or quota: 402, or 429 as OpenAI "
                                             "answers it (type and code insufficient_quota either way).")
     memory_budget_mb: int = 4096  # loaded CPU models beyond this are evicted, least recently used first

@@ -49,6 +49,7 @@ API = {
     ("POST", "/v1/completions"): GEN, ("POST", "/v1/chat/completions"): GEN, ("POST", "/v1/embeddings"): GEN,
     ("POST", "/v1/images/generations"): GEN, ("GET", "/v1/images/files/{name}"): SIGNED,
     ("POST", "/v1/audio/generations"): GEN, ("POST", "/v1/videos/generations"): GEN,
+    ("POST", "/v1/audio/speech"): GEN, ("GET", "/v1/audio/voices"): GEN,
     ("GET", "/v1/jobs"): READ, ("GET", "/v1/jobs/{job_id}"): READ, ("GET", "/v1/media/{job_id}/{name}"): SIGNED,
     ("POST", "/v1/files"): GEN, ("GET", "/v1/files"): READ, ("GET", "/v1/files/{file_id}"): READ,
     ("DELETE", "/v1/files/{file_id}"): GEN, ("GET", "/v1/files/{file_id}/content"): GEN,

@@ -83,8 +83,8 @@ def get_plan(s: Session, name: str) -> Plan:
 
 
 def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 0, output_per_1k: float = 0,
-              per_image: float = 0, per_second: float = 0, per_1k_train_tokens: float = 0) -> Price:
-    if min(input_per_1k, output_per_1k, per_image, per_second, per_1k_train_tokens) < 0:
+              per_image: float = 0, per_second: float = 0, per_1k_train_tokens: float = 0, per_1k_chars: float = 0) -> Price:
+    if min(input_per_1k, output_per_1k, per_image, per_second, per_1k_train_tokens, per_1k_chars) < 0:
         raise UserError("prices must be >= 0")
     price = s.scalar(select(Price).where(Price.model == model, Price.version == version))
     if price is None:
@@ -92,7 +92,7 @@ def set_price(s: Session, model: str, version: str = "*", input_per_1k: float = 
         s.add(price)
     price.input_per_1k, price.output_per_1k = micro(input_per_1k), micro(output_per_1k)
     price.per_image, price.per_second = micro(per_image), micro(per_second)
-    price.per_1k_train_tokens = micro(per_1k_train_tokens)
+    price.per_1k_train_tokens, price.per_1k_chars = micro(per_1k_train_tokens), micro(per_1k_chars)
     s.flush()
     _audit(s, "price.set", None, f"price:{model}@{version}", price_out(price))
     announce(s, "prices")
@@ -271,7 +271,7 @@ def plan_out(p: Plan) -> dict:
 def price_out(p: Price) -> dict:
     return {"model": p.model, "version": p.version, "input_per_1k": p.input_per_1k / MICRO, "output_per_1k": p.output_per_1k / MICRO,
             "per_image": p.per_image / MICRO, "per_second": p.per_second / MICRO,
-            "per_1k_train_tokens": (p.per_1k_train_tokens or 0) / MICRO}
+            "per_1k_train_tokens": (p.per_1k_train_tokens or 0) / MICRO, "per_1k_chars": (p.per_1k_chars or 0) / MICRO}
 
 
 def org_out(s: Session, o: Organization) -> dict:
@@ -301,6 +301,7 @@ class Units:
     images: int = 0
     seconds: float = 0.0
     train_tokens: int = 0  # fine-tuning: tokens trained on (the training data's tokens x epochs)
+    characters: int = 0  # speech: characters of input spoken
 
 
 def list_price(price: Price | None, u: Units) -> int:
@@ -308,7 +309,8 @@ def list_price(price: Price | None, u: Units) -> int:
         return 0
     return int(round(u.input_tokens * price.input_per_1k / 1000 + u.output_tokens * price.output_per_1k / 1000
                      + u.images * price.per_image + u.seconds * price.per_second
-                     + u.train_tokens * (price.per_1k_train_tokens or 0) / 1000))
+                     + u.train_tokens * (price.per_1k_train_tokens or 0) / 1000
+                     + u.characters * (price.per_1k_chars or 0) / 1000))
 
 
 # Dates are bound as ISO strings (what SQLAlchemy stores in SQLite; PostgreSQL casts them).
@@ -334,11 +336,11 @@ _SETTLE = text("UPDATE organizations SET reserved = reserved - :held, period_lis
                "period_charged = period_charged + :charged, credits = credits - :debit WHERE id = :org")
 _RECORD = text(
     "INSERT INTO usage_records (request_id, created_at, day, org_id, key_id, model, version, endpoint, status, input_tokens, "
-    "output_tokens, images, seconds, train_tokens, list_price, charged, compute_s, cost) VALUES (:request_id, :created_at, :day, "
-    ":org_id, :key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, :train_tokens, "
-    ":list_price, :charged, :compute_s, :cost)")
-ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "train_tokens", "list_price", "charged", "compute_s",
-               "cost")
+    "output_tokens, images, seconds, train_tokens, characters, list_price, charged, compute_s, cost) VALUES (:request_id, "
+    ":created_at, :day, :org_id, :key_id, :model, :version, :endpoint, :status, :input_tokens, :output_tokens, :images, :seconds, "
+    ":train_tokens, :characters, :list_price, :charged, :compute_s, :cost)")
+ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "images", "seconds", "train_tokens", "characters", "list_price", "charged",
+               "compute_s", "cost")
 _ROLLUP = text(
     "INSERT INTO usage_rollups (day, org_id, key_id, model, " + ", ".join(ROLLUP_SUMS) + ") VALUES (:day, :org_id, :key_id, :model, "
     + ", ".join(":" + c for c in ROLLUP_SUMS) + ") ON CONFLICT (day, org_id, key_id, model) DO UPDATE SET "
@@ -517,7 +519,8 @@ def _append_usage_many(s, rows: list[tuple]) -> None:
     records, rollups = [], {}
     for request_id, org_id, key_id, model, version, endpoint, status, u, lp, charged, compute_s, cost in rows:
         sums = dict(input_tokens=u.input_tokens, output_tokens=u.output_tokens, images=u.images, seconds=u.seconds,
-                    train_tokens=u.train_tokens, list_price=lp, charged=charged, compute_s=compute_s, cost=cost)
+                    train_tokens=u.train_tokens, characters=u.characters, list_price=lp, charged=charged, compute_s=compute_s,
+                    cost=cost)
         records.append(dict(request_id=request_id, created_at=str(now), day=day, org_id=org_id, key_id=key_id, model=model,
                             version=version, endpoint=endpoint, status=status, **sums))
         r = rollups.setdefault((org_id, key_id or 0, model), dict.fromkeys(ROLLUP_SUMS, 0))
@@ -564,6 +567,7 @@ def usage_report(s: Session, group_by: list[str], start: dt.date | None = None, 
         revenue, cost = int(row["charged"] or 0) / MICRO, int(row["cost"] or 0) / MICRO
         r.update(requests=int(row["requests"]), input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
                  images=int(row["images"]), seconds=round(float(row["seconds"]), 3), train_tokens=int(row["train_tokens"] or 0),
+                 characters=int(row["characters"] or 0),
                  list_price=int(row["list_price"]) / MICRO,
                  revenue=revenue, compute_s=round(float(row["compute_s"]), 3), cost=cost, margin=round(revenue - cost, 6))
         out.append(r)

@@ -100,6 +100,7 @@ class Price(Base):
     per_image: Mapped[int] = mapped_column(BigInteger, default=0)
     per_second: Mapped[int] = mapped_column(BigInteger, default=0)  # audio / video output
     per_1k_train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # fine-tuning this model, per 1K trained tokens
+    per_1k_chars: Mapped[int] = mapped_column(BigInteger, default=0)  # speech, per 1K characters of input
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -124,6 +125,7 @@ class UsageRecord(Base):
     images: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    characters: Mapped[int] = mapped_column(BigInteger, default=0)  # speech input
     list_price: Mapped[int] = mapped_column(BigInteger, default=0)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)
@@ -144,6 +146,7 @@ class UsageRollup(Base):
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     train_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    characters: Mapped[int] = mapped_column(BigInteger, default=0)
     list_price: Mapped[int] = mapped_column(BigInteger, default=0)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)

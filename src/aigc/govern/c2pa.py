@@ -44,6 +44,10 @@ def sniff_mime(data: bytes) -> str | None:
         return "audio/wav"
     if data[4:8] == b"ftyp":
         return "video/mp4"
+    if data[:4] == b"fLaC":
+        return "audio/flac"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE6 == 0xE2):  # MPEG audio layer III
+        return "audio/mpeg"
     return None
 
 

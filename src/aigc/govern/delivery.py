@@ -26,8 +26,9 @@ from aigc.data import store
 from aigc.errors import UserError
 from aigc.govern import audio_watermark, image_watermark
 
-PNG, JPEG, WAV, MP4 = "image/png", "image/jpeg", "audio/wav", "video/mp4"
-SUFFIX = {PNG: ".png", JPEG: ".jpg", WAV: ".wav", MP4: ".mp4"}
+PNG, JPEG, WAV, MP3, FLAC, MP4 = "image/png", "image/jpeg", "audio/wav", "audio/mpeg", "audio/flac", "video/mp4"
+SUFFIX = {PNG: ".png", JPEG: ".jpg", WAV: ".wav", MP3: ".mp3", FLAC: ".flac", MP4: ".mp4"}
+AUDIO = {WAV: "wav", MP3: "mp3", FLAC: "flac"}  # audio arrives as WAV and leaves in the format asked
 JPEG_QUALITY = 92  # the watermark (dwtDctSvd) survives down to about 75
 _USER_COMMENT, _EXIF_IFD = 0x9286, 0x8769
 
@@ -88,7 +89,8 @@ class Delivered:
 def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, parameters: str | None = None,
            provenance=None, claim: Claim | None = None, watermark_id: int | None = None, audio_key: bytes | None = None,
            audio_marked: bool = False) -> Delivered:
-    """Watermark, describe, sign: ``content`` is a PIL image for PNG and JPEG, the encoded bytes for WAV and MP4.
+    """Watermark, describe, sign: ``content`` is a PIL image for PNG and JPEG, WAV bytes for audio (WAV, MP3, FLAC:
+    marked, then encoded as ``mime``), the encoded bytes for MP4.
 
     ``provenance`` (a ``govern.c2pa.Provenance``) and ``claim`` sign the result; without them it is not signed.
     A WAV is marked with ``audio_key`` (the server's audio-watermark secret) when ``watermark`` is on.
@@ -128,14 +130,18 @@ def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, 
             filters.append("watermark:image:dwtDctSvd")
             if audio_marked:
                 filters.append("watermark:audio:stdm")
-        if mime == WAV and watermark and audio_key is not None:
-            from aigc.data.audio import read_wav, write_wav
+        if mime in AUDIO:
+            from aigc.data.audio import encode, read_wav, write_wav
 
             audio, rate = read_wav(data)
-            if len(audio) / rate >= audio_watermark.MIN_SECONDS and rate >= audio_watermark.RATE:
+            if watermark and audio_key is not None and len(audio) / rate >= audio_watermark.MIN_SECONDS \
+                    and rate >= audio_watermark.RATE:
                 wm_id = watermark_id if watermark_id is not None else secrets.randbits(32)
-                data = write_wav(audio_watermark.embed(audio, rate, wm_id, audio_key), rate)
+                audio = audio_watermark.embed(audio, rate, wm_id, audio_key)
+                data = write_wav(audio, rate)
                 filters.append("watermark:audio:stdm")
+            if mime != WAV:
+                data = encode(audio, rate, AUDIO[mime])
     signed = False
     if provenance is not None and claim is not None:
         manifest = provenance.manifest(claim.title, claim.model, claim.version, dict(claim.extra))

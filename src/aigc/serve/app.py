@@ -97,7 +97,7 @@ def build_registry(settings: Settings, runs: list[str], models_dir: str | None, 
                                memory_budget_mb=settings.memory_budget_mb, max_batch=settings.max_batch,
                                context=settings.context_tokens, device=settings.device, model_devices=placements,
                                gpu_memory_budget_mb=settings.gpu_memory_budget_mb, embeddings=settings.embeddings,
-                               echo_token_ms=settings.echo_token_ms)
+                               echo_token_ms=settings.echo_token_ms, speech=settings.speech, voices_dir=settings.voices_dir)
 
 
 def worker_app() -> FastAPI:
@@ -116,7 +116,7 @@ def worker_app() -> FastAPI:
 def create_app(settings: Settings, registry: Registry) -> FastAPI:
     from aigc.serve import console
     from aigc.serve.routes import (admin, chat, completions, embeddings, files, fine_tuning, governance, health, images, media, models,
-                                   usage)
+                                   speech, usage)
 
     service = Service.build(settings, registry)
 
@@ -142,7 +142,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(SQLAlchemyError, errors.database_handler)  # the database restarting or locked: 503
     app.add_exception_handler(Exception, errors.unhandled_handler)
-    for module in (models, completions, chat, embeddings, images, media, files, fine_tuning, usage, admin, governance, health):
+    for module in (models, completions, chat, embeddings, images, media, speech, files, fine_tuning, usage, admin, governance, health):
         app.include_router(module.router)
     console.mount(app)
     add_edge(app, settings)  # body, header and time limits; trusted proxies; CORS

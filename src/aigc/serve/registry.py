@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 ECHO = "echo"  # a stub text engine for gateway tests and benchmarks
 EMBEDDING = "embedding"  # the offline sentence encoder behind /v1/embeddings
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+SPEECH = "speech"  # text to speech with the installed voices (generate.speech), behind /v1/audio/speech
+SPEECH_MODEL = "tts-1"  # OpenAI's name: its clients ask for it unchanged
 
 
 def embedding_entry() -> ModelEntry | None:
@@ -37,6 +39,18 @@ def embedding_entry() -> ModelEntry | None:
         return None
     return ModelEntry(EMBEDDING_MODEL, EMBEDDING, None, "minilm-l6-v2", 0, 91 * 2**20, owned_by="sentence-transformers",
                       info={"dimensions": 384, "max_input_tokens": 256})
+
+
+def speech_entry(voices_dir: Path | None = None) -> ModelEntry | None:
+    """The speech model, when a voice is installed (eSpeak NG, or a Piper voice with onnxruntime)."""
+    from aigc.generate.speech import voices
+
+    found = voices(voices_dir)
+    if not found:
+        return None
+    return ModelEntry(SPEECH_MODEL, SPEECH, None, "+".join(sorted({v.engine for v in found})), int(time.time()),
+                      sum(v.path.stat().st_size for v in found if v.path is not None), owned_by="aigc",
+                      info={"voices": [v.name for v in found], "voices_dir": str(voices_dir) if voices_dir else None})
 
 
 @dataclass
@@ -116,9 +130,11 @@ class Registry:
 
     @classmethod
     def from_paths(cls, paths: list[str], models_dir: Path | None = None, echo: list[str] | None = None, embeddings: bool = False,
-                   echo_token_ms: float = 0.0, **kw) -> Registry:
+                   echo_token_ms: float = 0.0, speech: bool = False, voices_dir: Path | None = None, **kw) -> Registry:
         entries = []
         if embeddings and (entry := embedding_entry()) is not None:
+            entries.append(entry)
+        if speech and (entry := speech_entry(voices_dir)) is not None:
             entries.append(entry)
         if models_dir is not None:
             if not Path(models_dir).is_dir():
@@ -132,7 +148,7 @@ class Registry:
         for name in echo or []:
             info = {"note": "echoes the prompt; for gateway tests", **({"token_ms": echo_token_ms} if echo_token_ms else {})}
             entries.append(ModelEntry(name, ECHO, None, "echo", int(time.time()), 0, info=info))
-        if not [e for e in entries if e.kind != EMBEDDING]:
+        if not [e for e in entries if e.kind not in (EMBEDDING, SPEECH)]:
             raise UserError("nothing to serve: pass run directories, --models-dir or --echo-model")
         return cls(entries, **kw)
 
@@ -282,4 +298,12 @@ def _load_echo(entry: ModelEntry, reg: Registry):
     return EchoEngine(float(entry.info.get("token_ms", 0.0)))
 
 
-LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo, EMBEDDING: _load_embedding}
+def _load_speech(entry: ModelEntry, reg: Registry):
+    from aigc.generate.speech import Speaker
+
+    folder = entry.info.get("voices_dir")
+    return Speaker(Path(folder) if folder else None)
+
+
+LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo, EMBEDDING: _load_embedding,
+           SPEECH: _load_speech}

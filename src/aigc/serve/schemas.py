@@ -136,6 +136,7 @@ class UsageRow(Out):
     images: int
     seconds: float
     train_tokens: int = 0
+    characters: int = 0
     list_price: float
     revenue: float
     compute_s: float
@@ -170,6 +171,7 @@ class PriceOut(Out):
     per_image: float
     per_second: float
     per_1k_train_tokens: float = 0.0
+    per_1k_chars: float = 0.0
 
 
 class OrgOut(Out):

@@ -48,6 +48,7 @@ class PriceIn(BaseModel):
     per_image: float = Money
     per_second: float = Money
     per_1k_train_tokens: float = Money
+    per_1k_chars: float = Money
 
 
 class OrgIn(BaseModel):
