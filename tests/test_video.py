@@ -90,3 +90,28 @@ def test_compose_refuses_bad_input(tmp_path, image_model):
     with pytest.raises(UserError, match="already exists"):
         compose(image_model, tmp_path / "busy", VideoParams(prompt="a"))
     assert (tmp_path / "busy" / "f").read_text() == "keep"
+
+
+def test_a_voice_over_speaks_each_scene_line_and_the_track_carries_the_frames_mark(tmp_path, image_model, music_model):
+    from tests.test_speech import need_espeak
+
+    from aigc.data import audio as aio
+    from aigc.govern import audio_watermark, records
+
+    need_espeak()
+    key = b"v" * 32
+    params = VideoParams(scene_texts=["a red circle", "a blue square"], seconds=4.0, fps=4, size=256, seed=2,
+                         voice="espeak-en")
+    r = compose(image_model, tmp_path / "v", params, music_run=music_model, audio_key=key)
+    assert r.audio and r.audio_marked and r.timings["voice"] == "espeak-en"
+    voice, rate = aio.read_wav((tmp_path / "v" / "voiceover.wav").read_bytes())
+    assert rate == 44100 and len(voice) == pytest.approx(4.0 * rate, abs=2)
+    level = np.abs(voice[:, 0])
+    second = int(r.storyboard[1].start_s * rate)
+    assert level[: int(0.5 * rate)].max() > 0.05 and level[second: second + int(0.5 * rate)].max() > 0.05  # each line at its scene
+    track, track_rate = aio.decode(r.mp4)  # the AAC soundtrack as muxed
+    got = audio_watermark.extract(track, track_rate, key)
+    assert got.found and got.watermark_id == r.watermark_id
+    assert records.verify_file(r.mp4, "", audio_key=key)["audio_watermark"]["watermark_id"] == r.watermark_id
+    with pytest.raises(UserError, match="voice_speed"):
+        compose(image_model, tmp_path / "x", VideoParams(prompt="a", voice="auto", voice_speed=9))

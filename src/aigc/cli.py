@@ -775,6 +775,8 @@ def generate_video(
     tempo: Annotated[Optional[int], typer.Option(help="Soundtrack tempo (quarter notes per minute).")] = None,
     synth: Annotated[str, typer.Option(help="Soundtrack synthesizer: auto, builtin or fluidsynth.")] = "auto",
     chroma: Annotated[str, typer.Option(help="420 (plays everywhere) or 444 (keeps the frames' watermark readable).")] = "420",
+    voice: Annotated[str, typer.Option(help="A voice-over of the scene lines with this voice (see generate speech --list-voices; auto: by language).")] = "",
+    voice_speed: Annotated[float, typer.Option(help="Pace of the voice-over, 0.25 to 4.0.")] = 1.0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: IMAGE_RUN/video-SEED).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: DeviceOpt = "auto",
@@ -792,11 +794,12 @@ def generate_video(
     _quiet_libraries()
     params = from_dict(VideoParams, {"device": device, "prompt": prompt, "scenes": scenes, "scene_texts": list(scene or []), "seconds": seconds,
                                      "fps": fps, "size": size, "captions": captions, "seed": seed, "steps": steps,
-                                     "guidance": guidance, "key": key, "tempo": tempo, "synth": synth, "chroma": chroma})
+                                     "guidance": guidance, "key": key, "tempo": tempo, "synth": synth, "chroma": chroma,
+                                     "voice": voice, "voice_speed": voice_speed})
     out_dir = out_dir or image_run / f"video-{seed}"
     with err.status("composing video"):
         result = compose(image_run, out_dir, params, text_run=text_run, music_run=music_run, overwrite=overwrite,
-                         audio_key=_audio_key())
+                         audio_key=_audio_key(), voices_dir=_settings().voices_dir)
     delivery.finish(result.mp4, delivery.MP4, watermark_id=result.watermark_id, audio_marked=result.audio_marked,
                     provenance=Provenance.from_settings(_settings()),
                     claim=delivery.Claim("video.mp4", image_run.name, pipe_version(image_run),

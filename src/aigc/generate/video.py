@@ -10,15 +10,17 @@
    spherically and the condition vectors linearly, and every frame is decoded by the image model
    (for diffusion, with the deterministic DDIM sampler, so neighbouring frames stay coherent).
 4. **Soundtrack**: the music run generates enough bars for the duration at the tempo; it is rendered
-   to 44.1 kHz stereo, cut to length with a fade-out.
+   to 44.1 kHz stereo, cut to length with a fade-out. A voice-over (``voice``) speaks each scene's line from the
+   start of its scene (``generate.speech``), the music lowered while it speaks. The track as delivered carries the
+   frames' watermark id as an inaudible audio mark (when ``audio_key`` is given).
 5. **Mux**: PyAV (bundled FFmpeg) encodes H.264 + AAC into MP4. Captions are optionally burned in.
    Frames of 256 px or more carry the invisible image watermark; the MP4 is C2PA-signed by the
    caller. The default yuv420p plays everywhere, but its 4:2:0 chroma often erases the frame
    watermark on saturated, flat frames; ``chroma="444"`` keeps it readable (fewer players).
 
 Everything is kept in the output folder: ``storyboard.json`` (scenes, conditions, reasons),
-``keyframes/scene-NN.png``, ``soundtrack.mid``, ``soundtrack.wav``, ``params.json`` (what re-makes it)
-and ``video.mp4``.
+``keyframes/scene-NN.png``, ``soundtrack.mid``, ``soundtrack.wav``, ``voiceover.wav``, ``params.json`` (what
+re-makes it) and ``video.mp4``.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class VideoParams:
     # readable after encoding, which 4:2:0 chroma often erases on saturated, flat frames (measured).
     chroma: str = "420"
     scene_tokens: int = 48  # text model tokens per scene line
+    voice: str = ""  # a voice-over of the scene lines with this voice (generate.speech; "auto": by language); "": none
+    voice_speed: float = 1.0
     device: str = "cpu"  # where the image, text and music models compute (cpu, cuda, cuda:N, mps, auto)
 
     def validate(self) -> None:
@@ -73,6 +77,8 @@ class VideoParams:
             raise UserError(f"size must be an even number of pixels between 16 and 1024, got {self.size}")
         if self.chroma not in ("420", "444"):
             raise UserError(f"chroma must be 420 or 444, got {self.chroma!r}")
+        if not 0.25 <= self.voice_speed <= 4.0:
+            raise UserError(f"voice_speed must be between 0.25 and 4.0, got {self.voice_speed}")
         if not 0.0 <= self.hold <= 1.0:
             raise UserError(f"hold must be in [0, 1], got {self.hold}")
         if self.scene_texts and len(self.scene_texts) != self.scenes:
@@ -238,6 +244,41 @@ def burn_caption(image: np.ndarray, text: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- audio and muxing
 
+def voiceover(scenes: list[Scene], voice: str, speed: float, seconds: float, sample_rate: int,
+              voices_dir: Path | None = None) -> tuple[np.ndarray, str]:
+    """Each scene's line spoken from the start of its scene: (samples, 2) at ``sample_rate``, and the voice used.
+    A line longer than its scene runs on over the next (it is never cut or sped up)."""
+    from scipy.signal import resample_poly
+
+    from aigc.generate.speech import Speaker
+
+    speaker = Speaker(voices_dir)
+    out = np.zeros((int(round(seconds * sample_rate)), 2), dtype=np.float32)
+    used = ""
+    for scene in scenes:
+        if not scene.text.strip():
+            continue
+        audio, rate, v = speaker.speak(scene.text, voice, speed)
+        used = v.name
+        if rate != sample_rate:
+            audio = resample_poly(audio, sample_rate, rate, axis=0).astype(np.float32)
+        start = int(scene.start_s * sample_rate)
+        n = max(0, min(len(audio), len(out) - start))
+        out[start:start + n] += audio[:n]  # mono voice in both channels
+    return out, used
+
+
+def mix_voice(music: np.ndarray | None, voice: np.ndarray, sample_rate: int, duck: float = 0.3) -> np.ndarray:
+    """The voice over the music, the music lowered to ``duck`` while the voice speaks (with 150 ms ramps)."""
+    if music is None:
+        return np.clip(voice, -1, 1)
+    active = (np.abs(voice).max(1) > 1e-3).astype(np.float32)
+    ramp = max(1, int(0.15 * sample_rate))
+    active = np.convolve(active, np.ones(ramp, dtype=np.float32) / ramp, mode="same").clip(0, 1)
+    gain = 1.0 - (1.0 - duck) * active
+    return np.clip(music * gain[:, None] + voice, -1, 1).astype(np.float32)
+
+
 def fit_audio(audio: np.ndarray, seconds: float, sample_rate: int, fade_s: float = 0.5) -> np.ndarray:
     """Cut or pad (samples, 2) audio to ``seconds``, fading out the last ``fade_s``."""
     n = int(round(seconds * sample_rate))
@@ -329,7 +370,7 @@ def probe_mp4(data: bytes) -> dict:
 
 def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, text_run: str | Path | None = None,
             music_run: str | Path | None = None, watermark_id: int | None = None, overwrite: bool = False,
-            audio_key: bytes | None = None) -> VideoResult:
+            audio_key: bytes | None = None, voices_dir: Path | None = None) -> VideoResult:
     """Make the video and every intermediate in ``out_dir``; returns the (unsigned) MP4 bytes and the storyboard.
     With the watermark on, the frames carry a 32-bit id, and so does the soundtrack when ``audio_key`` (the server's
     audio-watermark secret) is given and it is long enough."""
@@ -390,11 +431,13 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         to_pil(frames[f]).save(out / "keyframes" / f"scene-{scene + 1:02d}.png")
     timings["finish_frames_s"] = time.perf_counter() - t2
 
+    from aigc.data.audio import read_wav, write_wav
+    from aigc.generate.music import SAMPLE_RATE
+
     audio, audio_marked = None, False
     if music_run is not None:
         t3 = time.perf_counter()
-        from aigc.data.audio import read_wav, write_wav
-        from aigc.generate.music import SAMPLE_RATE, MusicParams, MusicPipeline
+        from aigc.generate.music import MusicParams, MusicPipeline
 
         music = MusicPipeline.from_run(music_run, device=device).generate(MusicParams(seconds=params.seconds, key=params.key, tempo=params.tempo,
                                                                      seed=params.seed))
@@ -406,13 +449,21 @@ def compose(image_run: str | Path, out_dir: str | Path, params: VideoParams, tex
         if samples.shape[1] == 1:
             samples = np.repeat(samples, 2, axis=1)
         audio = fit_audio(samples, len(frames) / params.fps, SAMPLE_RATE)
-        if wm_id is not None and audio_key is not None and len(audio) / SAMPLE_RATE >= audio_watermark.MIN_SECONDS:
-            audio = audio_watermark.embed(audio, SAMPLE_RATE, wm_id, audio_key)
-            audio_marked = True
         (out / "soundtrack.mid").write_bytes(midi)
         (out / "soundtrack.wav").write_bytes(write_wav(audio, SAMPLE_RATE))
         timings["soundtrack_s"] = time.perf_counter() - t3
         timings["synth"] = synth
+    if params.voice:
+        t5 = time.perf_counter()
+        voice, timings["voice"] = voiceover(scenes, params.voice, params.voice_speed, len(frames) / params.fps, SAMPLE_RATE,
+                                            voices_dir)
+        audio = mix_voice(audio, voice, SAMPLE_RATE)
+        (out / "voiceover.wav").write_bytes(write_wav(voice, SAMPLE_RATE))
+        timings["voiceover_s"] = time.perf_counter() - t5
+    if audio is not None and wm_id is not None and audio_key is not None \
+            and len(audio) / SAMPLE_RATE >= audio_watermark.MIN_SECONDS:  # the track as delivered carries the frames' id
+        audio = audio_watermark.embed(audio, SAMPLE_RATE, wm_id, audio_key)
+        audio_marked = True
     t4 = time.perf_counter()
     mp4 = mux_mp4(frames, params.fps, audio, chroma=params.chroma)
     timings["mux_s"] = time.perf_counter() - t4

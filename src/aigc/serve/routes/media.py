@@ -81,6 +81,9 @@ class VideoRequest(BaseModel):
     key: str | None = Field(None, max_length=20)
     tempo: int | None = Field(None, ge=20, le=300)
     chroma: Literal["420", "444"] = "420"
+    voice: str | None = Field(None, max_length=100, description="A voice-over of the scene lines with this voice "
+                                                                "(GET /v1/audio/voices, or auto); none when absent.")
+    voice_speed: float = Field(1.0, ge=0.25, le=4.0)
     user: str | None = Field(None, max_length=256)
 
 
@@ -237,10 +240,12 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
                         raise UserError("the storyboard the text model wrote was refused by the content policy")
             vp = VideoParams(prompt=body.prompt, scenes=len(scenes), scene_texts=scenes, seconds=body.seconds, fps=body.fps,
                              size=body.size, captions=body.captions, seed=seed, steps=body.steps, guidance=body.guidance,
-                             key=body.key, tempo=body.tempo, watermark=gen.policy["watermark_image"], chroma=body.chroma)
+                             key=body.key, tempo=body.tempo, watermark=gen.policy["watermark_image"], chroma=body.chroma,
+                             voice=body.voice or "", voice_speed=body.voice_speed)
             folder = service.settings.home / "media" / job_id
             result = compose(entry.path, folder, vp, music_run=music_entry.path if music_entry else None, overwrite=True,
-                             audio_key=service.governance.audio_secret if gen.policy["watermark_audio"] else None)
+                             audio_key=service.governance.audio_secret if gen.policy["watermark_audio"] else None,
+                             voices_dir=service.settings.voices_dir)
             done, withheld = gen.deliver_file(result.mp4, delivery.MP4, f"{job_id}.mp4",
                                               {"generation_id": job_id, "text_model": body.text_model or "",
                                                "music_model": body.music_model or ""}, watermark_id=result.watermark_id,
@@ -248,7 +253,7 @@ async def create_video(body: VideoRequest, request: Request, service: ServiceDep
             if withheld:
                 raise UserError("the output was withheld: it matches content taken down")
             files = [_save(folder, "video.mp4", done.data)]
-            for name in ("storyboard.json", "params.json", "soundtrack.wav", "soundtrack.mid"):
+            for name in ("storyboard.json", "params.json", "soundtrack.wav", "soundtrack.mid", "voiceover.wav"):
                 if (folder / name).is_file():
                     files.append(_entry(folder / name))
             for png in sorted((folder / "keyframes").glob("*.png")):  # served by name from the job's folder
