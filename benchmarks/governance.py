@@ -243,7 +243,7 @@ def audio_part(args, rng: random.Random) -> dict:
         snr.append(aw.snr_db(audio, marked))
         for name, attack in attacks.items():
             a, r = attack(marked, rate)
-            soft, fit, _ = aw.soft_bits(a, r, key)
+            soft, _, _ = aw.soft_bits(a, r, key)
             acc[name].append(float(((soft > 0.5).astype(int) == aw.encode_payload(wm_id)).mean()))
             t0 = time.perf_counter()
             got = aw.extract(a, r, key)

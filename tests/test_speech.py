@@ -86,17 +86,19 @@ def test_cli_speaks_to_mp3_and_verify_reads_the_mark_and_signature(tmp_path):
     env = {**os.environ, "AIGC_HOME": str(tmp_path / "home")}
     out = tmp_path / "hello.mp3"
     r = subprocess.run([sys.executable, "-m", "aigc.cli", "generate", "speech", "--voice", "espeak-en", "--format", "mp3",
-                        "--out", str(out), "--json", "Lesson four. Please listen carefully and repeat each word after the "
-                        "speaker, slowly and clearly."], capture_output=True, text=True, env=env)
+                        "--out", str(out), "--json", ("Lesson four. Please listen carefully and repeat each word after the "
+                                                      "speaker, slowly and clearly.")],
+                       capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["voice"] == "espeak-en" and got["c2pa"] and got["watermark_id"] is not None
     audio, rate = aio.decode(out.read_bytes())
     assert rate == 22050 and len(audio) / rate == pytest.approx(got["seconds"], abs=0.2)
-    v = subprocess.run([sys.executable, "-m", "aigc.cli", "verify", str(out), "--json"], capture_output=True, text=True, env=env)
+    v = subprocess.run([sys.executable, "-m", "aigc.cli", "verify", str(out), "--json"], capture_output=True, text=True, env=env,
+                       check=False)
     assert v.returncode == 0, v.stderr
     report = json.loads(v.stdout)
     assert report["c2pa"]["state"] == "Trusted" and report["audio_watermark"]["watermark_id"] == got["watermark_id"]
     bad = subprocess.run([sys.executable, "-m", "aigc.cli", "generate", "speech", "--format", "ogg", "hi"],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, check=False)
     assert bad.returncode != 0 and "--format must be one of wav, mp3, flac" in bad.stderr and "Traceback" not in bad.stderr

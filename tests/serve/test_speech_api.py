@@ -70,7 +70,7 @@ def test_voices_and_bad_requests(speech_server):
     _, key = tenant(speech_server.sessions, "voiceco2", "payg")
     voices = httpx.get(speech_server.url + "/v1/audio/voices", headers=H(key)).json()["data"]
     assert {"espeak-en", "espeak-zh"} <= {v["id"] for v in voices}
-    post = lambda **body: httpx.post(speech_server.url + "/v1/audio/speech", headers=H(key), timeout=60,  # noqa: E731
+    post = lambda **body: httpx.post(speech_server.url + "/v1/audio/speech", headers=H(key), timeout=60,
                                      json={"model": "tts-1", "voice": "auto", "input": "hello there", **body})
     for body, param in (({"voice": "nobody"}, "voice"), ({"response_format": "opus"}, "response_format"),
                         ({"speed": 9}, "speed"), ({"input": ""}, "input"), ({"model": "echo"}, "model"),

@@ -9,6 +9,7 @@ import numpy as np
 
 from aigc.errors import UserError
 
+NO_AUDIO = "the file has no audio"
 # format -> (container, codec, MIME type)
 FORMATS = {"wav": ("wav", "pcm_s16le", "audio/wav"), "mp3": ("mp3", "libmp3lame", "audio/mpeg"),
            "aac": ("adts", "aac", "audio/aac"), "m4a": ("ipod", "aac", "audio/mp4"), "flac": ("flac", "flac", "audio/flac")}
@@ -73,7 +74,7 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     try:
         with av.open(io.BytesIO(data)) as c:
             if not c.streams.audio:
-                raise UserError("the file has no audio")
+                raise UserError(NO_AUDIO)
             stream = c.streams.audio[0]
             rate = stream.rate
             chunks = []

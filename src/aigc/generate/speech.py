@@ -81,9 +81,11 @@ def _piper_voices(folder: Path | None) -> list[Voice]:
 
 
 def voices(folder: Path | None = None) -> list[Voice]:
-    """The installed voices: Piper voices first (``folder``: AIGC_VOICES_DIR), then eSpeak NG's (when installed)."""
-    out = _piper_voices(folder)
+    """The installed voices: Piper voices first (``folder``: AIGC_VOICES_DIR), then eSpeak NG's. Without eSpeak NG
+    there are none: the Piper voices read the phonemes it writes."""
+    out = []
     if espeak_program():
+        out = _piper_voices(folder)
         out += [Voice(name, "espeak", lang, 22050, "GPL-3.0 program, run separately (Debian espeak-ng)", None, code)
                 for name, (code, lang) in ESPEAK_VOICES.items()]
     return out

@@ -22,6 +22,7 @@ from aigc.db import crud
 from aigc.db.models import AuditEntry, BlockedOutput, Complaint, Generation, Organization, utcnow
 from aigc.errors import NotFound, UserError
 from aigc.db import audit
+from aigc.data.audio import NO_AUDIO
 from aigc.govern import audio_watermark, c2pa, image_watermark, text_watermark
 from aigc.govern.crypto import KeyRing
 from aigc.govern.moderation import Policy
@@ -196,7 +197,7 @@ def verify_file(data: bytes, trust_anchors: str, s: Session | None = None, org_i
         mark = check_audio_mark(data, audio_key)
         if mark.get("found") and s is not None:
             mark["generation"] = resolve_watermark(s, mark["watermark_id"], org_id, operator)
-        if sound != "video/mp4" or mark.get("found") or "no audio" not in mark.get("reason", ""):
+        if not (sound == "video/mp4" and mark.get("reason") == NO_AUDIO):  # a silent video: nothing to say of its sound
             out["audio_watermark"] = mark
     if s is not None:
         gen = s.scalar(select(Generation).where(Generation.output_sha256 == out["sha256"]))
