@@ -59,6 +59,7 @@ def test_a_local_pipeline_loads_and_draws_reproducibly_with_every_scheduler(tiny
     for name in SCHEDULERS:
         p.scheduler = name
         a, b = sd.generate(p)
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # n=2: two different images
         assert a.size == (32, 32) and a.mode == "RGB"
         again = sd.generate(p)[0]
         assert np.array_equal(np.asarray(a), np.asarray(again)), name  # the same seed: the same image

@@ -121,7 +121,7 @@ class SDPipeline:
                     raise UserError(f"{path}: a single-file checkpoint needs its architecture's config offline: pass a "
                                     "diffusers-format folder of the same family (SD 1.x, 2.x or XL) as its config")
                 pipe = cls_.from_single_file(str(path), config=str(config), local_files_only=True, dtype=torch_dtype)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise UserError(f"could not load the pipeline at {path}: {str(exc).splitlines()[0][:300]}") from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), info, str(device))
