@@ -98,3 +98,33 @@ def test_missing_parts_and_bad_parameters_are_named(tiny_sd, tmp_path):
         SDParams(scheduler="k_lms").validate()
     with pytest.raises(UserError, match="multiples of 8"):
         SDParams(width=30).validate()
+
+
+def test_cli_makes_a_run_of_the_pipeline_and_draws_from_it(tiny_sd, tmp_path):
+    import subprocess
+    import sys
+
+    def aigc(*args):
+        r = subprocess.run([sys.executable, "-m", "aigc.cli", *args], capture_output=True, text=True, check=False,
+                           env={**__import__("os").environ, "AIGC_HOME": str(tmp_path / "home")})
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout) if "--json" in args else r.stdout
+
+    run = tmp_path / "brand"
+    made = aigc("train", "image", "--init.path", str(tiny_sd), "--run", str(run), "--sd.width=32", "--sd.height=32",
+                "--sd.steps=2", "--sd.scheduler=euler a", "--json")
+    assert made["kind"] == "sd" and made["pipeline"] == "StableDiffusionPipeline" and made["width"] == 32
+    from aigc.run import SD, SDMeta, detect_kind, fingerprint
+
+    assert detect_kind(run) == SD and SDMeta.load(run).scheduler == "euler a" and len(fingerprint(run).version) == 12
+    t2i = aigc("generate", "image", str(run), "--prompt", "a brass lamp", "--n", "2", "--seed", "7", "--json")["images"]
+    assert [w["task"] for w in t2i] == ["txt2img", "txt2img"]
+    first = Image.open(t2i[0]["file"])
+    assert first.size == (32, 32) and "Sampler: euler a" in first.text["parameters"] and first.text["parameters"].startswith("a brass lamp")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    inpaint = aigc("generate", "image", str(run), "--prompt", "a lamp", "--n", "1", "--init-image", t2i[0]["file"],
+                   "--mask", str(tmp_path / "mask.png"), "--strength", "0.9", "--json")["images"]
+    assert inpaint[0]["task"] == "inpaint" and Image.open(inpaint[0]["file"]).size == (32, 32)
+    bad = subprocess.run([sys.executable, "-m", "aigc.cli", "train", "image", "--init.path", str(tmp_path / "nowhere"),
+                          "--run", str(tmp_path / "r2")], capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "pipeline not found" in bad.stderr and not (tmp_path / "r2").exists()

@@ -256,6 +256,33 @@ MasterPortOpt = Annotated[int, typer.Option("--master-port", help="A free port o
 OversubscribeOpt = Annotated[bool, typer.Option("--oversubscribe", help="Allow more processes than CPU cores.")]
 
 
+def _dotted(args: list[str], sections: tuple[str, ...]) -> dict | None:
+    """``--section.key=value`` / ``--section.key value`` options of ``sections`` from ``args``: {"section.key": value}, or
+    None when there is none; anything else in ``args`` is an error naming it."""
+    got, rest, i = {}, [], 0
+    while i < len(args):
+        a = args[i]
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if name.split(".", 1)[0] in sections and "." in name:
+            if "=" in a:
+                got[name] = a.split("=", 1)[1]
+            elif i + 1 < len(args):
+                got[name], i = args[i + 1], i + 1
+            else:
+                raise UserError(f"--{name} needs a value")
+        else:
+            rest.append(a)
+        i += 1
+    if not got:
+        return None
+    unknown = [k for k in got if k.split(".", 1)[0] == "init" and k not in ("init.path", "init.config")]
+    if unknown or rest:
+        raise UserError(f"unknown option {'--' + unknown[0] if unknown else rest[0]} with --init.path "
+                        "(allowed: --init.path, --init.config, --sd.width, --sd.height, --sd.steps, --sd.guidance, "
+                        "--sd.scheduler, --sd.negative_prompt)")
+    return got
+
+
 def _train_verb(modality: str, cls, prepare_run, train_fn, ctx_args: list[str], device: str | None, config: str | None,
                 data: Path | None, run: Path | None, resume: bool, overwrite: bool, as_json: bool, keys: tuple[str, ...],
                 launch) -> dict | None:
@@ -406,9 +433,35 @@ def train_image(
     master_port: MasterPortOpt = 0,
     oversubscribe: OversubscribeOpt = False,
 ):
-    """Train a DCGAN, VAE or diffusion model on images. Override any config key with --section.key=value."""
+    """Train a DCGAN, VAE or diffusion model on images, or make a run of a pretrained Stable Diffusion-family pipeline on
+    this machine (--init.path DIR_OR_FILE; --init.config DIR for a single file; --sd.width=... and the like for its
+    defaults). Override any config key with --section.key=value."""
     from aigc.distributed import Launch
     from aigc.train.image import ImageTrainConfig, prepare_run, train
+
+    args = list(ctx.args)
+    if config and config.startswith("--"):  # click hands the first unknown option to the optional positional
+        args.insert(0, config)
+        config = None if _dotted(args, ("init", "sd")) is not None else config
+    sd_args = _dotted(args, ("init", "sd"))
+    if sd_args is not None:
+        from aigc.train.sd import import_pipeline
+
+        if config not in (None, "sd") or data is not None or resume:
+            raise UserError("--init.path makes a run of a pretrained pipeline: give no config, --data or --resume with it")
+        if "init.path" not in sd_args:
+            raise UserError("--init.* needs --init.path DIR_OR_FILE (a diffusers pipeline folder or a .safetensors file)")
+        if run is None:
+            raise UserError("give the run directory to write (--run)")
+        with err.status("loading the pipeline"):
+            summary = import_pipeline(sd_args.pop("init.path"), run, sd_args.pop("init.config", None), overwrite,
+                                      {k.split(".", 1)[1]: v for k, v in sd_args.items() if k.startswith("sd.")})
+        if as_json:
+            _emit_json(summary)
+        else:
+            out.print(f"run {summary['run']}: {summary['pipeline']} ({summary['family']}, {summary['format']}) from "
+                      f"{summary['init_path']}, {summary['width']}x{summary['height']}", markup=False, highlight=False)
+        return
 
     summary = _train_verb("image", ImageTrainConfig, prepare_run, train, ctx.args, device, config, data, run, resume, overwrite, as_json,
                           ("loss", "val_loss", "loss_d", "loss_g"), Launch(nproc, nnodes, node_rank, master_addr, master_port, oversubscribe))
@@ -559,10 +612,25 @@ def generate_image(
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/generated).")] = None,
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the written files as JSON.")] = False,
+    prompt: Annotated[Optional[str], typer.Option(help="Stable Diffusion runs: the prompt.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="Stable Diffusion runs: what to keep out (default: the run's).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Stable Diffusion runs: dpm++ 2m karras, euler a, ddim, unipc, lcm, ... (default: the run's).")] = None,
+    width: Annotated[int, typer.Option(help="Stable Diffusion runs: width in pixels (0: the run's).")] = 0,
+    height: Annotated[int, typer.Option(help="Stable Diffusion runs: height in pixels (0: the run's).")] = 0,
+    init_image: Annotated[Optional[Path], typer.Option(help="Stable Diffusion runs: image-to-image from this image.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Stable Diffusion runs: inpaint where this mask is white (with --init-image).")] = None,
+    strength: Annotated[float, typer.Option(help="Stable Diffusion runs: how much of --init-image is repainted (0-1].")] = 0.75,
 ):
-    """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size."""
+    """Generate images by class or caption, or a latent interpolation strip, upscaled to a delivery size; from a Stable
+    Diffusion run, by prompt: text-to-image, image-to-image (--init-image) or inpainting (--mask)."""
     threads.configure()
     import numpy as np
+
+    from aigc.run import SD, detect_kind
+
+    if detect_kind(run) == SD:
+        return _generate_sd(run, prompt or " ".join(caption or []), negative_prompt, scheduler, n, seed, steps, guidance,
+                            width, height, init_image, mask, strength, image_format, out_dir, device, as_json)
 
     from aigc.generate.image import ImagePipeline, grid, save_gif, save_png, upscale
     from aigc.govern import delivery
@@ -616,6 +684,62 @@ def generate_image(
         return
     for w in written:
         out.print(f"{w['file']}" + (f"  ({w['condition']})" if w.get("condition") else ""), markup=False, highlight=False)
+
+
+def _generate_sd(run: Path, prompt: str, negative: str | None, scheduler: str | None, n: int, seed: int, steps: int | None,
+                 guidance: float | None, width: int, height: int, init_image: Path | None, mask: Path | None, strength: float,
+                 image_format: str, out_dir: Path | None, device: str, as_json: bool) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from aigc import devices
+    from aigc.generate.sd import SDParams, SDPipeline
+    from aigc.govern import delivery
+    from aigc.govern.c2pa import Provenance
+    from aigc.govern.delivery import unused_path
+    from aigc.run import SDMeta
+
+    mime = {"png": delivery.PNG, "jpeg": delivery.JPEG, "jpg": delivery.JPEG}.get(image_format.lower())
+    if mime is None:
+        raise UserError(f"--format must be png or jpeg, got {image_format!r}")
+    images_in = {}
+    for name, path in (("--init-image", init_image), ("--mask", mask)):
+        if path is None:
+            continue
+        try:
+            images_in[name] = Image.open(path)
+            images_in[name].load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"{name} {path}: not a readable image ({exc})") from None
+    meta = SDMeta.load(run)
+    params = SDParams(prompt=prompt, negative_prompt=meta.negative_prompt if negative is None else negative, n=n,
+                      steps=steps or meta.steps, guidance=meta.guidance if guidance is None else guidance,
+                      width=width or meta.width, height=height or meta.height, seed=seed,
+                      scheduler=scheduler or meta.scheduler, strength=strength)
+    params.validate()
+    with err.status("loading the pipeline"):
+        pipe = SDPipeline.load(meta.init_path, device=str(devices.resolve(device)), config=meta.config)
+    with err.status(f"generating {n} images"):
+        images = pipe.generate(params, init_image=images_in.get("--init-image"), mask=images_in.get("--mask"))
+    task = "inpaint" if mask else "img2img" if init_image else "txt2img"
+    out_dir = out_dir or run / "generated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    provenance, version, suffix = Provenance.from_settings(_settings()), pipe_version(run), delivery.SUFFIX[mime]
+    written = []
+    for i, img in enumerate(images):
+        path = unused_path(out_dir, f"{task}-{seed:06d}-{i}", (suffix,)).with_suffix(suffix)
+        described = {"Negative prompt": params.negative_prompt or None, "Steps": params.steps, "Sampler": params.scheduler,
+                     "CFG scale": params.guidance, "Seed": seed, "Size": f"{params.width}x{params.height}",
+                     "Denoising strength": params.strength if init_image else None, "Model": run.name, "Model hash": version}
+        done = delivery.finish(img, mime, watermark=True, parameters=delivery.parameters_text(prompt, described),
+                               provenance=provenance, claim=delivery.Claim(path.name, run.name, version, {"seed": seed, "task": task}))
+        done.save(path)
+        written.append({"file": str(path), "seed": seed, "index": i, "task": task, "watermark_id": done.watermark_id,
+                        "c2pa": done.signed})
+    if as_json:
+        _emit_json({"run": str(run), "images": written})
+        return
+    for w in written:
+        out.print(w["file"], markup=False, highlight=False)
 
 
 @generate_app.command("music")
