@@ -726,14 +726,14 @@ def _generate_sd(run: Path, prompt: str, negative: str | None, scheduler: str | 
     provenance, version, suffix = Provenance.from_settings(_settings()), pipe_version(run), delivery.SUFFIX[mime]
     written = []
     for i, img in enumerate(images):
-        path = unused_path(out_dir, f"{task}-{seed:06d}-{i}", (suffix,)).with_suffix(suffix)
+        path = unused_path(out_dir, f"{task}-{seed + i:06d}", (suffix,)).with_suffix(suffix)
         described = {"Negative prompt": params.negative_prompt or None, "Steps": params.steps, "Sampler": params.scheduler,
-                     "CFG scale": params.guidance, "Seed": seed, "Size": f"{params.width}x{params.height}",
+                     "CFG scale": params.guidance, "Seed": seed + i, "Size": f"{params.width}x{params.height}",
                      "Denoising strength": params.strength if init_image else None, "Model": run.name, "Model hash": version}
         done = delivery.finish(img, mime, watermark=True, parameters=delivery.parameters_text(prompt, described),
-                               provenance=provenance, claim=delivery.Claim(path.name, run.name, version, {"seed": seed, "task": task}))
+                               provenance=provenance, claim=delivery.Claim(path.name, run.name, version, {"seed": seed + i, "task": task}))
         done.save(path)
-        written.append({"file": str(path), "seed": seed, "index": i, "task": task, "watermark_id": done.watermark_id,
+        written.append({"file": str(path), "seed": seed + i, "task": task, "watermark_id": done.watermark_id,
                         "c2pa": done.signed})
     if as_json:
         _emit_json({"run": str(run), "images": written})

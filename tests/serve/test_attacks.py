@@ -47,7 +47,7 @@ API = {
     ("GET", "/healthz"): EVERYONE, ("GET", "/readyz"): EVERYONE, ("GET", "/metrics"): EVERYONE,
     ("GET", "/v1/models"): ANY_KEY, ("GET", "/v1/models/{model_id}"): ANY_KEY,
     ("POST", "/v1/completions"): GEN, ("POST", "/v1/chat/completions"): GEN, ("POST", "/v1/embeddings"): GEN,
-    ("POST", "/v1/images/generations"): GEN, ("GET", "/v1/images/files/{name}"): SIGNED,
+    ("POST", "/v1/images/generations"): GEN, ("POST", "/v1/images/edits"): GEN, ("GET", "/v1/images/files/{name}"): SIGNED,
     ("POST", "/v1/audio/generations"): GEN, ("POST", "/v1/videos/generations"): GEN,
     ("POST", "/v1/audio/speech"): GEN, ("GET", "/v1/audio/voices"): GEN,
     ("GET", "/v1/jobs"): READ, ("GET", "/v1/jobs/{job_id}"): READ, ("GET", "/v1/media/{job_id}/{name}"): SIGNED,

@@ -7,8 +7,8 @@ A pipeline is a diffusers-format folder (``model_index.json`` with ``unet/``, ``
 a diffusers-format folder (``config=``), and an error says so. Everything loads with ``local_files_only``; a missing
 part is named in a clear error.
 
-``SDPipeline.generate`` takes a prompt, a negative prompt, a scheduler name, steps, guidance, size and a seed (the
-same seed gives the same images); ``init_image`` turns it into image-to-image (``strength``), and ``mask`` (white:
+``SDPipeline.generate`` takes a prompt, a negative prompt, a scheduler name, steps, guidance, size and a seed (image
+i of a batch comes from seed + i, and the same seed gives the same image); ``init_image`` turns it into image-to-image (``strength``), and ``mask`` (white:
 repaint) into inpainting. The three share one set of weights in memory (diffusers' ``from_pipe``).
 """
 from __future__ import annotations
@@ -145,9 +145,10 @@ class SDPipeline:
         task = "inpaint" if mask is not None else "image2image" if init_image is not None else "text2image"
         pipe = self._task(task)
         pipe.scheduler = scheduler_named(params.scheduler, self._base_scheduler)
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        # image i from seed + i (as the web UIs): each image of a batch is re-made alone by its own seed
+        generators = [torch.Generator(device="cpu").manual_seed(params.seed + i) for i in range(params.n)]
         kw = dict(prompt=params.prompt, negative_prompt=params.negative_prompt or None, num_images_per_prompt=params.n,
-                  num_inference_steps=params.steps, guidance_scale=params.guidance, generator=generator, output_type="pil")
+                  num_inference_steps=params.steps, guidance_scale=params.guidance, generator=generators, output_type="pil")
         if task == "text2image":
             kw.update(width=params.width, height=params.height)
         else:
@@ -157,3 +158,29 @@ class SDPipeline:
                           height=params.height)
         with torch.inference_mode():
             return list(pipe(**kw).images)
+
+
+class SDRun:
+    """A Stable Diffusion run (``run.SDMeta``): its pipeline, loaded once, and its defaults."""
+
+    def __init__(self, run: Path, meta, pipe: SDPipeline):
+        self.run, self.meta, self.sd = Path(run), meta, pipe
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "cpu") -> SDRun:
+        from aigc.run import SDMeta
+
+        meta = SDMeta.load(run)
+        return cls(Path(run), meta, SDPipeline.load(meta.init_path, device=device, config=meta.config))
+
+    def params(self, **given) -> SDParams:
+        """SDParams from the run's defaults, with what is given (None: the default) on top."""
+        m = self.meta
+        base = {"negative_prompt": m.negative_prompt, "steps": m.steps, "guidance": m.guidance, "width": m.width,
+                "height": m.height, "scheduler": m.scheduler}
+        p = SDParams(**{**base, **{k: v for k, v in given.items() if v is not None}})
+        p.validate()
+        return p
+
+    def generate(self, params: SDParams, init_image=None, mask=None) -> list:
+        return self.sd.generate(params, init_image=init_image, mask=mask)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigc.errors import UserError
-from aigc.run import IMAGE, MUSIC, TEXT, detect_kind, fingerprint, require_kind
+from aigc.run import IMAGE, MUSIC, SD, TEXT, detect_kind, fingerprint, require_kind
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,12 @@ def _load_image(entry: ModelEntry, reg: Registry):
     return LockedPipeline(ImagePipeline.from_run(entry.path, device=entry.device))
 
 
+def _load_sd(entry: ModelEntry, reg: Registry):
+    from aigc.generate.sd import SDRun
+
+    return LockedPipeline(SDRun.from_run(entry.path, device=entry.device))
+
+
 def _load_music(entry: ModelEntry, reg: Registry):
     from aigc.generate.music import MusicPipeline
 
@@ -305,5 +311,5 @@ def _load_speech(entry: ModelEntry, reg: Registry):
     return Speaker(Path(folder) if folder else None)
 
 
-LOADERS = {TEXT: _load_text, IMAGE: _load_image, MUSIC: _load_music, ECHO: _load_echo, EMBEDDING: _load_embedding,
-           SPEECH: _load_speech}
+LOADERS = {TEXT: _load_text, IMAGE: _load_image, SD: _load_sd, MUSIC: _load_music, ECHO: _load_echo,
+           EMBEDDING: _load_embedding, SPEECH: _load_speech}
