@@ -9,6 +9,10 @@ the exact checker's shape+colour+position accuracy) and sampling images/s.
 The same run trains the reference (benchmarks/dcgan_reference.py: the classic PyTorch DCGAN example,
 unconditional) on digits for the same wall time and scores it the same way. Targets: best model's
 FID <= 0.5x the reference's on digits; >= 90% conditional accuracy on shapes.
+
+--pipeline DIR (a local Stable Diffusion-family pipeline, diffusers folder or single file; "tiny": tiny random
+components built here, which checks only the code path) times text-to-image at --pipeline-size with
+--pipeline-steps on the best device there is: "pipeline": {"seconds_per_image", ...}. --datasets none skips the rest.
 """
 from __future__ import annotations
 
@@ -29,6 +33,33 @@ sys.path.insert(0, str(HERE))
 DATASETS = {"digits": {"size": 16, "mode": "gray"}, "shapes": {"size": 32, "mode": "rgb", "count": 5000}}
 
 
+def pipeline_part(args, work: Path) -> dict:
+    from aigc import devices
+    from aigc.generate.sd import SDParams, SDPipeline
+
+    path = args.pipeline
+    if path == "tiny":
+        sys.path.insert(0, str(HERE.parent))
+        from tests.test_sd import build_tiny_pipeline
+
+        path = build_tiny_pipeline(work / "tiny-sd")
+    device = str(devices.resolve("auto"))
+    t0 = time.perf_counter()
+    sd = SDPipeline.load(path, device=device)
+    load_s = time.perf_counter() - t0
+    p = SDParams(prompt="a brass table lamp with a linen shade, product photo", negative_prompt="blurry",
+                 width=args.pipeline_size, height=args.pipeline_size, steps=args.pipeline_steps, seed=0)
+    sd.generate(SDParams(**{**p.__dict__, "steps": 2}))  # warm-up
+    t0 = time.perf_counter()
+    for i in range(args.pipeline_images):
+        p.seed = i
+        sd.generate(p)
+    per = (time.perf_counter() - t0) / args.pipeline_images
+    return {"path": str(args.pipeline), "class": type(sd.pipe).__name__, "device": device, "size": args.pipeline_size,
+            "steps": args.pipeline_steps, "scheduler": p.scheduler, "load_s": round(load_s, 2),
+            "seconds_per_image": round(per, 3), "lora_train_s_per_step": None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=240.0, help="training wall time per model")
@@ -38,6 +69,10 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. train.precision=bf16")
     ap.add_argument("--keep", type=Path, help="keep the run directories here")
+    ap.add_argument("--pipeline", help="a local SD-family pipeline to time (or: tiny)")
+    ap.add_argument("--pipeline-size", type=int, default=512)
+    ap.add_argument("--pipeline-steps", type=int, default=25)
+    ap.add_argument("--pipeline-images", type=int, default=4)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +88,10 @@ def main() -> None:
     extra = parse_overrides([f"--{s}" for s in args.set])
     result = {"benchmark": "image_gen", "seconds": args.seconds, "n": args.n, "threads": torch.get_num_threads(), "datasets": {}}
     try:
-        for ds in args.datasets.split(","):
+        if args.pipeline:
+            result["pipeline"] = pipeline_part(args, work)
+            print(json.dumps({"pipeline": result["pipeline"]}), flush=True)
+        for ds in [d for d in args.datasets.split(",") if d and d != "none"]:
             data = work / ds
             prepare([], data, ImagePrepareOptions(**DATASETS[ds]), builtin=[ds])
             _, info = get_feature_net(data)
