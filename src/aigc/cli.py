@@ -256,7 +256,42 @@ MasterPortOpt = Annotated[int, typer.Option("--master-port", help="A free port o
 OversubscribeOpt = Annotated[bool, typer.Option("--oversubscribe", help="Allow more processes than CPU cores.")]
 
 
-def _dotted(args: list[str], sections: tuple[str, ...]) -> dict | None:
+def _train_lora_sd(args: list[str], data: Path | None, run: Path | None, resume: bool, overwrite: bool, as_json: bool,
+                   device: str | None) -> None:
+    from dataclasses import fields
+
+    from aigc.train.sd_lora import LoraConfig, train
+
+    got = _dotted(args, ("init", "lora"), allowed=("--init.path, --init.config, --lora." + ", --lora.".join(
+        f.name for f in fields(LoraConfig)))) or {}
+    if run is None:
+        raise UserError("give the run directory to write (--run)")
+    if not resume and ("init.path" not in got or data is None):
+        raise UserError("lora-sd needs --init.path PIPELINE and --data FOLDER (images with captions)")
+    cfg = LoraConfig()
+    for key, value in got.items():
+        if key.startswith("lora."):
+            name = key.split(".", 1)[1]
+            kinds = {f.name: f.type for f in fields(LoraConfig)}
+            if name not in kinds:
+                raise UserError(f"unknown --{key}: lora settings are {', '.join(kinds)}")
+            current = getattr(cfg, name)
+            try:
+                setattr(cfg, name, (value.lower() in ("1", "true", "yes", "on")) if isinstance(current, bool) else type(current)(value))
+            except ValueError:
+                raise UserError(f"--{key}: expected a {type(current).__name__}, got {value!r}") from None
+    with err.status("training the LoRA adapter"):
+        summary = train(got.get("init.path", ""), data or "", run, cfg, got.get("init.config"), resume=resume,
+                        overwrite=overwrite, device=device or "auto")
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(f"trained a LoRA adapter for {summary['steps']} steps in {summary['elapsed_s']} s (loss {summary['loss']}) on "
+              f"{summary['images']} images; adapter: {summary['adapter']}; run directory: {run}", markup=False, highlight=False)
+
+
+def _dotted(args: list[str], sections: tuple[str, ...], allowed: str = "--init.path, --init.config, --sd.width, "
+            "--sd.height, --sd.steps, --sd.guidance, --sd.scheduler, --sd.negative_prompt") -> dict | None:
     """``--section.key=value`` / ``--section.key value`` options of ``sections`` from ``args``: {"section.key": value}, or
     None when there is none; anything else in ``args`` is an error naming it."""
     got, rest, i = {}, [], 0
@@ -277,9 +312,7 @@ def _dotted(args: list[str], sections: tuple[str, ...]) -> dict | None:
         return None
     unknown = [k for k in got if k.split(".", 1)[0] == "init" and k not in ("init.path", "init.config")]
     if unknown or rest:
-        raise UserError(f"unknown option {'--' + unknown[0] if unknown else rest[0]} with --init.path "
-                        "(allowed: --init.path, --init.config, --sd.width, --sd.height, --sd.steps, --sd.guidance, "
-                        "--sd.scheduler, --sd.negative_prompt)")
+        raise UserError(f"unknown option {'--' + unknown[0] if unknown else rest[0]} (allowed: {allowed})")
     return got
 
 
@@ -443,6 +476,8 @@ def train_image(
     if config and config.startswith("--"):  # click hands the first unknown option to the optional positional
         args.insert(0, config)
         config = None if _dotted(args, ("init", "sd")) is not None else config
+    if config == "lora-sd":
+        return _train_lora_sd(args, data, run, resume, overwrite, as_json, device)
     sd_args = _dotted(args, ("init", "sd"))
     if sd_args is not None:
         from aigc.train.sd import import_pipeline
@@ -692,7 +727,7 @@ def _generate_sd(run: Path, prompt: str, negative: str | None, scheduler: str | 
     from PIL import Image, UnidentifiedImageError
 
     from aigc import devices
-    from aigc.generate.sd import SDParams, SDPipeline
+    from aigc.generate.sd import SDParams, SDRun
     from aigc.govern import delivery
     from aigc.govern.c2pa import Provenance
     from aigc.govern.delivery import unused_path
@@ -717,7 +752,7 @@ def _generate_sd(run: Path, prompt: str, negative: str | None, scheduler: str | 
                       scheduler=scheduler or meta.scheduler, strength=strength)
     params.validate()
     with err.status("loading the pipeline"):
-        pipe = SDPipeline.load(meta.init_path, device=str(devices.resolve(device)), config=meta.config)
+        pipe = SDRun.from_run(run, device=str(devices.resolve(device)))
     with err.status(f"generating {n} images"):
         images = pipe.generate(params, init_image=images_in.get("--init-image"), mask=images_in.get("--mask"))
     task = "inpaint" if mask else "img2img" if init_image else "txt2img"

@@ -170,8 +170,16 @@ class SDRun:
     def from_run(cls, run: str | Path, device: str = "cpu") -> SDRun:
         from aigc.run import SDMeta
 
+        from aigc.run import model_folder
+
         meta = SDMeta.load(run)
-        return cls(Path(run), meta, SDPipeline.load(meta.init_path, device=device, config=meta.config))
+        sd = SDPipeline.load(meta.init_path, device=device, config=meta.config)
+        if meta.lora:  # the adapter trained on it, on top of the base
+            adapter = model_folder(run) / meta.lora
+            if not adapter.is_file():
+                raise UserError(f"{run}: its LoRA adapter {adapter} is missing")
+            sd.pipe.load_lora_weights(str(model_folder(run)), weight_name=meta.lora)
+        return cls(Path(run), meta, sd)
 
     def params(self, **given) -> SDParams:
         """SDParams from the run's defaults, with what is given (None: the default) on top."""
