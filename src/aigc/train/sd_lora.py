@@ -236,7 +236,7 @@ def _checkpoint(path: Path, unet, opt, step: int, rng: random.Random, gen, state
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"lora": state_dict_of(unet), "opt": opt.state_dict(), "step": step, "rng": rng.getstate(),
+    torch.save({"lora": state_dict_of(unet, save_embedding_layers=False), "opt": opt.state_dict(), "step": step, "rng": rng.getstate(),
                 "gen": gen.get_state(), "torch": torch.get_rng_state()}, tmp)
     tmp.replace(path)
 
@@ -245,5 +245,5 @@ def _save_adapter(pipe, unet, run: Path) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False))
     type(pipe).save_lora_weights(str(run / "model"), unet_lora_layers=layers, safe_serialization=True)
