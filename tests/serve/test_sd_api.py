@@ -12,7 +12,7 @@ from sqlalchemy import select
 from aigc.db import crud
 from aigc.db.models import Generation, UsageRecord
 from tests.serve.helpers import db, start, tenant
-from tests.test_sd import build_tiny_pipeline
+from tests.test_sd import brand_images, build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,18 @@ def sd_server(tmp_path_factory):
     from aigc.train.sd import import_pipeline
 
     work = tmp_path_factory.mktemp("sdserve")
-    import_pipeline(build_tiny_pipeline(work), work / "brand", defaults={"steps": 2, "width": 64, "height": 64})
+    from aigc.train.sd_lora import LoraConfig, train
+
+    base = build_tiny_pipeline(work)
+    import_pipeline(base, work / "brand", defaults={"steps": 2, "width": 64, "height": 64})
+    train(base, brand_images(work / "data"), work / "lamp-lora",
+          LoraConfig(rank=4, trigger="sks", lr=5e-2, max_steps=3, resolution=64, samples=0))
     settings = Settings(home=work / "home", admin_token="op", log_json=True)
     sessions = db(settings)
     with sessions.begin() as s:
         crud.create_plan(s, "payg", "payg")
         crud.set_price(s, "*", per_image=0.02)
-    live = start(settings, Registry.from_paths([f"brand={work / 'brand'}"]))
+    live = start(settings, Registry.from_paths([f"brand={work / 'brand'}", f"lamp-lora={work / 'lamp-lora'}"]))
     live.sessions = sessions
     yield live
     live.stop()
@@ -81,3 +86,22 @@ def test_bad_edits_are_refused_clearly(sd_server):
         client.images.generate(model="brand", prompt="x", size="64x64", extra_body={"scheduler": "k_lms"})
     with pytest.raises(openai.BadRequestError, match="content policy"):
         client.images.generate(model="brand", prompt="I will kill you", size="64x64")
+
+
+def test_a_lora_run_is_its_own_model_on_the_shared_base(sd_server):
+    _, key = tenant(sd_server.sessions, "brandco3", "payg")
+    client = openai.OpenAI(base_url=sd_server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    assert {"brand", "lamp-lora"} <= {m.id for m in client.models.list().data}
+
+    def draw(model):
+        r = client.images.generate(model=model, prompt="sks lamp", size="64x64", response_format="b64_json",
+                                   extra_body={"seed": 9, "steps": 2})
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+
+    before = draw("brand")
+    tuned = draw("lamp-lora")
+    after = draw("brand")
+    assert not np.array_equal(tuned, before)  # the adapter changes what is drawn
+    assert np.array_equal(after, before)  # and is switched off again for the base's own requests
+    reg = sd_server.service.registry
+    assert reg.acquire("brand").pipeline.sd is reg.acquire("lamp-lora").pipeline.sd  # one copy of the base weights

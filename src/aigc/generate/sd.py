@@ -13,7 +13,9 @@ repaint) into inpainting. The three share one set of weights in memory (diffuser
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,8 @@ class SDPipeline:
         self.pipe, self.info, self.device = pipe, info, device
         self._base_scheduler = dict(pipe.scheduler.config)
         self._tasks: dict[str, object] = {"text2image": pipe}
+        self.lock = threading.Lock()  # one generation at a time: the runs sharing this pipeline switch its adapters
+        self.adapters: set[str] = set()  # LoRA adapters loaded on it, by name
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", config: str | Path | None = None) -> SDPipeline:
@@ -161,25 +165,35 @@ class SDPipeline:
 
 
 class SDRun:
-    """A Stable Diffusion run (``run.SDMeta``): its pipeline, loaded once, and its defaults."""
+    """A Stable Diffusion run (``run.SDMeta``): its pipeline and its defaults. Runs on the same base pipeline share
+    one copy of it (``bases``: the server's registry of loaded bases): a LoRA run is an adapter loaded on the shared
+    base under its own name, switched on for its own generations and off for the others'."""
 
-    def __init__(self, run: Path, meta, pipe: SDPipeline):
-        self.run, self.meta, self.sd = Path(run), meta, pipe
+    def __init__(self, run: Path, meta, pipe: SDPipeline, adapter: str | None = None):
+        self.run, self.meta, self.sd, self.adapter = Path(run), meta, pipe, adapter
 
     @classmethod
-    def from_run(cls, run: str | Path, device: str = "cpu") -> SDRun:
-        from aigc.run import SDMeta
-
-        from aigc.run import model_folder
+    def from_run(cls, run: str | Path, device: str = "cpu", bases=None) -> SDRun:
+        from aigc.run import SDMeta, model_folder
 
         meta = SDMeta.load(run)
-        sd = SDPipeline.load(meta.init_path, device=device, config=meta.config)
+        key = (str(Path(meta.init_path).resolve()), meta.config or "", str(device))
+        sd = bases.get(key) if bases is not None else None
+        if sd is None:
+            sd = SDPipeline.load(meta.init_path, device=device, config=meta.config)
+            if bases is not None:
+                bases[key] = sd
+        adapter = None
         if meta.lora:  # the adapter trained on it, on top of the base
-            adapter = model_folder(run) / meta.lora
-            if not adapter.is_file():
-                raise UserError(f"{run}: its LoRA adapter {adapter} is missing")
-            sd.pipe.load_lora_weights(str(model_folder(run)), weight_name=meta.lora)
-        return cls(Path(run), meta, sd)
+            folder = model_folder(run)
+            if not (folder / meta.lora).is_file():
+                raise UserError(f"{run}: its LoRA adapter {folder / meta.lora} is missing")
+            adapter = "run-" + hashlib.sha256(str(Path(run).resolve()).encode()).hexdigest()[:12]
+            with sd.lock:
+                if adapter not in sd.adapters:
+                    sd.pipe.load_lora_weights(str(folder), weight_name=meta.lora, adapter_name=adapter)
+                    sd.adapters.add(adapter)
+        return cls(Path(run), meta, sd, adapter)
 
     def params(self, **given) -> SDParams:
         """SDParams from the run's defaults, with what is given (None: the default) on top."""
@@ -191,4 +205,10 @@ class SDRun:
         return p
 
     def generate(self, params: SDParams, init_image=None, mask=None) -> list:
-        return self.sd.generate(params, init_image=init_image, mask=mask)
+        with self.sd.lock:
+            if self.adapter is not None:
+                self.sd.pipe.enable_lora()
+                self.sd.pipe.set_adapters([self.adapter], adapter_weights=[1.0])
+            elif self.sd.adapters:
+                self.sd.pipe.disable_lora()  # the base alone, though another run's adapters are loaded on it
+            return self.sd.generate(params, init_image=init_image, mask=mask)

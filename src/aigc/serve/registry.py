@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class Registry:
         self.loaded: OrderedDict[str, object] = OrderedDict()
         self.lock = threading.Lock()
         self.loading: dict[str, threading.Lock] = {}
+        self.sd_bases: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # loaded SD base pipelines, shared by the runs (LoRAs) on them
 
     @classmethod
     def from_paths(cls, paths: list[str], models_dir: Path | None = None, echo: list[str] | None = None, embeddings: bool = False,
@@ -258,7 +260,7 @@ def _load_image(entry: ModelEntry, reg: Registry):
 def _load_sd(entry: ModelEntry, reg: Registry):
     from aigc.generate.sd import SDRun
 
-    return LockedPipeline(SDRun.from_run(entry.path, device=entry.device))
+    return LockedPipeline(SDRun.from_run(entry.path, device=entry.device, bases=reg.sd_bases))
 
 
 def _load_music(entry: ModelEntry, reg: Registry):

@@ -92,8 +92,7 @@ def _render_sd(handle, body, seed: int, gen: Generation, negative: str, init=Non
     params = sd.params(prompt=gen.prompt, negative_prompt=negative, n=body.n, steps=body.steps, guidance=body.guidance,
                        width=width, height=height, seed=seed, scheduler=body.scheduler,
                        strength=getattr(body, "strength", None))
-    with handle.lock:
-        images = sd.generate(params, init_image=init, mask=mask)
+    images = sd.generate(params, init_image=init, mask=mask)  # locks the base pipeline, which other runs may share
     entry, rid, mime = gen.entry, gen.request_id, MIME[body.output_format]
     out = []
     for i, img in enumerate(images):
