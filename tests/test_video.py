@@ -100,12 +100,12 @@ def test_a_voice_over_speaks_each_scene_line_and_the_track_carries_the_frames_ma
 
     need_espeak()
     key = b"v" * 32
-    params = VideoParams(scene_texts=["a red circle", "a blue square"], seconds=4.0, fps=4, size=256, seed=2,
+    params = VideoParams(scene_texts=["a red circle", "a blue square"], seconds=6.0, fps=4, size=256, seed=2,
                          voice="espeak-en")
     r = compose(image_model, tmp_path / "v", params, music_run=music_model, audio_key=key)
     assert r.audio and r.audio_marked and r.timings["voice"] == "espeak-en"
     voice, rate = aio.read_wav((tmp_path / "v" / "voiceover.wav").read_bytes())
-    assert rate == 44100 and len(voice) == pytest.approx(4.0 * rate, abs=2)
+    assert rate == 44100 and len(voice) == pytest.approx(6.0 * rate, abs=2)
     level = np.abs(voice[:, 0])
     second = int(r.storyboard[1].start_s * rate)
     assert level[: int(0.5 * rate)].max() > 0.05 and level[second: second + int(0.5 * rate)].max() > 0.05  # each line at its scene

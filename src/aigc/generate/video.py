@@ -306,7 +306,7 @@ def mux_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None, sample_rate:
         astream = None
         if audio is not None:
             astream = container.add_stream("aac", rate=sample_rate, layout="stereo")
-            astream.bit_rate = 160_000
+            astream.bit_rate = 192_000  # the soundtrack's audio watermark reads back whole at this rate (not always at 128k)
         chunk, a_pos = 1024, 0
         for i, frame in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
