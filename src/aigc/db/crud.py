@@ -377,7 +377,6 @@ def _roll_period(s, org_id: int, b: PlanTerms) -> None:
 
 
 _TRACK = text("INSERT INTO server_holds (id, server_id, org_id, amount) VALUES (:id, :server, :org, :amount)")
-_UNTRACK_ONE = text("DELETE FROM server_holds WHERE id = :id AND server_id = :server")
 
 
 def new_hold_id() -> int:
@@ -418,7 +417,7 @@ def untrack_hold(s, server: str | None, org_id: int, held: int, hold_id: int | N
     (0 when the server was found dead meanwhile and its holds were already released)."""
     if server is None or not held:
         return held
-    return held if s.execute(_UNTRACK_ONE, {"id": hold_id, "server": server}).rowcount == 1 else 0
+    return held if s.execute(_UNTRACK, {"server": server, "ids": [hold_id]}).first() is not None else 0
 
 
 _UNTRACK = text("DELETE FROM server_holds WHERE server_id = :server AND id IN :ids RETURNING id").bindparams(

@@ -130,7 +130,7 @@ def finish(content: Image.Image | bytes, mime: str, *, watermark: bool = False, 
             filters.append("watermark:image:dwtDctSvd")
             if audio_marked:
                 filters.append("watermark:audio:stdm")
-        if mime in AUDIO:
+        if mime in AUDIO and (mime != WAV or (watermark and audio_key is not None)):  # else: the WAV as it is
             from aigc.data.audio import encode, read_wav, write_wav
 
             audio, rate = read_wav(data)

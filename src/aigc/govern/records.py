@@ -122,14 +122,13 @@ def check_image_mark(data: bytes) -> dict:
 
 def audio_kind(data: bytes) -> str | None:
     """The MIME type of an audio file (or of an MP4, whose soundtrack may carry the mark), else None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return "audio/wav"
-    if data[:4] == b"fLaC":
-        return "audio/flac"
-    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
-        return "audio/aac" if data[1] & 0x06 == 0 else "audio/mpeg"  # ADTS has layer bits 00, MP3 has 01
-    if data[4:8] == b"ftyp":
-        return "audio/mp4" if data[8:12] in (b"M4A ", b"M4B ") else "video/mp4"
+    mime = c2pa.sniff_mime(data)
+    if mime in ("audio/wav", "audio/flac", "audio/mpeg"):
+        return mime
+    if mime == "video/mp4":
+        return "audio/mp4" if data[8:12] in (b"M4A ", b"M4B ") else mime
+    if len(data) > 1 and data[0] == 0xFF and data[1] & 0xF6 == 0xF0:  # an ADTS frame: AAC
+        return "audio/aac"
     return None
 
 

@@ -123,24 +123,21 @@ class Billing:
             row = conn.execute(text("SELECT charged, cost FROM usage_records WHERE request_id = :r"), {"r": request_id}).first()
         return (int(row[0]), int(row[1])) if row else None
 
-    def _settle_many(self, batch: list[Pending]) -> list[tuple[int, int]]:
+    def _commit(self, batch: list[tuple], wait: bool = True) -> list[tuple[int, int]]:
+        """Settle each request of ``batch`` (``settle_blocking``'s arguments) and run its ``also`` (e.g. the generation
+        log and its audit entries), in one transaction: one commit for them all."""
         with self.engine.begin() as conn:
-            done = crud.settle_many(conn, [p.item() for p in batch], self.cost_per_s)
-            for p in batch:
-                if p.also is not None:
-                    p.also(conn)
+            if not wait:
+                conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            done = crud.settle_many(conn, [_item(*args[:9]) for args in batch], self.cost_per_s)
+            for args in batch:
+                if args[9] is not None:
+                    args[9](conn)
             return [(d.charged, d.cost) for d in done]
 
     def _settle_once(self, request_id, principal, model, version, endpoint, status, units, hold, compute_s, also=None,
                      wait: bool = True):
-        with self.engine.begin() as conn:
-            if not wait:
-                conn.exec_driver_sql("PRAGMA busy_timeout=0")
-            done = crud.settle(conn, request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount,
-                               compute_s, self.cost_per_s, hold.server, hold.hold_id)
-            if also is not None:
-                also(conn)  # e.g. the generation log and its audit entries: one commit for the whole request
-            return done.charged, done.cost
+        return self._commit([(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)], wait)[0]
 
     async def settle(self, request_id: str, principal: Principal, model: str, version: str, endpoint: str, status: str,
                      units: Units, hold: Hold, compute_s: float, also=None) -> tuple[int, int]:
@@ -155,7 +152,7 @@ class Billing:
             with anyio.CancelScope(shield=True):
                 return await anyio.to_thread.run_sync(self.settle_blocking, request_id, principal, model, version, endpoint,
                                                       status, units, hold, compute_s, also)
-        done = self.queue.submit(Pending(request_id, principal, model, version, endpoint, status, units, hold, compute_s, also))
+        done = self.queue.submit(Pending((request_id, principal, model, version, endpoint, status, units, hold, compute_s, also)))
         with anyio.CancelScope(shield=True):  # the settle goes on in the queue's thread whatever happens to this request
             return await asyncio.shield(asyncio.wrap_future(done))
 
@@ -164,31 +161,17 @@ class Billing:
         self.queue.close()
 
 
+def _item(request_id, principal, model, version, endpoint, status, units, hold: Hold, compute_s) -> crud.SettleItem:
+    return crud.SettleItem(request_id, principal, model, version, endpoint, status, units, hold.price, hold.amount, compute_s,
+                           hold.server, hold.hold_id)
+
+
 @dataclass
 class Pending:
-    """A request waiting in the group commit."""
+    """A request waiting in the group commit: ``settle_blocking``'s arguments, and the future its response waits on."""
 
-    request_id: str
-    principal: Principal
-    model: str
-    version: str
-    endpoint: str
-    status: str
-    units: Units
-    hold: Hold
-    compute_s: float
-    also: object = None
+    args: tuple
     done: Future | None = None
-
-    @property
-    def args(self) -> tuple:
-        return (self.request_id, self.principal, self.model, self.version, self.endpoint, self.status, self.units, self.hold,
-                self.compute_s, self.also)
-
-    def item(self) -> crud.SettleItem:
-        h = self.hold
-        return crud.SettleItem(self.request_id, self.principal, self.model, self.version, self.endpoint, self.status,
-                               self.units, h.price, h.amount, self.compute_s, h.server, h.hold_id)
 
 
 class SettleQueue:
@@ -242,17 +225,18 @@ class SettleQueue:
         deadline, pause, tried = time.monotonic() + b.settle_retry_s, 0.1, False
         while True:
             try:
-                results = b._settle_many(batch)
+                results = b._commit([p.args for p in batch])
                 break
             except DBAPIError as exc:
-                if not isinstance(exc, IntegrityError) and database_unavailable(exc) and time.monotonic() + pause < deadline:
+                down = not isinstance(exc, IntegrityError) and database_unavailable(exc)
+                if down and time.monotonic() + pause < deadline:
                     log.warning("the database is unavailable: retrying the settles", extra={
                         "requests": len(batch), "error": str(exc.orig or exc)[:200]})
                     tried = True  # its commit may have landed before the connection failed
                     time.sleep(pause)
                     pause = min(2.0, pause * 2)
                     continue
-                if not isinstance(exc, IntegrityError) and database_unavailable(exc):  # down past the bound: all fail
+                if down:  # past the bound: every request of the batch fails with it
                     for p in batch:
                         p.done.set_exception(exc)
                     return

@@ -16,9 +16,9 @@ DEFAULT_SIZE = {"sd": 512, "sdxl": 1024}
 
 
 def import_pipeline(init_path: str | Path, run: str | Path, config: str | Path | None = None, overwrite: bool = False,
-                    defaults: dict | None = None) -> dict:
+                    defaults: dict | None = None, loaded: SDPipeline | None = None) -> dict:
     """Write ``run`` for the pipeline at ``init_path``; ``defaults``: width, height, steps, guidance, scheduler,
-    negative_prompt. Returns a summary."""
+    negative_prompt; ``loaded``: the pipeline already loaded by the caller (not loaded a second time). Returns a summary."""
     init_path, run = Path(init_path).resolve(), Path(run)
     info = inspect(init_path)
     if config is not None and not (Path(config) / "model_index.json").is_file():
@@ -32,7 +32,7 @@ def import_pipeline(init_path: str | Path, run: str | Path, config: str | Path |
     for k, v in (defaults or {}).items():
         setattr(meta, k, type(getattr(meta, k))(v))
     SDParams(width=meta.width, height=meta.height, steps=meta.steps, guidance=meta.guidance, scheduler=meta.scheduler).validate()
-    pipe = SDPipeline.load(init_path, config=config)  # fails here, before the run is written, if it cannot load
+    pipe = loaded or SDPipeline.load(init_path, config=config)  # fails here, before the run is written, if it cannot load
     with store.atomic_folder(run, overwrite) as tmp:  # the whole run or nothing (an old one is replaced only at the end)
         (tmp / "model").mkdir()
         meta.save(tmp / "model")

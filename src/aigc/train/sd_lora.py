@@ -138,13 +138,13 @@ def train(init_path: str | Path, data: str | Path, run: str | Path, cfg: LoraCon
         store.check_writable(run, overwrite)
     examples = load_examples(Path(data), cfg.trigger)
     dev = devices.resolve(device)
+    sd = SDPipeline.load(init_path, device=str(dev), dtype="fp32", config=config)  # before the run is written: it loads
     if not resume:
         import_pipeline(init_path, run, config, overwrite=overwrite,
-                        defaults={"width": cfg.resolution, "height": cfg.resolution})
+                        defaults={"width": cfg.resolution, "height": cfg.resolution}, loaded=sd)
         (run / "lora.json").write_text(json.dumps({"init_path": str(Path(init_path).resolve()), "data": str(Path(data).resolve()),
                                                    "config": str(config) if config else None, "lora": asdict(cfg)}, indent=2),
                                        encoding="utf-8")
-    sd = SDPipeline.load(init_path, device=str(dev), dtype="fp32", config=config)
     pipe = sd.pipe
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, text_encoder):
@@ -180,13 +180,17 @@ def train(init_path: str | Path, data: str | Path, run: str | Path, cfg: LoraCon
         torch.set_rng_state(state["torch"])
     t_start, metrics = time.perf_counter(), (run / "metrics.jsonl").open("a", encoding="utf-8")
     keys = sorted(buckets)
+    pixels: dict = {}  # each image read and fitted to its bucket once
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16 and dev.type == "cuda")
     last_loss = float("nan")
     try:
         while step < cfg.max_steps and not (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds):
             key = keys[rng.randrange(len(keys))]
             idx = [buckets[key][rng.randrange(len(buckets[key]))] for _ in range(cfg.batch_size)]
-            x = torch.stack([_load_image(examples[i][0], key) for i in idx]).to(dev)
+            for i in idx:
+                if (i, key) not in pixels:
+                    pixels[(i, key)] = _load_image(examples[i][0], key)
+            x = torch.stack([pixels[(i, key)] for i in idx]).to(dev)
             ids = tokenizer([examples[i][1] for i in idx], padding="max_length", truncation=True,
                             max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(dev)
             with torch.no_grad():

@@ -128,23 +128,11 @@ async def generate_images(body: ImageRequest, request: Request, service: Service
     return await _images(service, request, p, entry, body, "images.generations")
 
 
-class EditForm(BaseModel):
-    """The fields of /v1/images/edits' form, checked like a JSON body."""
+class EditForm(ImageRequest):
+    """The fields of /v1/images/edits' form, checked like a JSON body: the generation's, and how much to repaint."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(max_length=4000)
-    model: str = Field(min_length=1, max_length=200)
-    n: int = Field(1, ge=1, le=10)
     size: Literal["64x64", "128x128", "256x256", "512x512", "1024x1024"] = "512x512"
-    response_format: Literal["url", "b64_json"] = "url"
-    output_format: Literal["png", "jpeg"] = "png"
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=50)
-    negative_prompt: str | None = Field(None, max_length=4000)
-    scheduler: str | None = Field(None, max_length=40)
     strength: float | None = Field(None, gt=0, le=1)
-    user: str | None = Field(None, max_length=256)
 
 
 async def _read_image(upload: UploadFile, param: str, limit: int):
